@@ -1,0 +1,57 @@
+"""Forward-over-reverse by blocks: tensor k's rows w.r.t. tensors k, k+1, ...; the rest by symmetry.
+
+For parameter tensor k the tangents live in tensor k only and the gradient is taken w.r.t.
+tensors k, k+1, ... only, with the earlier tensors held as constants: the forward tangent
+starts at tensor k and the backward pass stops there, so both skip the layers before it.
+The blocks below the diagonal are the transposes of those above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp, vmap
+
+from ._common import LossFn, Problem, flatten, mirror_upper, prepare
+
+NAME = "block_symmetric"
+DESCRIPTION = "vmap of jvp with tangents in tensor k over grad w.r.t. tensors k.. only; mirrored"
+
+
+def compute(
+    net: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: tuple[Tensor, Tensor],
+    loss_fn: LossFn | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    problem = prepare(net, params, batch, loss_fn)
+    H = torch.empty(problem.P, problem.P, dtype=problem.dtype, device=problem.device)
+    for k in range(len(problem.names)):
+        rows = slice(problem.offsets[k], problem.offsets[k] + problem.sizes[k])
+        H[rows, problem.offsets[k] :] = upper_rows(problem, k, chunk_size)
+    return mirror_upper(H, problem.offsets, problem.sizes)
+
+
+def upper_rows(problem: Problem, k: int, chunk_size: int | None = None) -> Tensor:
+    """Rows of tensor k, columns of tensors k, k+1, ...: a ``sizes[k] x sum(sizes[k:])`` matrix."""
+    names, primals = problem.names, problem.primals
+    head = dict(zip(names[:k], primals[:k]))
+    rest = dict(zip(names[k + 1 :], primals[k + 1 :]))
+
+    def grad_tail(pk: Tensor) -> Tensor:
+        def loss_tail(tail: dict[str, Tensor]) -> Tensor:
+            return problem.loss({**head, **tail})
+
+        g = grad(loss_tail)({names[k]: pk, **rest})
+        return flatten([g[n] for n in names[k:]])
+
+    pk = primals[k]
+
+    def hvp(v: Tensor) -> Tensor:
+        return jvp(grad_tail, (pk,), (v.view(pk.shape),))[1]
+
+    basis = torch.eye(pk.numel(), dtype=pk.dtype, device=pk.device)
+    return vmap(hvp, chunk_size=chunk_size)(basis)

@@ -1,0 +1,29 @@
+"""The legacy functorch.hessian API, as shipped inside torch (``import functorch``)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import functorch
+from torch import Tensor, nn
+
+from ._common import LossFn, from_blocks, prepare
+
+NAME = "functorch"
+DESCRIPTION = "functorch.hessian (the legacy API shipped inside torch) over the params dict"
+
+
+def compute(
+    net: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: tuple[Tensor, Tensor],
+    loss_fn: LossFn | None = None,
+) -> Tensor:
+    problem = prepare(net, params, batch, loss_fn)
+    point = problem.primal_dict()
+    with warnings.catch_warnings():
+        # Measuring the legacy API is the point; its deprecation notice is not news here.
+        warnings.filterwarnings("ignore", message=".*functorch.hessian", category=FutureWarning)
+        blocks = functorch.hessian(problem.loss)(point)
+    return from_blocks(blocks, point)

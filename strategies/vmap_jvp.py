@@ -1,0 +1,30 @@
+"""Forward-over-reverse: vmap of jvp(grad(f)) over the identity basis."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp, vmap
+
+from ._common import LossFn, prepare
+
+NAME = "vmap_jvp"
+DESCRIPTION = "forward-over-reverse: vmap of jvp(grad(f)) over the identity basis"
+
+
+def compute(
+    net: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: tuple[Tensor, Tensor],
+    loss_fn: LossFn | None = None,
+) -> Tensor:
+    problem = prepare(net, params, batch, loss_fn)
+    point = problem.flat_primal()
+
+    def hvp(v: Tensor) -> Tensor:
+        return jvp(grad(problem.flat_loss), (point,), (v,))[1]
+
+    basis = torch.eye(problem.P, dtype=problem.dtype, device=problem.device)
+    return vmap(hvp)(basis)

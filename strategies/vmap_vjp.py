@@ -1,0 +1,28 @@
+"""Reverse-over-reverse: vmap of the vjp of grad(f) over the identity basis."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, vjp, vmap
+
+from ._common import LossFn, prepare
+
+NAME = "vmap_vjp"
+DESCRIPTION = "reverse-over-reverse: vmap of vjp(grad(f)) over the identity basis"
+
+
+def compute(
+    net: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: tuple[Tensor, Tensor],
+    loss_fn: LossFn | None = None,
+) -> Tensor:
+    problem = prepare(net, params, batch, loss_fn)
+    _, vjp_fn = vjp(grad(problem.flat_loss), problem.flat_primal())
+    basis = torch.eye(problem.P, dtype=problem.dtype, device=problem.device)
+    # Row i is e_i^T H; H is symmetric, so the rows are the Hessian as it stands.
+    (H,) = vmap(vjp_fn)(basis)
+    return H
