@@ -46,6 +46,8 @@ class Strategy:
     supports_fn: SupportsFn = field(default=_supports_all, repr=False)
     #: a reference for comparison only (e.g. another framework), never a PyTorch default
     peer: bool = False
+    #: compiles on its first call for a given problem shape: first-call time is apart
+    compiles: bool = False
 
     def supports(self, net: nn.Module, loss_fn: LossFn | None = None) -> tuple[bool, str]:
         """Whether this strategy handles ``net`` with ``loss_fn``, and if not, why."""
@@ -74,11 +76,12 @@ def register(
     description: str,
     supports_fn: SupportsFn | None = None,
     peer: bool = False,
+    compiles: bool = False,
 ) -> Strategy:
     """Add a strategy; a name that is already registered raises ValueError."""
     if name in _REGISTRY:
         raise ValueError(f"a strategy named {name!r} is already registered")
-    strategy = Strategy(name, description, compute_fn, supports_fn or _supports_all, peer)
+    strategy = Strategy(name, description, compute_fn, supports_fn or _supports_all, peer, compiles)
     _REGISTRY[name] = strategy
     return strategy
 
@@ -90,6 +93,7 @@ def _register_module(module: ModuleType) -> None:
         module.DESCRIPTION,
         getattr(module, "supports", None),
         getattr(module, "PEER", False),
+        getattr(module, "COMPILES", False),
     )
 
 
@@ -117,7 +121,9 @@ def compute(
     return get(name).compute(net, params, batch, loss_fn)
 
 
-for _module in (
+# One module per strategy; each defines NAME, DESCRIPTION, compute and optionally supports,
+# PEER and COMPILES. Registration order is the order of names().
+_MODULES = [
     "full_autograd",
     "symmetric_half",
     "torch_func",
@@ -127,5 +133,6 @@ for _module in (
     "vmap_jvp",
     "autograd_functional",
     "block_symmetric",
-):
+]
+for _module in _MODULES:
     _register_module(importlib.import_module(f"{__name__}.{_module}"))
