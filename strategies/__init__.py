@@ -133,6 +133,8 @@ _MODULES = [
     "vmap_jvp",
     "autograd_functional",
     "block_symmetric",
+    "vmap_jvp_chunked",
+    "block_symmetric_chunked",
 ]
 for _module in _MODULES:
     _register_module(importlib.import_module(f"{__name__}.{_module}"))

@@ -1,0 +1,107 @@
+"""Memory budgets for the chunked strategies: free memory, per-direction cost, chunk size."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from ._common import Problem
+
+__all__ = [
+    "HEADROOM",
+    "MIN_EXTRA_BYTES",
+    "available_bytes",
+    "direction_bytes",
+    "choose_chunk",
+    "problem_chunk",
+]
+
+#: peak memory aimed at, as a multiple of the Hessian's own bytes
+HEADROOM = 1.5
+#: working memory always allowed beyond the Hessian, so that tiny Hessians are not computed
+#: one direction at a time (it matters only where 0.5 x the Hessian is smaller than this)
+MIN_EXTRA_BYTES = 16 * 2**20
+#: share of the free memory the chunks may use; the rest is left to everything else
+_FREE_SHARE = 0.8
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory that can still be allocated on ``device``.
+
+    CUDA: free device memory plus what the caching allocator holds but does not use.
+    CPU: ``MemAvailable`` from ``/proc/meminfo``, or free physical pages where that file
+    does not exist.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def direction_bytes(problem: Problem) -> int:
+    """An upper estimate of the memory one more direction adds to a vmapped Hessian-vector product.
+
+    Under ``vmap(jvp(grad(f)))`` only tangents carry the batch of directions; the primal
+    forward and backward are computed once. Per direction the tangents are those of every
+    tensor the backward pass keeps (counted here as the bytes autograd saves in one forward
+    of the loss: the activations of the whole batch, and weights used by matmuls), twice: once
+    for the forward tangents and once for the backward's own intermediates, which have the
+    same shapes. On top come three parameter-sized vectors: the basis row, the tangent of the
+    gradient (the Hessian row) and the per-tensor pieces it is concatenated from.
+    """
+    leaves = [p.clone().requires_grad_(True) for p in problem.primals]
+    saved = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        problem.loss(dict(zip(problem.names, leaves)))
+    itemsize = torch.empty((), dtype=problem.dtype).element_size()
+    return 2 * saved + 3 * problem.P * itemsize
+
+
+def choose_chunk(directions: int, per_direction: int, hessian_bytes: int, available: int) -> int:
+    """How many directions to push through at once, between 1 and ``directions``.
+
+    The chunks may use ``(HEADROOM - 1) x hessian_bytes`` beyond the preallocated Hessian
+    (at least ``MIN_EXTRA_BYTES``), and never more than ``_FREE_SHARE`` of what is left of
+    ``available`` once the Hessian itself is allocated.
+
+    Raises:
+        ValueError: a count or byte size is not positive.
+    """
+    for name, value in (
+        ("directions", directions),
+        ("per_direction", per_direction),
+        ("hessian_bytes", hessian_bytes),
+    ):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    extra = max((HEADROOM - 1) * hessian_bytes, MIN_EXTRA_BYTES)
+    extra = min(extra, _FREE_SHARE * max(available - hessian_bytes, 0))
+    return int(max(1, min(directions, extra // per_direction)))
+
+
+def problem_chunk(problem: Problem, directions: int) -> int:
+    """``choose_chunk`` for ``problem``'s Hessian on its device, ``directions`` rows to compute."""
+    itemsize = torch.empty((), dtype=problem.dtype).element_size()
+    return choose_chunk(
+        directions,
+        direction_bytes(problem),
+        problem.P * problem.P * itemsize,
+        available_bytes(problem.device),
+    )

@@ -1,0 +1,53 @@
+"""Forward-over-reverse in memory-bounded chunks of directions, written into a preallocated Hessian.
+
+``vmap(..., chunk_size=c)`` would bound the tangents but concatenate its chunks at the end,
+holding the Hessian twice; here each chunk's rows go straight into ``H``. The chunk size comes
+from ``_memory.problem_chunk``: peak about ``HEADROOM`` (1.5) x the Hessian's bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp, vmap
+
+from ._common import LossFn, prepare
+from ._memory import problem_chunk
+
+NAME = "vmap_jvp_chunked"
+DESCRIPTION = "vmap of jvp(grad(f)) over chunks of the identity basis sized to free memory"
+
+
+def compute(
+    net: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: tuple[Tensor, Tensor],
+    loss_fn: LossFn | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """The dense Hessian, ``chunk_size`` rows at a time (default: chosen from free memory).
+
+    Raises:
+        ValueError: ``chunk_size`` is given and not a positive integer.
+    """
+    problem = prepare(net, params, batch, loss_fn)
+    P = problem.P
+    if chunk_size is None:
+        chunk_size = problem_chunk(problem, P)
+    elif not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    point = problem.flat_primal()
+
+    def hvp(v: Tensor) -> Tensor:
+        return jvp(grad(problem.flat_loss), (point,), (v,))[1]
+
+    batched = vmap(hvp)
+    H = torch.empty(P, P, dtype=problem.dtype, device=problem.device)
+    for start in range(0, P, chunk_size):
+        stop = min(start + chunk_size, P)
+        basis = torch.zeros(stop - start, P, dtype=problem.dtype, device=problem.device)
+        basis[:, start:stop].fill_diagonal_(1)
+        H[start:stop] = batched(basis)
+    return H

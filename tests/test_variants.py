@@ -1,0 +1,172 @@
+"""Tests of the memory-bounded, compiled and JAX-peer strategies against the float64 loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import strategies
+from bench.reference import loop_hessian
+from strategies import _memory, block_symmetric_chunked, vmap_jvp_chunked
+
+CHUNKED = [vmap_jvp_chunked, block_symmetric_chunked]
+
+
+def _mlp(activation: type[nn.Module], sizes=(3, 5, 4, 2)) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if k:
+            layers.append(activation())
+        layers.append(nn.Linear(a, b))
+    return nn.Sequential(*layers).double()
+
+
+def _conv() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.BatchNorm2d(2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * 3 * 3, 2),
+    ).double()
+
+
+def _case(name: str):
+    """``(net, batch, loss_fn)`` for a small float64 problem, deterministic."""
+    torch.manual_seed(0)
+    if name == "tanh-mse":
+        net = _mlp(nn.Tanh)
+        batch = (torch.randn(6, 3).double(), torch.randn(6, 2).double())
+        return net, batch, None
+    if name == "gelu-ce":
+        net = _mlp(nn.GELU, sizes=(4, 6, 3))
+        batch = (torch.randn(5, 4).double(), torch.randint(0, 3, (5,)))
+        return net, batch, F.cross_entropy
+    if name == "conv-bn-train":
+        net = _conv()
+        batch = (torch.randn(4, 1, 5, 5).double(), torch.randn(4, 2).double())
+        return net, batch, None
+    raise KeyError(name)
+
+
+CASES = ["tanh-mse", "gelu-ce", "conv-bn-train"]
+
+
+def _state(net: nn.Module) -> dict:
+    return {
+        "tensors": {k: v.clone() for k, v in net.state_dict().items()},
+        "requires_grad": [p.requires_grad for p in net.parameters()],
+        "grad": [p.grad for p in net.parameters()],
+        "training": [m.training for m in net.modules()],
+    }
+
+
+def _assert_same_state(before: dict, after: dict) -> None:
+    assert before["tensors"].keys() == after["tensors"].keys()
+    for k in before["tensors"]:
+        assert torch.equal(before["tensors"][k], after["tensors"][k]), k
+    assert before["requires_grad"] == after["requires_grad"]
+    assert before["grad"] == after["grad"]
+    assert before["training"] == after["training"]
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("module", CHUNKED, ids=lambda m: m.NAME)
+def test_chunked_matches_loop(module, case, chunk_size):
+    net, batch, loss_fn = _case(case)
+    params = dict(net.named_parameters())
+    before = _state(net)
+    H = module.compute(net, params, batch, loss_fn, chunk_size=chunk_size)
+    _assert_same_state(before, _state(net))
+    expected = loop_hessian(net, list(params), batch, loss_fn)
+    assert H.dtype == torch.float64 and H.shape == expected.shape
+    torch.testing.assert_close(H, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("module", CHUNKED, ids=lambda m: m.NAME)
+def test_chunked_subset_of_params_in_given_order(module):
+    net, batch, loss_fn = _case("tanh-mse")
+    own = dict(net.named_parameters())
+    params = {"2.bias": own["2.bias"], "0.weight": own["0.weight"]}
+    H = module.compute(net, params, batch, loss_fn, chunk_size=2)
+    expected = loop_hessian(net, list(params), batch, loss_fn)
+    torch.testing.assert_close(H, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+@pytest.mark.parametrize("module", CHUNKED, ids=lambda m: m.NAME)
+def test_chunked_rejects_bad_chunk_size(module, bad):
+    net, batch, loss_fn = _case("tanh-mse")
+    with pytest.raises(ValueError, match="chunk_size"):
+        module.compute(net, dict(net.named_parameters()), batch, loss_fn, chunk_size=bad)
+
+
+@pytest.mark.parametrize(
+    "directions, per_direction, hessian_bytes, available",
+    [
+        (4801, 10_000, 4801**2 * 4, 2**34),  # budget-bound: 0.5 x H
+        (13121, 3_000_000, 13121**2 * 4, 2**34),
+        (10, 100, 400, 2**34),  # tiny Hessian: the floor allows every direction at once
+        (4801, 10_000, 4801**2 * 4, 4801**2 * 4 + 50_000),  # little free memory
+        (4801, 10**12, 4801**2 * 4, 2**34),  # one direction is over budget: still 1
+        (4801, 10_000, 4801**2 * 4, 0),  # no free memory at all: still 1
+    ],
+)
+def test_choose_chunk_within_bound(directions, per_direction, hessian_bytes, available):
+    chunk = _memory.choose_chunk(directions, per_direction, hessian_bytes, available)
+    assert isinstance(chunk, int) and 1 <= chunk <= directions
+    extra = max((_memory.HEADROOM - 1) * hessian_bytes, _memory.MIN_EXTRA_BYTES)
+    extra = min(extra, 0.8 * max(available - hessian_bytes, 0))
+    if chunk > 1:
+        assert chunk * per_direction <= extra
+    if chunk < directions:
+        # the largest chunk that fits: one more would not
+        assert (chunk + 1) * per_direction > extra
+
+
+def test_choose_chunk_uses_half_the_hessian():
+    hessian_bytes = 4801**2 * 4
+    chunk = _memory.choose_chunk(4801, 10_000, hessian_bytes, 2**40)
+    assert chunk == int(0.5 * hessian_bytes // 10_000)
+
+
+@pytest.mark.parametrize("field", ["directions", "per_direction", "hessian_bytes"])
+def test_choose_chunk_rejects_non_positive(field):
+    args = {"directions": 10, "per_direction": 10, "hessian_bytes": 10, "available": 10}
+    args[field] = 0
+    with pytest.raises(ValueError, match=field):
+        _memory.choose_chunk(**args)
+
+
+def test_direction_bytes_grows_with_batch():
+    net = _mlp(nn.Tanh)
+    small = strategies.prepare(net, dict(net.named_parameters()), _batch(8), None)
+    large = strategies.prepare(net, dict(net.named_parameters()), _batch(64), None)
+    assert _memory.direction_bytes(large) > _memory.direction_bytes(small)
+    # at least the three parameter-sized vectors
+    assert _memory.direction_bytes(small) >= 3 * small.P * 8
+
+
+def _batch(n: int):
+    return torch.randn(n, 3).double(), torch.randn(n, 2).double()
+
+
+def test_available_bytes_positive():
+    assert _memory.available_bytes(torch.device("cpu")) > 0
+
+
+def test_direction_bytes_leaves_net_unchanged():
+    net, batch, loss_fn = _case("conv-bn-train")
+    before = _state(net)
+    _memory.direction_bytes(strategies.prepare(net, dict(net.named_parameters()), batch, loss_fn))
+    _assert_same_state(before, _state(net))
+
+
+@pytest.mark.parametrize("name", ["vmap_jvp_chunked", "block_symmetric_chunked"])
+def test_chunked_registered_and_generic(name):
+    s = strategies.get(name)
+    assert s.supports(_conv(), None) == (True, "")
+    assert not s.peer
