@@ -1,0 +1,270 @@
+"""Figures of the benchmark report, drawn from the tidy DataFrame that bench.report builds."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+__all__ = [
+    "strategy_colours",
+    "time_vs_p",
+    "memory_vs_p",
+    "speedup",
+    "cost_ratios",
+    "png_bytes",
+    "save",
+]
+
+MIB = 2**20
+#: shown instead of a bar or point, so that a cell that did not run is never just absent
+NOT_TIMED_MARKER = "x"
+_TIMES = FuncFormatter(lambda value, _: f"{value:g}×")
+
+
+def strategy_colours(names: Iterable[str]) -> dict[str, tuple]:
+    """One fixed colour per strategy: sorted names mapped onto tab20 (wrapping past 20).
+
+    Sorting makes the mapping depend only on the set of names in the report, so every figure
+    of one report agrees, and strategies unknown when this was written still get a colour.
+    """
+    cmap = colormaps["tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(sorted(set(names)))}
+
+
+def _panels(df: pd.DataFrame, keys: list[str]) -> list[tuple[tuple, pd.DataFrame]]:
+    return [(k if isinstance(k, tuple) else (k,), g) for k, g in df.groupby(keys, sort=True)]
+
+
+def _grid(n: int, width: float = 6.0, height: float = 4.2) -> tuple[Figure, list]:
+    ncols = min(n, 2)
+    nrows = -(-n // ncols)
+    # Room on the right for one shared legend of up to ~15 strategies.
+    fig = Figure(figsize=(width * ncols + 3.0, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _geomean_by_p(rows: pd.DataFrame, column: str) -> pd.Series:
+    """Geometric mean of ``column`` per P: several cases (batch, activation) can share one P."""
+    values = rows[["P", column]].dropna()
+    values = values[values[column] > 0]
+    return np.exp(np.log(values[column]).groupby(values["P"]).mean()).sort_index()
+
+
+def _mark_not_timed(ax, rows: pd.DataFrame, colour) -> None:
+    """Crosses at the top edge of the axes, at the P of each cell that was not timed."""
+    if rows.empty:
+        return
+    ax.scatter(
+        rows["P"],
+        np.full(len(rows), 0.97),
+        marker=NOT_TIMED_MARKER,
+        color=colour,
+        transform=ax.get_xaxis_transform(),
+        clip_on=False,
+        zorder=5,
+    )
+
+
+def _sized_panels(
+    df: pd.DataFrame,
+    colours: dict[str, tuple],
+    value: str,
+    scale: float,
+    ylabel: str,
+    references: list[tuple[str, str, dict]],
+    title: str,
+) -> Figure:
+    panels = _panels(df, ["machine", "device", "dtype"])
+    fig, axes = _grid(len(panels))
+    for ax, ((machine, device, dtype), g) in zip(axes, panels):
+        for strategy, rows in g.groupby("strategy", sort=True):
+            ok = rows[rows["status"] == "ok"]
+            line = _geomean_by_p(ok, value) / scale
+            peer = bool(rows["peer"].fillna(False).any())
+            if not line.empty:
+                ax.plot(
+                    line.index,
+                    line.values,
+                    marker="o",
+                    markersize=4,
+                    linestyle="--" if peer else "-",
+                    color=colours[strategy],
+                    label=strategy,
+                )
+            _mark_not_timed(ax, rows[rows["status"] != "ok"], colours[strategy])
+        for column, label, style in references:
+            ref = _geomean_by_p(g.drop_duplicates("case"), column) / scale
+            if not ref.empty:
+                ax.plot(ref.index, ref.values, color="black", label=label, **style)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("P (number of weights)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{machine}\n{device}, {dtype}", fontsize=9)
+        ax.grid(True, which="major", alpha=0.3)
+    handles, labels = _legend_entries(axes)
+    handles.append(Line2D([], [], color="grey", marker=NOT_TIMED_MARKER, linestyle=""))
+    labels.append("not timed (see table)")
+    handles.append(Line2D([], [], color="grey", linestyle="--"))
+    labels.append("dashed: peer (reference only)")
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def _legend_entries(axes: list) -> tuple[list, list[str]]:
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    # Strategies first, alphabetically, then the black reference lines.
+    labels = sorted(seen, key=lambda label: (seen[label].get_color() == "black", label))
+    return [seen[label] for label in labels], labels
+
+
+def time_vs_p(df: pd.DataFrame, colours: dict[str, tuple]) -> Figure:
+    """Minimum time per Hessian vs P, a panel per machine, device and dtype.
+
+    Where several cases share a P the line goes through their geometric mean. The reference
+    lines are P gradients (``P x grad_s``) and the ``(P x B) @ (B x P)`` product.
+    """
+    df = df.assign(p_grads_s=df["P"] * df["grad_s"])
+    return _sized_panels(
+        df,
+        colours,
+        "min",
+        1.0,
+        "time per Hessian, min of rounds (s)",
+        [
+            ("p_grads_s", "P × one gradient", {"linestyle": "--", "linewidth": 1}),
+            ("gemm_s", "(P×B)(B×P) GEMM", {"linestyle": ":", "linewidth": 1.5}),
+        ],
+        "Time vs number of weights",
+    )
+
+
+def memory_vs_p(df: pd.DataFrame, colours: dict[str, tuple]) -> Figure:
+    """Peak memory above baseline vs P, with the Hessian's own size as reference."""
+    return _sized_panels(
+        df,
+        colours,
+        "peak_bytes",
+        MIB,
+        "peak memory above baseline (MiB)",
+        [("hessian_bytes", "the Hessian itself (P² × itemsize)", {"linestyle": "--"})],
+        "Peak memory vs number of weights",
+    )
+
+
+def speedup(df: pd.DataFrame, colours: dict[str, tuple], baseline: str = "torch_func") -> Figure:
+    """Speedup over ``baseline`` per case (baseline min / strategy min), a panel per machine.
+
+    A cell that was not timed is a hatched bar of height 1 labelled with its status; a case
+    where the baseline itself was not timed says so instead of showing bars.
+    """
+    panels = _panels(df, ["machine"])
+    n_bars = max(g["case"].nunique() * g["strategy"].nunique() for _, g in panels)
+    fig = Figure(figsize=(max(8.0, 0.22 * n_bars + 4.0), 4.8 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False).ravel().tolist()
+    for ax, ((machine,), g) in zip(axes, panels):
+        strategies = sorted(set(g["strategy"]) - {baseline})
+        width = 0.8 / max(len(strategies), 1)
+        cases = sorted(g["case"].unique(), key=lambda c: (g.loc[g["case"] == c, "P"].iloc[0], c))
+        cells = g.set_index(["case", "strategy"])
+        for i, case in enumerate(cases):
+            base = cells["min"].get((case, baseline))
+            base_ok = cells["status"].get((case, baseline)) == "ok"
+            if not base_ok:
+                ax.text(i, 1.0, f"{baseline}\nnot timed", ha="center", va="center", fontsize=7)
+                continue
+            for j, strategy in enumerate(strategies):
+                if (case, strategy) not in cells.index:
+                    continue
+                x = i - 0.4 + (j + 0.5) * width
+                status = cells["status"].get((case, strategy))
+                if status == "ok":
+                    ax.bar(x, base / cells["min"][(case, strategy)], width, color=colours[strategy])
+                else:
+                    ax.bar(
+                        x,
+                        1.0,
+                        width,
+                        facecolor="none",
+                        edgecolor=colours[strategy],
+                        hatch="///",
+                    )
+                    ax.text(x, 1.0, status, rotation=90, ha="center", va="bottom", fontsize=6)
+        ax.axhline(1.0, color="black", linewidth=1)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(_TIMES)
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(range(len(cases)), cases, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(f"speedup over {baseline} (×, log)")
+        ax.set_title(machine, fontsize=9)
+    handles = [Patch(color=colours[s], label=s) for s in sorted(set(df["strategy"]) - {baseline})]
+    handles.append(Patch(facecolor="none", edgecolor="grey", hatch="///", label="not timed"))
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    fig.suptitle(f"Speedup over {baseline} per case (higher is faster)")
+    return fig
+
+
+def cost_ratios(df: pd.DataFrame, colours: dict[str, tuple]) -> Figure:
+    """``cost_vs_grad`` and ``vs_gemm`` per strategy, one point per timed case."""
+    ok = df[df["status"] == "ok"]
+    strategies = sorted(df["strategy"].unique())
+    fig = Figure(figsize=(max(9.0, 0.6 * len(strategies) * 2 + 3), 4.8), layout="constrained")
+    axes = fig.subplots(1, 2)
+    rng = np.random.default_rng(0)
+    markers = {"cpu": "o", "cuda": "s"}
+    for ax, column, label in (
+        (axes[0], "cost_vs_grad", "time / (P × one gradient)"),
+        (axes[1], "vs_gemm", "time / (P×B)(B×P) GEMM time"),
+    ):
+        for i, strategy in enumerate(strategies):
+            rows = ok[ok["strategy"] == strategy]
+            for device, part in rows.groupby("device"):
+                ax.scatter(
+                    i + rng.uniform(-0.2, 0.2, len(part)),
+                    part[column],
+                    color=colours[strategy],
+                    marker=markers.get(device, "^"),
+                    s=18,
+                )
+        ax.axhline(1.0, color="black", linewidth=1, linestyle=":")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(strategies)), strategies, rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel(f"{label} (ratio, log)")
+        ax.grid(True, axis="y", alpha=0.3)
+    handles = [
+        Line2D([], [], color="grey", marker=m, linestyle="", label=d) for d, m in markers.items()
+    ]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="device")
+    fig.suptitle("Cost relative to one gradient and to a GEMM (lower is better)")
+    return fig
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes, for embedding in the HTML."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def save(fig: Figure, path: Path) -> bytes:
+    """Write the figure as PNG to ``path`` and return the bytes written."""
+    data = png_bytes(fig)
+    path.write_bytes(data)
+    return data
