@@ -9,7 +9,7 @@ from types import ModuleType
 
 from torch import Tensor, nn
 
-from ._common import LossFn, flatten, from_blocks, prepare, to_blocks, unflatten
+from ._common import LossFn, check_inputs, flatten, from_blocks, prepare, to_blocks, unflatten
 
 __all__ = [
     "ComputeFn",
@@ -61,6 +61,7 @@ class Strategy:
         loss_fn: LossFn | None = None,
     ) -> Tensor:
         """The dense ``P x P`` Hessian; raises ValueError where ``supports`` says no."""
+        check_inputs(net, params, batch, loss_fn)
         ok, reason = self.supports(net, loss_fn)
         if not ok:
             raise ValueError(f"strategy {self.name!r} does not support this problem: {reason}")

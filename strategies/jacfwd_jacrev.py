@@ -7,10 +7,15 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 from torch.func import jacfwd, jacrev
 
-from ._common import LossFn, prepare
+from ._common import LossFn, jacrev_normalisation_hazard, prepare
 
 NAME = "jacfwd_jacrev"
 DESCRIPTION = "jacfwd(jacrev(f)) with f the loss of one flat parameter vector"
+
+
+def supports(net: nn.Module, loss_fn: LossFn | None = None) -> tuple[bool, str]:
+    reason = jacrev_normalisation_hazard(net)
+    return (False, f"wrong Hessian upstream: {reason}") if reason else (True, "")
 
 
 def compute(
