@@ -196,6 +196,8 @@ def _geomean(values: pd.Series) -> float:
 def _summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
     """Per strategy that ran accurately on every case in ``cases``: time, spread, memory."""
     ok = rows[rows["status"] == "ok"]
+    if ok.empty:
+        return pd.DataFrame(columns=["time_s", "spread", "peak_bytes", "peer"])
     complete = ok.groupby("strategy")["case"].agg(lambda c: set(c) == cases)
     ok = ok[ok["strategy"].map(complete)]
     ok = ok.assign(rel_spread=ok["stddev"] / ok["min"])
@@ -224,8 +226,9 @@ def recommend(df: pd.DataFrame) -> pd.DataFrame:
     ):
         cases = set(rows["case"])
         summary = _summaries(rows, cases)
-        candidates = summary[~summary["peer"]].sort_values("time_s")
-        lean = summary[~summary["peer"]].sort_values("peak_bytes")
+        peer = summary["peer"].astype(bool)
+        candidates = summary.loc[~peer].sort_values("time_s")
+        lean = summary.loc[~peer].sort_values("peak_bytes")
         base = summary.loc[BASELINE] if BASELINE in summary.index else None
         record = {
             "machine": machine,
@@ -257,7 +260,7 @@ def recommend(df: pd.DataFrame) -> pd.DataFrame:
                 record["tie"] = bool(second["time_s"] / best["time_s"] - 1.0 <= spread)
             record["peers"] = {
                 name: float(row["time_s"] / best["time_s"])
-                for name, row in summary[summary["peer"]].iterrows()
+                for name, row in summary.loc[peer].iterrows()
             }
         if not lean.empty and lean["peak_bytes"].notna().any():
             record["leanest"] = lean.index[0]
