@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ZooModel", "ZOO", "names", "get", "build", "LayerNormMLP"]
+__all__ = ["ZooModel", "ZOO", "names", "get", "build", "kinds_of", "LayerNormMLP"]
 
 Built = tuple[nn.Module, tuple[Tensor, Tensor], Callable[[Tensor, Tensor], Tensor]]
 
@@ -25,7 +25,9 @@ class ZooModel:
 
     Attributes:
         name: short id, used in the audit JSON and on the command line.
-        model_kind: tags for the kinds of layer in the net (e.g. "layernorm", "gru").
+        model_kind: tags naming what sets the net apart (e.g. "layernorm", "gru"), the same
+            tags :func:`kinds_of` finds in any net. A strategy wrong on a model is routed
+            away from every one of its tags, so a model carries only its distinctive ones.
         builder: ``builder() -> (net, (inputs, targets), loss_fn)`` in float64; called under
             a fixed seed by :func:`build`.
         params: names of the parameters to differentiate; None means all of them.
@@ -127,6 +129,20 @@ def _batchnorm(train: bool) -> Built:
     return net, (torch.randn(8, 3).double(), torch.randn(8, 1).double()), F.mse_loss
 
 
+def _conv_instancenorm() -> Built:
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, kernel_size=2),
+        nn.InstanceNorm2d(3, affine=True),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, 1),
+    ).double()
+    with torch.no_grad():  # affine parameters away from their 1 / 0 start
+        net[1].weight.add_(torch.randn(3).double() * 0.3)
+        net[1].bias.add_(torch.randn(3).double() * 0.3)
+    return net, (torch.randn(4, 2, 3, 3).double(), torch.randn(4, 1).double()), F.mse_loss
+
+
 def _conv() -> Built:
     net = nn.Sequential(
         nn.Conv2d(1, 2, kernel_size=3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3)
@@ -163,16 +179,50 @@ def _gru() -> Built:
 ZOO: tuple[ZooModel, ...] = (
     ZooModel("mlp_tanh", ("mlp",), _mlp_tanh),
     ZooModel("mlp_gelu_ce", ("mlp",), _mlp_gelu_ce),
-    ZooModel("mlp_layernorm", ("mlp", "layernorm"), _mlp_layernorm),
-    ZooModel("batchnorm_eval", ("mlp", "batchnorm-eval"), lambda: _batchnorm(train=False)),
-    ZooModel("batchnorm_train", ("mlp", "batchnorm-train"), lambda: _batchnorm(train=True)),
+    ZooModel("mlp_layernorm", ("layernorm",), _mlp_layernorm),
+    ZooModel("batchnorm_eval", ("batchnorm-eval",), lambda: _batchnorm(train=False)),
+    ZooModel("batchnorm_train", ("batchnorm-train",), lambda: _batchnorm(train=True)),
     ZooModel("conv", ("conv",), _conv),
+    ZooModel("conv_instancenorm", ("instancenorm",), _conv_instancenorm),
     ZooModel("residual", ("residual",), _residual),
     ZooModel("attention", ("attention",), _attention),
     ZooModel("embedding", ("embedding",), _embedding),
     ZooModel("tied", ("tied",), _tied),
     ZooModel("gru", ("gru",), _gru),
 )
+
+
+_MLP_LAYERS = (nn.Linear, nn.Identity, nn.Tanh, nn.Sigmoid, nn.ReLU, nn.GELU, nn.SiLU, nn.Softplus)
+
+
+def kinds_of(net: nn.Module) -> set[str]:
+    """The model_kind tags of an arbitrary net, found from its modules.
+
+    "residual" and "tied" live in ``forward`` rather than in the modules, so they are never
+    found here; "mlp" means an ``nn.Sequential`` of Linear layers and activations only.
+    """
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
+    tags = set()
+    for m in net.modules():
+        if isinstance(m, nn.LayerNorm):
+            tags.add("layernorm")
+        elif isinstance(m, nn.modules.instancenorm._InstanceNorm):
+            tags.add("instancenorm")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            tags.add("batchnorm-train" if m.training else "batchnorm-eval")
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            tags.add("conv")
+        elif isinstance(m, nn.MultiheadAttention):
+            tags.add("attention")
+        elif isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            tags.add("embedding")
+        elif isinstance(m, nn.GRU):
+            tags.add("gru")
+    layers = list(net.children())
+    if isinstance(net, nn.Sequential) and all(isinstance(m, _MLP_LAYERS) for m in layers):
+        tags.add("mlp")
+    return tags
 
 
 def names() -> list[str]:

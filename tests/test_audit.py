@@ -115,6 +115,18 @@ def test_unsupported_is_recorded_without_calling_compute(result):
         assert cell["message"] == "no"
 
 
+def test_ignore_supports_computes_and_says_so():
+    refuses = Strategy(
+        "planted_refuses", "right, but says no", _loop, lambda net, loss: (False, "x")
+    )
+    out = audit.run_audit(
+        strategy_objects=[refuses], models=["tied"], known_bugs=False, ignore_supports=True
+    )
+    [cell] = out["records"]
+    assert cell["status"] == "pass"
+    assert "supports() says no: x" in cell["message"]
+
+
 def test_records_follow_the_contract(result):
     keys = {"strategy", "model", "model_kind", "status", "max_rel_err", "sym_err"}
     keys |= {"exception", "message"}
@@ -163,6 +175,15 @@ def test_zoo_builds_are_seeded_float64_and_small():
         assert torch.equal(batch[0], batch_again[0]) and torch.equal(batch[1], batch_again[1])
         assert 0 < sum(p.numel() for p in params.values()) <= 300
         assert model.model_kind
+
+
+def test_zoo_tags_are_what_kinds_of_finds():
+    for model in zoo.ZOO:
+        net, _, _, _ = zoo.build(model)
+        found = zoo.kinds_of(net)
+        # residual connections and tied weights live in forward(), not in the modules
+        assert set(model.model_kind) - {"residual", "tied"} <= found, model.name
+        assert ("mlp" in found) == (model.model_kind == ("mlp",)), model.name
 
 
 def test_unknown_names_raise_key_error():
