@@ -1,0 +1,262 @@
+"""pytest plugin of the benchmark suite: options, the (case, strategy) grid, caches, JSON hooks.
+
+Run as ``pytest bench --benchmark-json results/<run>.json [--grid smoke|default|full]``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import shlex
+import socket
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+import strategies
+from bench import measure
+from bench.grid import DEVICES, GRIDS, Case, cases
+from bench.models import make_problem
+from bench.reference import batched_loop_hessian
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("hessbench", "Hessian benchmark grid")
+    group.addoption("--grid", default="default", choices=sorted(GRIDS), help="named grid of cases")
+    group.addoption(
+        "--strategies",
+        default=None,
+        help="comma-separated strategy names (default: all registered)",
+    )
+    group.addoption(
+        "--devices", default=",".join(DEVICES), help="comma-separated devices (default: cpu,cuda)"
+    )
+    group.addoption(
+        "--time-budget",
+        type=float,
+        default=60.0,
+        help="skip a strategy predicted to take longer than this many seconds per call",
+    )
+    group.addoption(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)"
+    )
+    group.addoption(
+        "--no-report", action="store_true", help="do not run bench.report on the JSON at the end"
+    )
+
+
+@dataclass
+class CaseData:
+    """What one case computes once and every strategy shares."""
+
+    case: Case
+    net: torch.nn.Module
+    batch: tuple[torch.Tensor, torch.Tensor]
+    loss_fn: Any
+    reference: torch.Tensor | None = None
+    grad_s: float | None = None
+    gemm_s: float | None = None
+
+
+@dataclass
+class Run:
+    """State of one benchmark session: options, the current case's data, outcomes, history."""
+
+    grid: str
+    strategy_names: list[str]
+    devices: list[str]
+    time_budget: float
+    command: str
+    cases: dict[str, Case]
+    outcomes: list[dict] = field(default_factory=list)
+    #: (case id, strategy) -> (min seconds, peak bytes, accurate, peer) of timed rows
+    timed: dict[tuple[str, str], tuple[float, int, bool, bool]] = field(default_factory=dict)
+    #: (strategy, case family) -> [(P, min seconds)] and [(P, peak bytes)]
+    seconds_history: dict[tuple, list[tuple[int, float]]] = field(default_factory=dict)
+    bytes_history: dict[tuple, list[tuple[int, int]]] = field(default_factory=dict)
+    _current: CaseData | None = None
+
+    def case_data(self, case: Case) -> CaseData:
+        """The case's model and batch; only the latest case is kept (its reference is P^2 x 8 B)."""
+        if self._current is None or self._current.case != case:
+            self._current = None
+            net, batch, loss_fn = make_problem(case)
+            self._current = CaseData(case, net, batch, loss_fn)
+        return self._current
+
+    def baselines(self, data: CaseData) -> CaseData:
+        """Fill the float64 reference, grad_s and gemm_s of the case, once."""
+        if data.reference is None:
+            case = data.case
+            names = [n for n, _ in data.net.named_parameters()]
+            data.reference = batched_loop_hessian(data.net, names, data.batch, data.loss_fn)
+            data.grad_s = measure.grad_seconds(data.net, data.batch, data.loss_fn)
+            data.gemm_s = measure.gemm_seconds(
+                case.P, case.batch, getattr(torch, case.dtype), case.device
+            )
+        return data
+
+    def record(self, case: Case, strategy: str, status: str, reason: str) -> None:
+        """Record a cell that was not timed, for the JSON's ``hessbench.outcomes``."""
+        self.outcomes.append(
+            {
+                **case.fields(),
+                "strategy": strategy,
+                "P": case.P,
+                "hessian_bytes": case.hessian_bytes,
+                "status": status,
+                "reason": reason,
+            }
+        )
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--grid", default=None) is None:
+        return
+    valid = strategies.names()
+    chosen = _csv(config.getoption("--strategies")) if config.getoption("--strategies") else valid
+    unknown = [s for s in chosen if s not in valid]
+    if unknown:
+        raise pytest.UsageError(f"unknown strategies {unknown}; valid strategies: {valid}")
+    devices = _csv(config.getoption("--devices"))
+    bad = [d for d in devices if d not in DEVICES]
+    if bad:
+        raise pytest.UsageError(f"unknown devices {bad}; valid devices: {list(DEVICES)}")
+    if config.getoption("--time-budget") <= 0:
+        raise pytest.UsageError("--time-budget must be positive")
+    threads = config.getoption("--threads")
+    if threads is not None:
+        if threads < 1:
+            raise pytest.UsageError("--threads must be >= 1")
+        torch.set_num_threads(threads)
+    grid = config.getoption("--grid")
+    config._hessbench = Run(
+        grid=grid,
+        strategy_names=chosen,
+        devices=devices,
+        time_budget=config.getoption("--time-budget"),
+        command=shlex.join([os.path.basename(sys.argv[0]), *config.invocation_params.args]),
+        cases={c.id: c for c in cases(grid, tuple(devices))},
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if {"case_id", "strategy"} <= set(metafunc.fixturenames):
+        run: Run = metafunc.config._hessbench
+        cells = [(c, s) for c in run.cases for s in run.strategy_names]
+        metafunc.parametrize(
+            ("case_id", "strategy"), cells, ids=[f"{c}-{s}" for c, s in cells], scope="function"
+        )
+
+
+@pytest.fixture(scope="session")
+def hessbench(request: pytest.FixtureRequest) -> Run:
+    """The session's benchmark state (options, caches, outcomes)."""
+    return request.config._hessbench
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    cuda = torch.cuda.is_available()
+    gpu_name = torch.cuda.get_device_name(0) if cuda else None
+    cpu_model = _cpu_model()
+    host = socket.gethostname()
+    label = f"{host} / {gpu_name}" if cuda else f"{host} / {cpu_model} / {os.cpu_count()} cores"
+    machine_info.update(
+        torch_version=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        cpu_model=cpu_model,
+        gpu_name=gpu_name,
+        cuda_version=torch.version.cuda if cuda else None,
+        machine_label=label,
+    )
+
+
+def pytest_benchmark_update_json(
+    config: pytest.Config, benchmarks: list, output_json: dict
+) -> None:
+    run: Run | None = getattr(config, "_hessbench", None)
+    if run is not None:
+        output_json["hessbench"] = {
+            "grid": run.grid,
+            "command": run.command,
+            "outcomes": run.outcomes,
+        }
+
+
+def _summary_lines(run: Run) -> list[str]:
+    lines = []
+    for case_id in run.cases:
+        rows = {s: v for (c, s), v in run.timed.items() if c == case_id}
+        accurate = {s: v for s, v in rows.items() if v[2] and not v[3]}
+        if not accurate:
+            if rows:
+                lines.append(f"{case_id}: no accurate strategy timed")
+            continue
+        best = min(accurate, key=lambda s: accurate[s][0])
+        seconds, peak, _, _ = accurate[best]
+        speedup = (
+            f"{rows['torch_func'][0] / seconds:.2f}x vs torch_func"
+            if "torch_func" in rows
+            else "torch_func not timed"
+        )
+        lines.append(f"{case_id}: {best} {seconds:.4g} s, peak {peak / 2**20:.3g} MiB, {speedup}")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    run: Run | None = getattr(config, "_hessbench", None)
+    if run is None or not run.timed:
+        return
+    terminalreporter.section("hessbench: fastest accurate strategy per case")
+    for line in _summary_lines(run):
+        terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # pytest-benchmark writes its JSON in a hookwrapper, i.e. before this runs.
+    config = session.config
+    path = config.getoption("benchmark_json", default=None)
+    if path is None or getattr(config, "_hessbench", None) is None:
+        return
+    if config.getoption("--no-report"):
+        return
+    if not os.path.exists(path):
+        print(f"\nhessbench: no benchmark JSON at {path} (nothing was timed); no report")
+        return
+    if importlib.util.find_spec("bench.report") is None:
+        print("\nhessbench: bench/report.py is not there yet; skipping the report")
+        return
+    try:
+        from bench import report
+
+        status = report.main([str(path)])
+    except Exception:
+        print(f"\nhessbench: the report failed on {path} (the JSON is intact):")
+        traceback.print_exc()
+        status = 1
+    if status:
+        print(f"\nhessbench: bench.report.main exited with {status}")
+        session.exitstatus = (
+            pytest.ExitCode.TESTS_FAILED if session.exitstatus == 0 else session.exitstatus
+        )

@@ -1,0 +1,182 @@
+"""Measurement helpers of the benchmark: timing, peak memory, accuracy, baselines and budgets."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
+
+from strategies._common import mse_loss
+
+__all__ = [
+    "TOLERANCES",
+    "sync",
+    "min_seconds",
+    "peak_bytes",
+    "is_oom",
+    "errors",
+    "grad_seconds",
+    "gemm_seconds",
+    "predict_seconds",
+    "predict_bytes",
+    "available_bytes",
+]
+
+#: max_rel_err a correct strategy stays under, per dtype: float32 rounding over a few thousand
+#: terms reaches ~1e-6 relative to the largest entry; a wrong block is off by O(1).
+TOLERANCES = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work, so that a timer around a call sees all of it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def min_seconds(fn: Callable[[], Any], device: torch.device | str, repeats: int = 5) -> float:
+    """The minimum wall time of ``repeats`` calls of ``fn`` after one untimed warm-up call."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    fn()
+    sync(device)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def peak_bytes(fn: Callable[[], Any], device: torch.device | str) -> tuple[Any, int]:
+    """Call ``fn`` once; return its result and the allocator's peak above what was allocated before.
+
+    CUDA: the caching allocator's own counters (``reset_peak_memory_stats`` and
+    ``max_memory_allocated``). CPU: the allocation and free records of ``torch.profiler``
+    with ``profile_memory=True``, summed in time order; the peak of that running sum is the
+    most the call held at once beyond what existed before it (its result included).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        sync(device)
+        return result, max(0, torch.cuda.max_memory_allocated(device) - before)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    records = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    held = peak = 0
+    for _, nbytes in records:
+        held += nbytes
+        peak = max(peak, held)
+    return result, peak
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device or the host ran out of memory."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def errors(H: Tensor, reference: Tensor, rows: int = 1024) -> tuple[float, float]:
+    """``(max_abs_err, max_rel_err)`` of ``H`` against a float64 reference.
+
+    ``max_rel_err`` is the max absolute error over the max absolute entry of the reference.
+    Compared ``rows`` rows at a time so that a float64 copy of a large ``H`` is never made.
+    """
+    if H.shape != reference.shape:
+        raise ValueError(f"H has shape {tuple(H.shape)}, the reference {tuple(reference.shape)}")
+    max_abs = 0.0
+    for start in range(0, H.shape[0], rows):
+        block = H[start : start + rows].to(device=reference.device, dtype=torch.float64)
+        max_abs = max(max_abs, (block - reference[start : start + rows]).abs().max().item())
+    scale = reference.abs().max().item()
+    return max_abs, (max_abs / scale if scale > 0 else max_abs)
+
+
+def grad_seconds(
+    net: nn.Module,
+    batch: tuple[Tensor, Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    repeats: int = 5,
+) -> float:
+    """Minimum time of one gradient of the loss w.r.t. all of ``net``'s parameters."""
+    inputs, targets = batch
+    loss_fn = mse_loss if loss_fn is None else loss_fn
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    def gradient() -> tuple[Tensor, ...]:
+        with torch.enable_grad():
+            return torch.autograd.grad(loss_fn(net(inputs), targets), params)
+
+    return min_seconds(gradient, inputs.device, repeats)
+
+
+def gemm_seconds(
+    P: int, B: int, dtype: torch.dtype, device: torch.device | str, repeats: int = 5
+) -> float:
+    """Minimum time of a ``(P x B) @ (B x P)`` product: about the least work of a rank-B Hessian."""
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(P, B, generator=generator, dtype=dtype).to(device)
+    right = torch.randn(B, P, generator=generator, dtype=dtype).to(device)
+    out = torch.empty(P, P, dtype=dtype, device=device)
+    return min_seconds(lambda: torch.matmul(left, right, out=out), device, repeats)
+
+
+def predict_seconds(history: list[tuple[int, float]], P: int) -> float | None:
+    """A strategy's time at ``P``, extrapolated log-log from its times at smaller P.
+
+    ``history`` holds ``(P, seconds)`` measured for the same strategy in the same case family.
+    The line through the two largest smaller P's gives the exponent (at least 1, as no
+    strategy beats reading its inputs); with one point the exponent is taken as 2 (a Hessian
+    has P^2 entries). None without any smaller point.
+    """
+    smaller = sorted((p, s) for p, s in history if p < P and s > 0)
+    if not smaller:
+        return None
+    p1, s1 = smaller[-1]
+    exponent = 2.0
+    if len(smaller) >= 2:
+        p0, s0 = smaller[-2]
+        if p0 != p1:
+            exponent = max(1.0, math.log(s1 / s0) / math.log(p1 / p0))
+    return s1 * (P / p1) ** exponent
+
+
+def predict_bytes(history: list[tuple[int, int]], P: int, itemsize: int) -> int | None:
+    """A strategy's peak memory at ``P``: the Hessian's size times the factor last seen.
+
+    ``history`` holds ``(P, peak_bytes)`` for the same strategy and case family; the factor
+    ``peak_bytes / (P^2 * itemsize)`` is taken at the largest smaller P, where fixed overheads
+    weigh least. None without any smaller point.
+    """
+    smaller = sorted((p, b) for p, b in history if p < P)
+    if not smaller:
+        return None
+    p1, b1 = smaller[-1]
+    return int(b1 / (p1 * p1) * P * P)
+
+
+def available_bytes(device: torch.device | str) -> int:
+    """Memory a new allocation can still get: free CUDA memory, or the host's MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
