@@ -1,0 +1,134 @@
+"""The benchmark grid: case validation, expansion, named grids and the model factory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.grid import GRIDS, Case, cases, expand
+from bench.models import make_problem
+
+
+def _case(**changes) -> Case:
+    fields = dict(
+        input=8,
+        width=32,
+        depth=2,
+        output=1,
+        activation="tanh",
+        loss="mse",
+        batch=128,
+        dtype="float32",
+        device="cpu",
+    )
+    return Case(**{**fields, **changes})
+
+
+def test_design_cases_are_in_the_default_grid_with_their_P():
+    by_id = {c.id: c for c in cases("default", ("cpu",))}
+    expected = {
+        "w32-d2-b128-tanh-mse-f32-cpu": 1377,
+        "w64-d2-b128-tanh-mse-f32-cpu": 4801,
+        "w64-d4-b128-tanh-mse-f32-cpu": 13121,
+    }
+    assert {i: by_id[i].P for i in expected} == expected
+
+
+def test_default_grid_spans_P_400_to_13000_on_cpu():
+    sizes = [c.P for c in cases("default", ("cpu",))]
+    assert 300 <= min(sizes) <= 600
+    assert 12000 <= max(sizes) <= 14000
+
+
+def test_smoke_grid_covers_every_activation_loss_and_dtype():
+    smoke = cases("smoke", ("cpu",))
+    assert {c.activation for c in smoke} == {"tanh", "relu", "gelu"}
+    assert {c.loss for c in smoke} == {"mse", "ce"}
+    assert {c.dtype for c in smoke} == {"float32", "float64"}
+    assert max(c.P for c in smoke) < 100
+
+
+def test_every_grid_expands_to_unique_ids_sorted_by_P_per_device():
+    for grid in GRIDS:
+        expanded = cases(grid)
+        assert len({c.id for c in expanded}) == len(expanded)
+        for device in ("cpu", "cuda"):
+            sizes = [c.P for c in expanded if c.device == device]
+            assert sizes == sorted(sizes)
+
+
+def test_full_grid_sweeps_batch_and_depth():
+    full = cases("full", ("cpu",))
+    assert {c.batch for c in full if c.width == 32 and c.depth == 2} >= {16, 64, 256, 1024}
+    assert {c.depth for c in full if c.width == 64} >= {1, 2, 3, 4, 5}
+    assert 15000 <= max(c.P for c in full) <= 25000
+    assert max(c.P for c in cases("full", ("cuda",))) > 25000
+
+
+def test_devices_filter_the_grid():
+    assert {c.device for c in cases("default", ("cpu",))} == {"cpu"}
+    assert {c.device for c in cases("default", ("cuda",))} == {"cuda"}
+    assert {c.device for c in cases("full", ("cpu",))} == {"cpu"}
+
+
+def test_expand_is_the_cross_product():
+    fields = {k: v for k, v in _case().fields().items() if k != "case"}
+    out = expand(**{**fields, "width": [4, 8], "activation": ["tanh", "gelu", "relu"]})
+    assert len(out) == 6
+    assert {(c.width, c.activation) for c in out} == {
+        (w, a) for w in (4, 8) for a in ("tanh", "gelu", "relu")
+    }
+
+
+def test_expand_rejects_unknown_and_missing_fields():
+    fields = _case().fields()
+    del fields["case"]
+    with pytest.raises(ValueError, match="unknown case fields"):
+        expand(**fields, colour="red")
+    del fields["batch"]
+    with pytest.raises(ValueError, match="missing case fields"):
+        expand(**fields)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(width=0), "width"),
+        (dict(activation="sigmoid"), "activation"),
+        (dict(dtype="float16"), "dtype"),
+        (dict(device="tpu"), "device"),
+        (dict(loss="ce", output=1), "output >= 2"),
+    ],
+)
+def test_case_rejects_bad_fields(changes, message):
+    with pytest.raises(ValueError, match=message):
+        _case(**changes)
+
+
+def test_unknown_grid_or_device_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="smoke"):
+        cases("huge")
+    with pytest.raises(ValueError, match="cpu"):
+        cases("smoke", ("tpu",))
+
+
+def test_case_fields_are_plain_and_id_is_readable():
+    case = _case(loss="ce", output=4, dtype="float64")
+    fields = case.fields()
+    assert fields["case"] == "i8-o4-w32-d2-b128-tanh-ce-f64-cpu"
+    assert all(isinstance(v, (str, int)) for v in fields.values())
+
+
+@pytest.mark.parametrize("case", cases("smoke", ("cpu",)), ids=lambda c: c.id)
+def test_model_matches_the_case_and_is_deterministic(case):
+    net, (inputs, targets), loss_fn = make_problem(case)
+    assert sum(p.numel() for p in net.parameters()) == case.P
+    assert {p.dtype for p in net.parameters()} == {getattr(torch, case.dtype)}
+    assert inputs.shape == (case.batch, case.input)
+    assert sum(isinstance(m, torch.nn.Linear) for m in net) == case.depth + 1
+    loss = (loss_fn or torch.nn.functional.mse_loss)(net(inputs), targets)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    again, (inputs2, targets2), _ = make_problem(case)
+    assert torch.equal(inputs, inputs2) and torch.equal(targets, targets2)
+    for p, q in zip(net.parameters(), again.parameters()):
+        assert torch.equal(p, q)
