@@ -61,10 +61,10 @@ TOL = 1e-7
 KNOWN_BUGS: tuple[dict[str, Any], ...] = (
     {
         "title": (
-            "vmap's batching rules for LayerNorm and BatchNorm (training mode) backward are "
-            "wrong inside jacrev: torch.func.hessian, functorch.hessian and jacfwd(jacrev(f)) "
-            "return a wrong, asymmetric Hessian, while vmap over jvp(grad(f)) or "
-            "vjp(grad(f)) and the double-backward loop are right"
+            "vmap's batching rules for normalisation backward are wrong inside jacrev: through "
+            "an affine LayerNorm or BatchNorm in training mode, torch.func.hessian, functorch.hessian and jacfwd(jacrev(f)) return a wrong, "
+            "asymmetric Hessian with no error, while vmap over jvp(grad(f)) or vjp(grad(f)) "
+            "and the double-backward loop are right"
         ),
         "strategies": ["torch_func", "functorch", "jacfwd_jacrev"],
         "models": ["mlp_layernorm", "batchnorm_train"],
@@ -79,6 +79,28 @@ p = {k: v.detach() for k, v in net.named_parameters()}
 H = hessian(lambda p: ((functional_call(net, p, (x,)) - y) ** 2).mean())(p)
 # d2L/d(LayerNorm weight)d(first weight) must be the transpose of its mirror block
 a, b = H["1.weight"]["0.weight"], H["0.weight"]["1.weight"].permute(2, 0, 1)
+bug_shows = bool((a - b).abs().max() > 1e-6 * a.abs().max())
+""",
+    },
+    {
+        "title": (
+            "the same batching-rule bug through an affine InstanceNorm (which calls batch_norm "
+            "inside): torch.func.hessian, functorch.hessian and jacfwd(jacrev(f)) return a "
+            "wrong, asymmetric Hessian with no error"
+        ),
+        "strategies": ["torch_func", "functorch", "jacfwd_jacrev"],
+        "models": ["conv_instancenorm"],
+        "upstream": "pytorch/functorch#534",
+        "reproduction": """\
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+net = nn.Sequential(nn.Conv1d(2, 3, 2), nn.InstanceNorm1d(3, affine=True), nn.Tanh(),
+                    nn.Flatten(), nn.Linear(12, 1)).double()
+x, y = torch.randn(4, 2, 5).double(), torch.randn(4, 1).double()
+p = {k: v.detach() for k, v in net.named_parameters()}
+H = hessian(lambda p: ((functional_call(net, p, (x,)) - y) ** 2).mean())(p)
+a, b = H["1.weight"]["0.weight"], H["0.weight"]["1.weight"].permute(3, 0, 1, 2)
 bug_shows = bool((a - b).abs().max() > 1e-6 * a.abs().max())
 """,
     },
