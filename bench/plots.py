@@ -109,7 +109,19 @@ def _sized_panels(
             if not ref.empty:
                 ax.plot(ref.index, ref.values, color="black", label=label, **style)
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        # Crosses alone (drawn in axes coordinates for y) do not widen the data limits.
+        ax.set_xlim(g["P"].min() / 1.3, g["P"].max() * 1.3)
+        if (g["status"] == "ok").any():
+            ax.set_yscale("log")
+        else:
+            # A whole device skipped (e.g. no CUDA here) says so rather than vanishing.
+            ax.text(
+                0.5,
+                0.5,
+                f"nothing timed: {len(g)} cells, see 'Cells not timed'",
+                transform=ax.transAxes,
+                ha="center",
+            )
         ax.set_xlabel("P (number of weights)")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{machine}\n{device}, {dtype}", fontsize=9)
@@ -174,14 +186,24 @@ def speedup(df: pd.DataFrame, colours: dict[str, tuple], baseline: str = "torch_
     A cell that was not timed is a hatched bar of height 1 labelled with its status; a case
     where the baseline itself was not timed says so instead of showing bars.
     """
-    panels = _panels(df, ["machine"])
+    # Cases where nothing at all was timed (a device absent here) would be empty slots: they
+    # are counted in the panel title and listed in the report's "Cells not timed" table.
+    timed_cases = set(df.loc[df["status"].isin(("ok", "inaccurate")), "case"])
+    untimed = df.loc[~df["case"].isin(timed_cases), "case"].nunique()
+    panels = _panels(df[df["case"].isin(timed_cases)], ["machine", "device"])
+    if not panels:
+        panels = [(("nothing timed", ""), df.iloc[:0])]
     n_bars = max(g["case"].nunique() * g["strategy"].nunique() for _, g in panels)
-    fig = Figure(figsize=(max(8.0, 0.22 * n_bars + 4.0), 4.8 * len(panels)), layout="constrained")
+    fig = Figure(
+        figsize=(min(24.0, max(8.0, 0.12 * n_bars + 4.0)), 4.8 * len(panels)),
+        layout="constrained",
+    )
     axes = fig.subplots(len(panels), 1, squeeze=False).ravel().tolist()
-    for ax, ((machine,), g) in zip(axes, panels):
+    for ax, ((machine, device), g) in zip(axes, panels):
         strategies = sorted(set(g["strategy"]) - {baseline})
         width = 0.8 / max(len(strategies), 1)
         cases = sorted(g["case"].unique(), key=lambda c: (g.loc[g["case"] == c, "P"].iloc[0], c))
+        ax.set_title(f"{machine}, {device}", fontsize=9)
         cells = g.set_index(["case", "strategy"])
         for i, case in enumerate(cases):
             base = cells["min"].get((case, baseline))
@@ -213,11 +235,11 @@ def speedup(df: pd.DataFrame, colours: dict[str, tuple], baseline: str = "torch_
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(range(len(cases)), cases, rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(f"speedup over {baseline} (×, log)")
-        ax.set_title(machine, fontsize=9)
     handles = [Patch(color=colours[s], label=s) for s in sorted(set(df["strategy"]) - {baseline})]
     handles.append(Patch(facecolor="none", edgecolor="grey", hatch="///", label="not timed"))
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)
-    fig.suptitle(f"Speedup over {baseline} per case (higher is faster)")
+    note = f"\n{untimed} cases with nothing timed are left out (see 'Cells not timed')"
+    fig.suptitle(f"Speedup over {baseline} per case (higher is faster){note if untimed else ''}")
     return fig
 
 

@@ -17,6 +17,8 @@ Recommendation rule, per machine, device, dtype and size range of P:
   range and is not a peer: inaccurate, out-of-memory, skipped or failing cells rule it out.
 - Its time is the geometric mean over the range's cases of its min time; its memory is the
   largest ``peak_bytes`` over those cases.
+- Ranges where nothing at all was timed (e.g. CUDA cases on a machine without CUDA) are
+  left out; their cells are listed under "Cells not timed".
 - The fastest is a tie with the runner-up unless ``runner_up_s / fastest_s - 1`` exceeds the
   spread of rounds, the largest ``stddev / min`` of the two strategies over the range's cases.
 """
@@ -224,6 +226,8 @@ def recommend(df: pd.DataFrame) -> pd.DataFrame:
     for (machine, device, dtype, p_min), rows in df.groupby(
         ["machine", "device", "dtype", "P_min"], sort=True
     ):
+        if not rows["status"].isin(TIMED_STATUSES).any():
+            continue
         cases = set(rows["case"])
         summary = _summaries(rows, cases)
         peer = summary["peer"].astype(bool)
@@ -271,6 +275,18 @@ def recommend(df: pd.DataFrame) -> pd.DataFrame:
                 )
         records.append(record)
     return pd.DataFrame(records, columns=[*RECOMMENDATION_FIELDS, "peers", "cases"])
+
+
+def _plain_records(table: pd.DataFrame) -> list[dict]:
+    """The contract's fields as JSON values: null for missing, ints for sizes and bytes."""
+    integral = {"P_min", "P_max", "leanest_peak_bytes"}
+    records = []
+    for row in table[list(RECOMMENDATION_FIELDS)].astype(object).to_dict("records"):
+        plain = {k: None if v is None or pd.isna(v) else v for k, v in row.items()}
+        plain.update({k: int(plain[k]) for k in integral if plain[k] is not None})
+        plain["tie"] = bool(plain["tie"])
+        records.append(plain)
+    return records
 
 
 def _slope(x: pd.Series, y: pd.Series) -> float:
@@ -601,8 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     benchmark_files = [p for p in args.files if str(p) in set(df.get("source", []))]
     if benchmark_files:
         out = benchmark_files[0].with_name("recommendations.json")
-        rows = recommendations[list(RECOMMENDATION_FIELDS)].astype(object)
-        out.write_text(json.dumps(rows.where(rows.notna(), None).to_dict("records"), indent=1))
+        out.write_text(json.dumps(_plain_records(recommendations), indent=1))
     figures = _figures(df, args.plots_dir)
     html_path.parent.mkdir(parents=True, exist_ok=True)
     html_path.write_text(render_html(args.title, df, audits, figures, recommendations))

@@ -181,8 +181,18 @@ def test_recommend_never_picks_peer_but_reports_its_ratio():
 
 
 def test_recommend_when_nothing_ran_every_case():
-    row = _only_row(_cells(("a", "c1", np.nan, np.nan, "error", np.nan, False)))
+    row = _only_row(
+        _cells(
+            ("a", "c1", np.nan, np.nan, "error", np.nan, False),
+            ("b", "c1", 0.1, 0.001, "inaccurate", 10, False),
+        )
+    )
     assert row["fastest"] is None and row["leanest"] is None
+
+
+def test_recommend_leaves_out_ranges_where_nothing_was_timed():
+    df = _cells(("a", "c1", np.nan, np.nan, "skipped", np.nan, False))
+    assert report.recommend(df).empty
 
 
 def test_growth_exponents_recover_known_powers():
