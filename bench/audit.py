@@ -47,6 +47,7 @@ __all__ = [
     "run_audit",
     "audit_model",
     "run_known_bugs",
+    "references_agree",
     "wrong_kinds",
     "format_matrix",
     "main",
@@ -259,6 +260,10 @@ def _cell(
         record.update(status="wrong", message=f"returned {shape}, expected {(P, P)}")
         return record
     H = H.detach()
+    if not torch.isfinite(H).all():
+        # NaN is not JSON: the errors stay null and the message says why
+        record.update(status="wrong", message="returned non-finite entries")
+        return record
     scale = reference.abs().max()
     record["max_rel_err"] = _rel(H.to(reference) - reference, scale)
     record["sym_err"] = _rel(H - H.T, H.abs().max())

@@ -33,6 +33,10 @@ def _changes_the_net(net, params, batch, loss_fn=None):
     return H
 
 
+def _nan(net, params, batch, loss_fn=None):
+    return _loop(net, params, batch, loss_fn) * float("nan")
+
+
 def _crashes(net, params, batch, loss_fn=None):
     raise ZeroDivisionError("planted crash")
 
@@ -47,6 +51,7 @@ PLANTED = [
     Strategy("planted_perturbed", "loop reference times 1 + 1e-5", _perturbed),
     Strategy("planted_asymmetric", "loop reference with one entry moved", _asymmetric),
     Strategy("planted_mutating", "right matrix, flips the net's mode", _changes_the_net),
+    Strategy("planted_nan", "loop reference times NaN", _nan),
     Strategy("planted_crash", "raises ZeroDivisionError", _crashes),
     Strategy(
         "planted_unsupported", "supports nothing", _never_called, lambda net, loss: (False, "no")
@@ -99,6 +104,13 @@ def test_strategy_that_changes_the_net_is_wrong(result):
         assert cell["status"] == "wrong", cell
         assert cell["max_rel_err"] <= audit.TOL
         assert "changed the net" in cell["message"]
+
+
+def test_non_finite_hessian_is_wrong_and_the_json_stays_valid(result):
+    for cell in _cells(result, "planted_nan"):
+        assert cell["status"] == "wrong", cell
+        assert cell["max_rel_err"] is None and "non-finite" in cell["message"]
+    json.dumps(result, allow_nan=False)
 
 
 def test_crash_is_recorded_and_the_audit_goes_on(result):
