@@ -55,11 +55,18 @@ def _grid(n: int, width: float = 6.0, height: float = 4.2) -> tuple[Figure, list
     return fig, axes[:n]
 
 
-def _geomean_by_p(rows: pd.DataFrame, column: str) -> pd.Series:
-    """Geometric mean of ``column`` per P: several cases (batch, activation) can share one P."""
-    values = rows[["P", column]].dropna()
-    values = values[values[column] > 0]
-    return np.exp(np.log(values[column]).groupby(values["P"]).mean()).sort_index()
+#: cases that differ only in the net's size: a line through them shows growth in P
+FAMILY = ["input", "output", "activation", "loss", "batch"]
+
+
+def _family_lines(ax, rows: pd.DataFrame, column: str, scale: float, label: str, **style) -> None:
+    """One line per family through ``column`` vs P; only the first line carries the label."""
+    rows = rows.dropna(subset=[column])
+    rows = rows[rows[column] > 0]
+    for _, family in rows.groupby(FAMILY, sort=True):
+        family = family.sort_values("P")
+        ax.plot(family["P"], family[column] / scale, label=label, **style)
+        label = "_nolegend_"
 
 
 def _mark_not_timed(ax, rows: pd.DataFrame, colour) -> None:
@@ -89,29 +96,29 @@ def _sized_panels(
     panels = _panels(df, ["machine", "device", "dtype"])
     fig, axes = _grid(len(panels))
     for ax, ((machine, device, dtype), g) in zip(axes, panels):
+        timed = (g["status"] == "ok").any()
         for strategy, rows in g.groupby("strategy", sort=True):
-            ok = rows[rows["status"] == "ok"]
-            line = _geomean_by_p(ok, value) / scale
             peer = bool(rows["peer"].fillna(False).any())
-            if not line.empty:
-                ax.plot(
-                    line.index,
-                    line.values,
-                    marker="o",
-                    markersize=4,
-                    linestyle="--" if peer else "-",
-                    color=colours[strategy],
-                    label=strategy,
-                )
+            _family_lines(
+                ax,
+                rows[rows["status"] == "ok"],
+                value,
+                scale,
+                strategy,
+                marker="o",
+                markersize=4,
+                linestyle="--" if peer else "-",
+                color=colours[strategy],
+            )
             _mark_not_timed(ax, rows[rows["status"] != "ok"], colours[strategy])
-        for column, label, style in references:
-            ref = _geomean_by_p(g.drop_duplicates("case"), column) / scale
-            if not ref.empty:
-                ax.plot(ref.index, ref.values, color="black", label=label, **style)
+        for column, label, style in references if timed else []:
+            _family_lines(
+                ax, g.drop_duplicates("case"), column, scale, label, color="black", **style
+            )
         ax.set_xscale("log")
         # Crosses alone (drawn in axes coordinates for y) do not widen the data limits.
         ax.set_xlim(g["P"].min() / 1.3, g["P"].max() * 1.3)
-        if (g["status"] == "ok").any():
+        if timed:
             ax.set_yscale("log")
         else:
             # A whole device skipped (e.g. no CUDA here) says so rather than vanishing.
@@ -122,6 +129,7 @@ def _sized_panels(
                 transform=ax.transAxes,
                 ha="center",
             )
+            ax.set_yticks([])
         ax.set_xlabel("P (number of weights)")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{machine}\n{device}, {dtype}", fontsize=9)
@@ -149,8 +157,9 @@ def _legend_entries(axes: list) -> tuple[list, list[str]]:
 def time_vs_p(df: pd.DataFrame, colours: dict[str, tuple]) -> Figure:
     """Minimum time per Hessian vs P, a panel per machine, device and dtype.
 
-    Where several cases share a P the line goes through their geometric mean. The reference
-    lines are P gradients (``P x grad_s``) and the ``(P x B) @ (B x P)`` product.
+    A line joins the cases of one family (same input, output, activation, loss, batch) in
+    order of P. The reference lines are P gradients (``P x grad_s``) and the
+    ``(P x B) @ (B x P)`` product.
     """
     df = df.assign(p_grads_s=df["P"] * df["grad_s"])
     return _sized_panels(

@@ -403,6 +403,15 @@ def _ratio(value: float | None) -> str:
     return "—" if value is None or pd.isna(value) else f"{value:.2f}×"
 
 
+def _bytes(value: float | None) -> str:
+    if value is None or pd.isna(value):
+        return "—"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{int(value)} B"
+
+
 def _recommendation_view(table: pd.DataFrame, wrong: dict[str, list[str]]) -> pd.DataFrame:
     def name(strategy: str | None) -> str:
         if strategy is None or pd.isna(strategy):
@@ -429,9 +438,7 @@ def _recommendation_view(table: pd.DataFrame, wrong: dict[str, list[str]]) -> pd
                 lambda p: ", ".join(f"{k}: {_ratio(v)}" for k, v in p.items()) or "—"
             ),
             "leanest": table["leanest"].map(name),
-            "leanest peak (MiB)": table["leanest_peak_bytes"].map(
-                lambda b: "—" if b is None or pd.isna(b) else f"{b / plots.MIB:.1f}"
-            ),
+            "leanest peak": table["leanest_peak_bytes"].map(_bytes),
             "memory vs torch_func (× less)": table["leanest_vs_torch_func"].map(_ratio),
         }
     )
