@@ -144,15 +144,18 @@ def test_recommend_tie_within_spread_of_rounds():
     assert row["fastest"] == "a" and row["runner_up"] == "b" and row["tie"]
 
 
-def test_recommend_never_picks_inaccurate():
+@pytest.mark.parametrize(("status", "peer"), [("inaccurate", False), ("ok", True)])
+def test_recommend_never_picks_inaccurate_or_peer(status, peer):
     row = _only_row(
         _cells(
-            ("wrong_but_fast", "c1", 0.1, 0.001, "inaccurate", 10, False),
+            ("excluded", "c1", 0.1, 0.001, status, 10, peer),
             ("right", "c1", 1.0, 0.01, "ok", 100, False),
         )
     )
     assert row["fastest"] == "right" and row["leanest"] == "right"
     assert row["runner_up"] is None and not row["tie"]
+    # A peer that ran accurately is still shown for comparison: its time over the fastest's.
+    assert row["peers"] == ({"excluded": pytest.approx(0.1)} if peer else {})
 
 
 def test_recommend_excludes_strategy_out_of_memory_on_any_case_of_the_range():
@@ -167,17 +170,6 @@ def test_recommend_excludes_strategy_out_of_memory_on_any_case_of_the_range():
     assert row["fastest"] == "steady" and row["leanest"] == "steady"
     assert row["fastest_s"] == pytest.approx(np.sqrt(2.0))
     assert row["leanest_peak_bytes"] == 200
-
-
-def test_recommend_never_picks_peer_but_reports_its_ratio():
-    row = _only_row(
-        _cells(
-            ("jax_hessian", "c1", 0.5, 0.001, "ok", 10, True),
-            ("torch_side", "c1", 1.0, 0.01, "ok", 100, False),
-        )
-    )
-    assert row["fastest"] == "torch_side" and row["leanest"] == "torch_side"
-    assert row["peers"] == {"jax_hessian": pytest.approx(0.5)}
 
 
 def test_recommend_when_nothing_ran_every_case():
