@@ -185,7 +185,13 @@ ZOO: tuple[ZooModel, ...] = (
     ZooModel("conv", ("conv",), _conv),
     ZooModel("conv_instancenorm", ("instancenorm",), _conv_instancenorm),
     ZooModel("residual", ("residual",), _residual),
-    ZooModel("attention", ("attention",), _attention),
+    # A subset of the weights: the biases are held fixed, as a caller's mapping may ask.
+    ZooModel(
+        "attention",
+        ("attention",),
+        _attention,
+        params=("attn.in_proj_weight", "attn.out_proj.weight", "head.weight"),
+    ),
     ZooModel("embedding", ("embedding",), _embedding),
     ZooModel("tied", ("tied",), _tied),
     ZooModel("gru", ("gru",), _gru),
