@@ -124,7 +124,9 @@ def _benchmark_rows(path: Path, data: dict) -> pd.DataFrame:
         "source": str(path),
         "grid": meta.get("grid"),
         "command": meta.get("command"),
-        "commit": commit.get("id"),
+        "commit": f"{commit['id']}{' (dirty)' if commit.get('dirty') else ''}"
+        if commit.get("id")
+        else None,
         "run_datetime": data.get("datetime"),
     }
     rows = []
