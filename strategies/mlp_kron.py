@@ -47,8 +47,9 @@ _ACTIVATIONS = (
 )
 
 #: a temporary of one chunk of directions holds at most this fraction of the Hessian's bytes
-_CHUNK_FRACTION = 1 / 16
+_CHUNK_FRACTION = 1 / 4
 _MIN_CHUNK_BYTES = 1 << 22
+_CACHE_BYTES = 1 << 21
 
 
 @dataclass
@@ -343,34 +344,50 @@ def _fill_upper(
         if row_w is None and row_b is None:
             continue
         d_out, d_in = layer.linear.weight.shape
-        widest = max((layers[m].linear.weight.numel() for m in range(k, len(layers))), default=1)
-        chunk = max(1, min(d_out, budget // max(1, 2 * B * widest * itemsize)))
+        widths = sum(layers[m].linear.weight.shape[0] for m in range(k, len(layers)))
+        # tangents of all directions at once, as far as the budget allows (a few per width)
+        chunk = max(1, min(d_out, budget // max(1, 4 * B * widths * itemsize)))
         a_t = layer.inputs.T
+        # the bias rows' sum over the batch, as a GEMM: a strided sum is several times slower
+        ones = torch.ones(1, B, dtype=H.dtype, device=H.device)
         for i0 in range(0, d_out, chunk):
-            rows = slice(i0, min(i0 + chunk, d_out))
-            c = rows.stop - rows.start
-            d_dots, a_dots = _tangents(layers, k, rows, terms)
+            d_dots, a_dots = _tangents(layers, k, slice(i0, min(i0 + chunk, d_out)), terms)
             for m in range(k, len(layers)):
                 col_w, col_b = where.get((m, "weight")), where.get((m, "bias"))
                 if col_w is None and col_b is None:
                     continue
                 lm = layers[m]
-                u, v = d_dots[m - k], a_dots[m - k]
-                blocks = []
-                if col_w is not None:
-                    mw = u[:, :, :, None] * lm.inputs[None, :, None, :]
-                    if v is not None:
-                        mw.addcmul_(lm.delta[None, :, :, None], v[:, :, None, :])
-                    blocks.append((col_w, mw.reshape(c, B, -1)))
-                if col_b is not None:
-                    blocks.append((col_b, u))
-                for col, mat in blocks:
-                    cols = slice(col, col + mat.shape[-1])
-                    if row_w is not None:
-                        out = H[row_w + rows.start * d_in : row_w + rows.stop * d_in, cols]
-                        torch.matmul(a_t, mat, out=out.view(c, d_in, -1))
-                    if row_b is not None:
-                        torch.sum(mat, dim=1, out=H[row_b + rows.start : row_b + rows.stop, cols])
+                u_all, v_all = d_dots[m - k], a_dots[m - k]
+                # the B x P_l products of few directions at a time stay in cache for the GEMM
+                step = max(1, _CACHE_BYTES // (B * lm.linear.weight.numel() * itemsize))
+                for s0 in range(0, u_all.shape[0], step):
+                    u = u_all[s0 : s0 + step]
+                    v = None if v_all is None else v_all[s0 : s0 + step]
+                    rows = slice(i0 + s0, i0 + s0 + u.shape[0])
+                    _gemms(H, rows, (row_w, row_b, d_in), (col_w, col_b), a_t, ones, lm, u, v)
+
+
+def _gemms(H, rows, row_where, col_where, a_t, ones, lm, u, v) -> None:
+    """Rows ``rows`` of layer k's tensors against the columns of layer l's tensors."""
+    row_w, row_b, d_in = row_where
+    col_w, col_b = col_where
+    c, B = u.shape[:2]
+    blocks = []
+    if col_w is not None:
+        mw = u[:, :, :, None] * lm.inputs[None, :, None, :]
+        if v is not None:
+            mw.addcmul_(lm.delta[None, :, :, None], v[:, :, None, :])
+        blocks.append((col_w, mw.reshape(c, B, -1)))
+    if col_b is not None:
+        blocks.append((col_b, u))
+    for col, mat in blocks:
+        cols = slice(col, col + mat.shape[-1])
+        if row_w is not None:
+            out = H[row_w + rows.start * d_in : row_w + rows.stop * d_in, cols]
+            torch.matmul(a_t, mat, out=out.view(c, d_in, -1))
+        if row_b is not None:
+            out = H[row_b + rows.start : row_b + rows.stop, cols]
+            torch.matmul(ones, mat, out=out.view(c, 1, -1))
 
 
 def _mirror(H: Tensor, layers: list[_Layer], where: dict[tuple[int, str], int]) -> None:
