@@ -9,6 +9,10 @@ timed or not); each audit JSON gets its accuracy matrix as CSV next to it; the r
 table goes to ``recommendations.json`` next to the first benchmark JSON; PNG figures and the
 self-contained HTML report go to the plots directory.
 
+``recommendations.json`` is a list of {machine, device, dtype, P_min, P_max, fastest,
+fastest_s, fastest_vs_torch_func, tie, runner_up, leanest, leanest_peak_bytes,
+leanest_vs_torch_func}; ``fastest`` and ``leanest`` are null where no strategy qualified.
+
 Recommendation rule, per machine, device, dtype and size range of P:
 
 - Size ranges have edges at 1 and 3 times powers of ten (..., 1,000, 3,000, 10,000, ...):
@@ -172,7 +176,8 @@ def load(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
         else:
             frames.append(_benchmark_rows(path, data))
     if not frames:
-        return pd.DataFrame(columns=["machine", "strategy", "case", "status"]), audits
+        empty = ["machine", "source", "strategy", "case", "status", "P", "peer"]
+        return pd.DataFrame(columns=empty), audits
     df = pd.concat([f for f in frames if not f.empty] or frames, ignore_index=True)
     df = df.drop_duplicates(["machine", "strategy", "case"], keep="last").reset_index(drop=True)
     # Outcomes carry no "peer" flag: borrow it from the strategy's timed rows.

@@ -274,3 +274,13 @@ def test_main_writes_every_output(tmp_path, inputs):
         assert raw["hessbench"]["command"] in page
     assert "torch_version" in page and "2.13.0" in page
     assert "wrong on: layernorm" in page and "<pre>" in page
+
+
+def test_main_with_an_audit_alone(tmp_path, inputs):
+    html = tmp_path / "audit.html"
+    assert (
+        report.main([str(inputs[2]), "--plots-dir", str(tmp_path / "p"), "--html", str(html)]) == 0
+    )
+    page = html.read_text()
+    assert "id='accuracy-matrix'" in page and "<img" not in page
+    assert not (tmp_path / "recommendations.json").exists()
