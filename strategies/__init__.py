@@ -136,6 +136,7 @@ _MODULES = [
     "block_symmetric",
     "vmap_jvp_chunked",
     "block_symmetric_chunked",
+    "jax_hessian",
 ]
 for _module in _MODULES:
     _register_module(importlib.import_module(f"{__name__}.{_module}"))

@@ -170,3 +170,77 @@ def test_chunked_registered_and_generic(name):
     s = strategies.get(name)
     assert s.supports(_conv(), None) == (True, "")
     assert not s.peer
+
+
+JAX_CASES = ["tanh-mse", "gelu-ce"]
+
+
+@pytest.mark.parametrize("case", JAX_CASES)
+def test_jax_hessian_matches_loop(case):
+    pytest.importorskip("jax")
+    net, batch, loss_fn = _case(case)
+    params = dict(net.named_parameters())
+    before = _state(net)
+    H = strategies.compute("jax_hessian", net, params, batch, loss_fn)
+    _assert_same_state(before, _state(net))
+    expected = loop_hessian(net, list(params), batch, loss_fn)
+    assert H.dtype == torch.float64
+    torch.testing.assert_close(H, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_jax_hessian_float32_subset_in_mapping_order():
+    pytest.importorskip("jax")
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(3, 4), nn.GELU(approximate="tanh"), nn.Linear(4, 2))
+    batch = (torch.randn(6, 3), torch.randn(6, 2))
+    own = dict(net.named_parameters())
+    params = {"2.weight": own["2.weight"], "0.bias": own["0.bias"]}
+    H = strategies.compute("jax_hessian", net, params, batch, nn.MSELoss(reduction="sum"))
+    expected = loop_hessian(net, list(params), batch, nn.MSELoss(reduction="sum"))
+    assert H.dtype == torch.float32
+    torch.testing.assert_close(H.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "net, loss_fn, reason",
+    [
+        (nn.Sequential(nn.Linear(2, 2), nn.Dropout(), nn.Linear(2, 1)), None, "Dropout"),
+        (_conv(), None, "Conv2d"),
+        (nn.Linear(2, 1), None, "nn.Sequential"),
+        (nn.Sequential(nn.Tanh()), None, "no nn.Linear"),
+        (nn.Sequential(nn.Linear(2, 1)), nn.L1Loss(), "L1Loss"),
+        (
+            nn.Sequential(nn.Linear(2, 2)),
+            nn.CrossEntropyLoss(label_smoothing=0.1),
+            "label_smoothing",
+        ),
+    ],
+)
+def test_jax_hessian_refuses(net, loss_fn, reason):
+    pytest.importorskip("jax")
+    ok, why = strategies.get("jax_hessian").supports(net, loss_fn)
+    assert not ok and reason in why
+    batch = (torch.randn(3, 2), torch.randn(3, 1))
+    with pytest.raises(ValueError):
+        strategies.compute("jax_hessian", net, dict(net.named_parameters()), batch, loss_fn)
+
+
+def test_jax_hessian_rejects_out_of_range_class():
+    pytest.importorskip("jax")
+    net = nn.Sequential(nn.Linear(2, 3))
+    batch = (torch.randn(4, 2), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="class indices"):
+        strategies.compute("jax_hessian", net, dict(net.named_parameters()), batch, F.cross_entropy)
+
+
+def test_jax_hessian_without_jax(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "jax", None)
+    net, _, _ = _case("tanh-mse")
+    assert strategies.get("jax_hessian").supports(net, None) == (False, "jax is not installed")
+
+
+def test_jax_hessian_is_a_compiling_peer():
+    s = strategies.get("jax_hessian")
+    assert s.peer and s.compiles
