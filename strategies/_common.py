@@ -191,8 +191,8 @@ def jacrev_normalisation_hazard(net: nn.Module) -> str:
     """Why forward-over-``jacrev`` Hessians of ``net`` are wrong in torch 2.13, or "" if not.
 
     torch.func.hessian (jacfwd(jacrev(f))) returns a wrong, asymmetric Hessian, with no
-    error, through BatchNorm that normalises with batch statistics and through LayerNorm
-    with an affine weight (relative errors of 5% to 33% measured on small MLPs): vmap's
+    error, through BatchNorm that normalises with batch statistics and through LayerNorm and
+    InstanceNorm with an affine weight (relative errors of 5% to 33% on small nets): vmap's
     batching rules for normalisation backward (pytorch/functorch issue 534). Strategies on
     that path refuse such nets rather than return a wrong matrix.
     """
@@ -203,6 +203,8 @@ def jacrev_normalisation_hazard(net: nn.Module) -> str:
             return f"{name or 'net'} is {type(m).__name__} using batch statistics (functorch#534)"
         if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
             return f"{name or 'net'} is an affine LayerNorm (functorch#534)"
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.affine:
+            return f"{name or 'net'} is an affine {type(m).__name__} (functorch#534)"
     return ""
 
 

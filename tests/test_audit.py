@@ -248,31 +248,13 @@ def test_cli_exits_non_zero_when_the_references_disagree(tmp_path, monkeypatch):
     assert json.loads(path.read_text())["references"][0]["agree"] is False
 
 
-# Wrong through an affine InstanceNorm while their supports() says yes: the hazard check in
-# strategies/_common.py does not know InstanceNorm yet. strict, so the fix shows up here.
-_INSTANCENORM_UNGUARDED = {"torch_func", "functorch", "jacfwd_jacrev"}
-
-
 @pytest.fixture(scope="module")
 def registered_result():
     """One audit of every registered strategy over the whole zoo."""
     return audit.run_audit(known_bugs=False)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n,
-            marks=pytest.mark.xfail(
-                strict=True, reason="supports() does not refuse affine InstanceNorm"
-            ),
-        )
-        if n in _INSTANCENORM_UNGUARDED
-        else n
-        for n in strategies.names()
-    ],
-)
+@pytest.mark.parametrize("name", strategies.names())
 def test_no_registered_strategy_is_silently_wrong(registered_result, name):
     wrong = [
         (r["model"], r["max_rel_err"], r["message"])
