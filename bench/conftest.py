@@ -150,11 +150,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if {"case_id", "strategy"} <= set(metafunc.fixturenames):
+    if {"case", "strategy"} <= set(metafunc.fixturenames):
         run: Run = metafunc.config._hessbench
         cells = [(c, s) for c in run.cases for s in run.strategy_names]
         metafunc.parametrize(
-            ("case_id", "strategy"), cells, ids=[f"{c}-{s}" for c, s in cells], scope="function"
+            ("case", "strategy"), cells, ids=[f"{c}-{s}" for c, s in cells], scope="function"
         )
 
 

@@ -25,71 +25,78 @@ def _rounds(seconds: float) -> tuple[int, int]:
     return rounds, 1 if seconds < 1.0 else 0
 
 
-def test_hessian(benchmark, hessbench, case_id: str, strategy: str) -> None:
-    case = hessbench.cases[case_id]
+def test_hessian(benchmark, hessbench, case: str, strategy: str) -> None:
+    grid_case = hessbench.cases[case]
     chosen = strategies.get(strategy)
-    if case.device == "cuda" and not torch.cuda.is_available():
-        hessbench.record(case, strategy, "skipped", "CUDA is not available on this machine")
+    if grid_case.device == "cuda" and not torch.cuda.is_available():
+        hessbench.record(grid_case, strategy, "skipped", "CUDA is not available on this machine")
         pytest.skip("CUDA is not available on this machine")
-    data = hessbench.case_data(case)
+    data = hessbench.case_data(grid_case)
     ok, reason = chosen.supports(data.net, data.loss_fn)
     if not ok:
-        hessbench.record(case, strategy, "unsupported", reason)
+        hessbench.record(grid_case, strategy, "unsupported", reason)
         pytest.skip(f"unsupported: {reason}")
 
-    key = (strategy, case.family)
-    predicted_s = measure.predict_seconds(hessbench.seconds_history.get(key, []), case.P)
+    key = (strategy, grid_case.family)
+    predicted_s = measure.predict_seconds(hessbench.seconds_history.get(key, []), grid_case.P)
     if predicted_s is not None and predicted_s > hessbench.time_budget:
         reason = (
             f"predicted {predicted_s:.1f} s per call (log-log in P from smaller cases) "
             f"> --time-budget {hessbench.time_budget:g} s"
         )
-        hessbench.record(case, strategy, "over_budget", reason)
+        hessbench.record(grid_case, strategy, "over_budget", reason)
         pytest.skip(f"over_budget: {reason}")
-    predicted_b = measure.predict_bytes(hessbench.bytes_history.get(key, []), case.P, case.itemsize)
-    available = measure.available_bytes(case.device)
+    predicted_b = measure.predict_bytes(
+        hessbench.bytes_history.get(key, []), grid_case.P, grid_case.itemsize
+    )
+    available = measure.available_bytes(grid_case.device)
     if predicted_b is not None and predicted_b > available:
         reason = (
             f"predicted peak {predicted_b / 2**30:.2f} GiB > available {available / 2**30:.2f} GiB"
         )
-        hessbench.record(case, strategy, "over_memory", reason)
+        hessbench.record(grid_case, strategy, "over_memory", reason)
         pytest.skip(f"over_memory: {reason}")
 
     hessbench.baselines(data)
     params = dict(data.net.named_parameters())
-    device = torch.device(case.device)
+    device = torch.device(grid_case.device)
 
     def call() -> torch.Tensor:
         H = chosen.compute(data.net, params, data.batch, data.loss_fn)
         measure.sync(device)
         return H
 
-    benchmark.group = case_id
+    benchmark.group = case
     try:
         start = time.perf_counter()
         call()
         first_call_s = time.perf_counter() - start
+        start = time.perf_counter()
         _, peak = measure.peak_bytes(call, device)
-        rounds, warmup = _rounds(first_call_s)
+        # Both calls overestimate a warm call (first-call costs; profiler overhead).
+        rounds, warmup = _rounds(min(first_call_s, time.perf_counter() - start))
         H = benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    except KeyboardInterrupt:
+        hessbench.record(grid_case, strategy, "skipped", "interrupted (KeyboardInterrupt)")
+        raise
     except Exception as exc:
         status = "oom" if measure.is_oom(exc) else "error"
-        hessbench.record(case, strategy, status, f"{type(exc).__name__}: {exc}")
+        hessbench.record(grid_case, strategy, status, f"{type(exc).__name__}: {exc}")
         if status == "oom":
             pytest.skip(f"oom: {type(exc).__name__}: {exc}")
         raise
 
     max_abs, max_rel = measure.errors(H, data.reference)
     del H
-    tolerance = measure.TOLERANCES[getattr(torch, case.dtype)]
+    tolerance = measure.TOLERANCES[getattr(torch, grid_case.dtype)]
     accurate = max_rel <= tolerance
     seconds = benchmark.stats.stats.min
     benchmark.extra_info.update(
-        **case.fields(),
+        **grid_case.fields(),
         strategy=strategy,
         status="ok" if accurate else "inaccurate",
-        P=case.P,
-        hessian_bytes=case.hessian_bytes,
+        P=grid_case.P,
+        hessian_bytes=grid_case.hessian_bytes,
         peak_bytes=peak,
         max_abs_err=max_abs,
         max_rel_err=max_rel,
@@ -97,16 +104,16 @@ def test_hessian(benchmark, hessbench, case_id: str, strategy: str) -> None:
         tolerance=tolerance,
         grad_s=data.grad_s,
         gemm_s=data.gemm_s,
-        cost_vs_grad=seconds / (case.P * data.grad_s),
+        cost_vs_grad=seconds / (grid_case.P * data.grad_s),
         vs_gemm=seconds / data.gemm_s,
         first_call_s=first_call_s if chosen.compiles else None,
         peer=chosen.peer,
         threads=torch.get_num_threads(),
     )
-    hessbench.timed[(case_id, strategy)] = (seconds, peak, accurate, chosen.peer)
-    hessbench.seconds_history.setdefault(key, []).append((case.P, seconds))
-    hessbench.bytes_history.setdefault(key, []).append((case.P, peak))
+    hessbench.timed[(case, strategy)] = (seconds, peak, accurate, chosen.peer)
+    hessbench.seconds_history.setdefault(key, []).append((grid_case.P, seconds))
+    hessbench.bytes_history.setdefault(key, []).append((grid_case.P, peak))
     assert accurate, (
-        f"{strategy} on {case_id}: max_rel_err {max_rel:.3g} > tolerance {tolerance:g} "
+        f"{strategy} on {case}: max_rel_err {max_rel:.3g} > tolerance {tolerance:g} "
         f"(max_abs_err {max_abs:.3g}) against the float64 reference"
     )
