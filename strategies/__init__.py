@@ -136,6 +136,7 @@ _MODULES = [
     "block_symmetric",
     "vmap_jvp_chunked",
     "block_symmetric_chunked",
+    "mlp_kron",
     "jax_hessian",
 ]
 for _module in _MODULES:

@@ -40,7 +40,6 @@ _ACTIVATIONS = (
     nn.Sigmoid,
     nn.ReLU,
     nn.GELU,
-    nn.SiLU,
     nn.Softplus,
     nn.ELU,
     nn.LeakyReLU,
@@ -50,6 +49,8 @@ _ACTIVATIONS = (
 _CHUNK_FRACTION = 1 / 4
 _MIN_CHUNK_BYTES = 1 << 22
 _CACHE_BYTES = 1 << 21
+#: rows per direction from which a GEMM against the B x P_l product beats small GEMMs
+_WIDE_ROWS = 32
 
 
 @dataclass
@@ -357,37 +358,66 @@ def _fill_upper(
                 if col_w is None and col_b is None:
                     continue
                 lm = layers[m]
-                u_all, v_all = d_dots[m - k], a_dots[m - k]
-                # the B x P_l products of few directions at a time stay in cache for the GEMM
-                step = max(1, _CACHE_BYTES // (B * lm.linear.weight.numel() * itemsize))
-                for s0 in range(0, u_all.shape[0], step):
-                    u = u_all[s0 : s0 + step]
-                    v = None if v_all is None else v_all[s0 : s0 + step]
-                    rows = slice(i0 + s0, i0 + s0 + u.shape[0])
-                    _gemms(H, rows, (row_w, row_b, d_in), (col_w, col_b), a_t, ones, lm, u, v)
+                rows = slice(i0, i0 + d_dots[m - k].shape[0])
+                _gemms(
+                    H, rows, (row_w, row_b, d_in), (col_w, col_b), a_t, ones, lm,
+                    d_dots[m - k], a_dots[m - k],
+                )  # fmt: skip
 
 
 def _gemms(H, rows, row_where, col_where, a_t, ones, lm, u, v) -> None:
-    """Rows ``rows`` of layer k's tensors against the columns of layer l's tensors."""
+    """Rows ``rows`` (directions i) of layer k's tensors against the columns of layer l's tensors.
+
+    Row ``(i, j)`` of the weight has the row feature ``r = ã_{k-1}[:, j]`` (the bias rows have
+    ``r = 1``); against layer l's weight columns ``(p, q)`` it is, for all i at once,
+    ``U_iᵀ (r ⊙ a_{l-1}) + (r ⊙ δ_l)ᵀ V_i``: a batch over i of small GEMMs written straight
+    into H, with no ``B x P_l`` product ever formed.
+    """
     row_w, row_b, d_in = row_where
     col_w, col_b = col_where
-    c, B = u.shape[:2]
-    blocks = []
+    c, B, d_l = u.shape
+    P = H.shape[1]
+    features = []  # (first row of direction rows.start, rows between directions, r)
+    wide = row_w is not None and d_in >= _WIDE_ROWS
+    if row_w is not None and not wide:
+        features += [(row_w + rows.start * d_in + j, d_in, a_t[j]) for j in range(d_in)]
+    if row_b is not None:
+        features.append((row_b + rows.start, 1, None))
     if col_w is not None:
-        mw = u[:, :, :, None] * lm.inputs[None, :, None, :]
-        if v is not None:
-            mw.addcmul_(lm.delta[None, :, :, None], v[:, :, None, :])
-        blocks.append((col_w, mw.reshape(c, B, -1)))
+        u_t = u.transpose(1, 2)
+        d_in_l = lm.inputs.shape[1]
+        for first, stride, r in features:
+            a_l = lm.inputs if r is None else r[:, None] * lm.inputs
+            out = H.as_strided(
+                (c, d_l, d_in_l),
+                (stride * P, d_in_l, 1),
+                H.storage_offset() + first * P + col_w,
+            )
+            torch.bmm(u_t, a_l.expand(c, B, d_in_l), out=out)
+            if v is not None:
+                delta = lm.delta if r is None else r[:, None] * lm.delta
+                out.baddbmm_(delta.T.expand(c, d_l, B), v)
+        if wide:
+            # many rows per direction: one GEMM per direction against its B x P_l product,
+            # a few directions at a time so that the product stays in cache
+            cols = slice(col_w, col_w + d_l * d_in_l)
+            step = max(1, _CACHE_BYTES // (B * d_l * d_in_l * H.element_size()))
+            for s0 in range(0, c, step):
+                s1 = min(s0 + step, c)
+                mw = u[s0:s1, :, :, None] * lm.inputs[None, :, None, :]
+                if v is not None:
+                    mw.addcmul_(lm.delta[None, :, :, None], v[s0:s1, :, None, :])
+                r0, r1 = rows.start + s0, rows.start + s1
+                out = H[row_w + r0 * d_in : row_w + r1 * d_in, cols]
+                torch.matmul(a_t, mw.view(s1 - s0, B, -1), out=out.view(s1 - s0, d_in, -1))
     if col_b is not None:
-        blocks.append((col_b, u))
-    for col, mat in blocks:
-        cols = slice(col, col + mat.shape[-1])
+        cols = slice(col_b, col_b + d_l)
         if row_w is not None:
             out = H[row_w + rows.start * d_in : row_w + rows.stop * d_in, cols]
-            torch.matmul(a_t, mat, out=out.view(c, d_in, -1))
+            torch.matmul(a_t, u, out=out.view(c, d_in, -1))
         if row_b is not None:
             out = H[row_b + rows.start : row_b + rows.stop, cols]
-            torch.matmul(ones, mat, out=out.view(c, 1, -1))
+            torch.matmul(ones, u, out=out.view(c, 1, -1))
 
 
 def _mirror(H: Tensor, layers: list[_Layer], where: dict[tuple[int, str], int]) -> None:
