@@ -138,6 +138,10 @@ def pytest_configure(config: pytest.Config) -> None:
         if threads < 1:
             raise pytest.UsageError("--threads must be >= 1")
         torch.set_num_threads(threads)
+    json_path = config.getoption("benchmark_json", default=None)
+    if json_path is not None:
+        # pytest-benchmark opens the file at the very end; a missing folder would lose the run.
+        json_path.parent.mkdir(parents=True, exist_ok=True)
     grid = config.getoption("--grid")
     config._hessbench = Run(
         grid=grid,
