@@ -393,10 +393,13 @@ def _gemms(H, rows, row_where, col_where, a_t, ones, lm, u, v) -> None:
                 (stride * P, d_in_l, 1),
                 H.storage_offset() + first * P + col_w,
             )
-            torch.bmm(u_t, a_l.expand(c, B, d_in_l), out=out)
+            # into a contiguous result, then one strided copy: with a strided ``out`` bmm makes
+            # one small GEMM call per direction, which stalls when the cores are shared
+            block = torch.bmm(u_t, a_l.expand(c, B, d_in_l))
             if v is not None:
                 delta = lm.delta if r is None else r[:, None] * lm.delta
-                out.baddbmm_(delta.T.expand(c, d_l, B), v)
+                block.baddbmm_(delta.T.expand(c, d_l, B), v)
+            out.copy_(block)
         if wide:
             # many rows per direction: one GEMM per direction against its B x P_l product,
             # a few directions at a time so that the product stays in cache
