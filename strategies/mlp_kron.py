@@ -51,6 +51,8 @@ _MIN_CHUNK_BYTES = 1 << 22
 _CACHE_BYTES = 1 << 21
 #: rows per direction from which a GEMM against the B x P_l product beats small GEMMs
 _WIDE_ROWS = 32
+#: rows of a block transposed at a time when mirroring
+_MIRROR_BAND = 64
 
 
 @dataclass
@@ -429,7 +431,10 @@ def _mirror(H: Tensor, layers: list[_Layer], where: dict[tuple[int, str], int]) 
     for (k, _kind_k), (rk, nk) in span.items():
         for (m, _kind_m), (rm, nm) in span.items():
             if m > k:
-                H[rm : rm + nm, rk : rk + nk] = H[rk : rk + nk, rm : rm + nm].T
+                src, dst = H[rk : rk + nk, rm : rm + nm], H[rm : rm + nm, rk : rk + nk]
+                # in bands of rows: a strided transpose of a whole large block is slower
+                for r0 in range(0, nk, _MIRROR_BAND):
+                    dst[:, r0 : r0 + _MIRROR_BAND] = src[r0 : r0 + _MIRROR_BAND].T
 
 
 def _numel(layer: _Layer, kind: str) -> int:
