@@ -6,6 +6,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -48,6 +49,15 @@ class Strategy:
     peer: bool = False
     #: compiles on its first call for a given problem shape: first-call time is apart
     compiles: bool = False
+    #: the module that defines it; its other public functions (e.g. auto's ``choose``) are
+    #: reachable as attributes of the strategy
+    module: ModuleType | None = field(default=None, repr=False)
+
+    def __getattr__(self, attr: str) -> Any:
+        module = self.__dict__.get("module")
+        if module is not None and not attr.startswith("_") and hasattr(module, attr):
+            return getattr(module, attr)
+        raise AttributeError(f"strategy {self.__dict__.get('name')!r} has no attribute {attr!r}")
 
     def supports(self, net: nn.Module, loss_fn: LossFn | None = None) -> tuple[bool, str]:
         """Whether this strategy handles ``net`` with ``loss_fn``, and if not, why."""
@@ -78,11 +88,14 @@ def register(
     supports_fn: SupportsFn | None = None,
     peer: bool = False,
     compiles: bool = False,
+    module: ModuleType | None = None,
 ) -> Strategy:
     """Add a strategy; a name that is already registered raises ValueError."""
     if name in _REGISTRY:
         raise ValueError(f"a strategy named {name!r} is already registered")
-    strategy = Strategy(name, description, compute_fn, supports_fn or _supports_all, peer, compiles)
+    strategy = Strategy(
+        name, description, compute_fn, supports_fn or _supports_all, peer, compiles, module
+    )
     _REGISTRY[name] = strategy
     return strategy
 
@@ -95,6 +108,7 @@ def _register_module(module: ModuleType) -> None:
         getattr(module, "supports", None),
         getattr(module, "PEER", False),
         getattr(module, "COMPILES", False),
+        module,
     )
 
 
@@ -136,8 +150,8 @@ _MODULES = [
     "block_symmetric",
     "vmap_jvp_chunked",
     "block_symmetric_chunked",
-    "mlp_kron",
     "jax_hessian",
+    "mlp_kron",
 ]
 for _module in _MODULES:
     _register_module(importlib.import_module(f"{__name__}.{_module}"))

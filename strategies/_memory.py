@@ -96,8 +96,17 @@ def choose_chunk(directions: int, per_direction: int, hessian_bytes: int, availa
     return int(max(1, min(directions, extra // per_direction)))
 
 
-def problem_chunk(problem: Problem, directions: int) -> int:
-    """``choose_chunk`` for ``problem``'s Hessian on its device, ``directions`` rows to compute."""
+def problem_chunk(problem: Problem, directions: int, chunk_size: int | None = None) -> int:
+    """``choose_chunk`` for ``problem``'s Hessian on its device, ``directions`` rows to compute;
+    or ``chunk_size`` itself where the caller gives one.
+
+    Raises:
+        ValueError: ``chunk_size`` is given and not a positive integer.
+    """
+    if chunk_size is not None:
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        return chunk_size
     itemsize = torch.empty((), dtype=problem.dtype).element_size()
     return choose_chunk(
         directions,

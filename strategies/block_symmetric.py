@@ -8,7 +8,7 @@ The blocks below the diagonal are the transposes of those above.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -37,21 +37,26 @@ def compute(
 
 def upper_rows(problem: Problem, k: int, chunk_size: int | None = None) -> Tensor:
     """Rows of tensor k, columns of tensors k, k+1, ...: a ``sizes[k] x sum(sizes[k:])`` matrix."""
+    n = problem.sizes[k]
+    basis = torch.eye(n, dtype=problem.dtype, device=problem.device)
+    return vmap(tail_hvp(problem, k), chunk_size=chunk_size)(basis)
+
+
+def tail_hvp(problem: Problem, k: int) -> Callable[[Tensor], Tensor]:
+    """``v -> (H v)[offsets[k]:]`` for a flat ``v`` that lives in tensor k only."""
     names, primals = problem.names, problem.primals
     head = dict(zip(names[:k], primals[:k]))
     rest = dict(zip(names[k + 1 :], primals[k + 1 :]))
+    pk = primals[k]
 
-    def grad_tail(pk: Tensor) -> Tensor:
+    def grad_tail(x: Tensor) -> Tensor:
         def loss_tail(tail: dict[str, Tensor]) -> Tensor:
             return problem.loss({**head, **tail})
 
-        g = grad(loss_tail)({names[k]: pk, **rest})
+        g = grad(loss_tail)({names[k]: x, **rest})
         return flatten([g[n] for n in names[k:]])
-
-    pk = primals[k]
 
     def hvp(v: Tensor) -> Tensor:
         return jvp(grad_tail, (pk,), (v.view(pk.shape),))[1]
 
-    basis = torch.eye(pk.numel(), dtype=pk.dtype, device=pk.device)
-    return vmap(hvp, chunk_size=chunk_size)(basis)
+    return hvp

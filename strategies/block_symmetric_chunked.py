@@ -10,14 +10,15 @@ the tail gradients used here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp, vmap
+from torch.func import vmap
 
-from ._common import LossFn, Problem, flatten, mirror_upper, prepare
+from ._common import LossFn, mirror_upper, prepare
 from ._memory import problem_chunk
+from .block_symmetric import tail_hvp
 
 NAME = "block_symmetric_chunked"
 DESCRIPTION = "block_symmetric with rows in chunks sized to free memory, written in place"
@@ -37,10 +38,7 @@ def compute(
     """
     problem = prepare(net, params, batch, loss_fn)
     P, offsets, sizes = problem.P, problem.offsets, problem.sizes
-    if chunk_size is None:
-        chunk_size = problem_chunk(problem, P)
-    elif not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk_size = problem_chunk(problem, P, chunk_size)
     H = torch.empty(P, P, dtype=problem.dtype, device=problem.device)
     for k, (offset, size) in enumerate(zip(offsets, sizes)):
         batched = vmap(tail_hvp(problem, k))
@@ -50,23 +48,3 @@ def compute(
             basis[:, start:stop].fill_diagonal_(1)
             H[offset + start : offset + stop, offset:] = batched(basis)
     return mirror_upper(H, offsets, sizes)
-
-
-def tail_hvp(problem: Problem, k: int) -> Callable[[Tensor], Tensor]:
-    """``v -> (H v)[offsets[k]:]`` for a flat ``v`` that lives in tensor k only."""
-    names, primals = problem.names, problem.primals
-    head = dict(zip(names[:k], primals[:k]))
-    rest = dict(zip(names[k + 1 :], primals[k + 1 :]))
-    pk = primals[k]
-
-    def grad_tail(x: Tensor) -> Tensor:
-        def loss_tail(tail: dict[str, Tensor]) -> Tensor:
-            return problem.loss({**head, **tail})
-
-        g = grad(loss_tail)({names[k]: x, **rest})
-        return flatten([g[n] for n in names[k:]])
-
-    def hvp(v: Tensor) -> Tensor:
-        return jvp(grad_tail, (pk,), (v.view(pk.shape),))[1]
-
-    return hvp

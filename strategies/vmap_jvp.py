@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
-from ._common import LossFn, prepare
+from ._common import LossFn, Problem, prepare
 
 NAME = "vmap_jvp"
 DESCRIPTION = "forward-over-reverse: vmap of jvp(grad(f)) over the identity basis"
@@ -21,10 +21,15 @@ def compute(
     loss_fn: LossFn | None = None,
 ) -> Tensor:
     problem = prepare(net, params, batch, loss_fn)
+    basis = torch.eye(problem.P, dtype=problem.dtype, device=problem.device)
+    return vmap(hvp(problem))(basis)
+
+
+def hvp(problem: Problem) -> Callable[[Tensor], Tensor]:
+    """``v -> H v`` by forward-over-reverse at the problem's point."""
     point = problem.flat_primal()
 
-    def hvp(v: Tensor) -> Tensor:
+    def product(v: Tensor) -> Tensor:
         return jvp(grad(problem.flat_loss), (point,), (v,))[1]
 
-    basis = torch.eye(problem.P, dtype=problem.dtype, device=problem.device)
-    return vmap(hvp)(basis)
+    return product

@@ -11,10 +11,11 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp, vmap
+from torch.func import vmap
 
 from ._common import LossFn, prepare
 from ._memory import problem_chunk
+from .vmap_jvp import hvp
 
 NAME = "vmap_jvp_chunked"
 DESCRIPTION = "vmap of jvp(grad(f)) over chunks of the identity basis sized to free memory"
@@ -34,16 +35,8 @@ def compute(
     """
     problem = prepare(net, params, batch, loss_fn)
     P = problem.P
-    if chunk_size is None:
-        chunk_size = problem_chunk(problem, P)
-    elif not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    point = problem.flat_primal()
-
-    def hvp(v: Tensor) -> Tensor:
-        return jvp(grad(problem.flat_loss), (point,), (v,))[1]
-
-    batched = vmap(hvp)
+    chunk_size = problem_chunk(problem, P, chunk_size)
+    batched = vmap(hvp(problem))
     H = torch.empty(P, P, dtype=problem.dtype, device=problem.device)
     for start in range(0, P, chunk_size):
         stop = min(start + chunk_size, P)
