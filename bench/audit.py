@@ -413,6 +413,15 @@ def wrong_kinds(audit: dict[str, Any]) -> dict[str, set[str]]:
     return out
 
 
+def merged_wrong_kinds(audits: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
+    """``wrong_kinds`` over several audits, for the strategies wrong or failing somewhere."""
+    merged: dict[str, set[str]] = {}
+    for audit in audits:
+        for name, kinds in wrong_kinds(audit).items():
+            merged.setdefault(name, set()).update(kinds)
+    return {name: sorted(kinds) for name, kinds in sorted(merged.items()) if kinds}
+
+
 def _short(record: dict[str, Any]) -> str:
     status = record["status"]
     if status == "pass":

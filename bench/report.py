@@ -43,13 +43,13 @@ import numpy as np
 import pandas as pd
 
 from bench import plots
+from bench.audit import merged_wrong_kinds
 
 __all__ = [
     "InputFileError",
     "load",
     "audit_frame",
     "accuracy_matrix",
-    "wrong_kinds",
     "size_range",
     "recommend",
     "growth_exponents",
@@ -202,7 +202,7 @@ def _geomean(values: pd.Series) -> float:
     return float(np.exp(np.log(values.astype(float)).mean()))
 
 
-def _summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
+def summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
     """Per strategy that ran accurately on every case in ``cases``: time, spread, memory."""
     ok = rows[rows["status"] == "ok"]
     if ok.empty:
@@ -236,7 +236,7 @@ def recommend(df: pd.DataFrame) -> pd.DataFrame:
         if not rows["status"].isin(TIMED_STATUSES).any():
             continue
         cases = set(rows["case"])
-        summary = _summaries(rows, cases)
+        summary = summaries(rows, cases)
         peer = summary["peer"].astype(bool)
         candidates = summary.loc[~peer].sort_values("time_s")
         lean = summary.loc[~peer].sort_values("peak_bytes")
@@ -383,15 +383,6 @@ def accuracy_matrix(records: pd.DataFrame) -> pd.DataFrame:
     ).fillna("not run")
 
 
-def wrong_kinds(records: pd.DataFrame) -> dict[str, list[str]]:
-    """Model kinds on which the audit found each strategy's Hessian wrong."""
-    wrong = records[records["status"] == "wrong"] if not records.empty else records
-    return {
-        strategy: sorted(set(", ".join(g["model_kind"].astype(str)).split(", ")))
-        for strategy, g in wrong.groupby("strategy")
-    }
-
-
 def _img(title: str, png: bytes) -> str:
     data = base64.b64encode(png).decode("ascii")
     return (
@@ -424,7 +415,7 @@ def _recommendation_view(table: pd.DataFrame, wrong: dict[str, list[str]]) -> pd
         if strategy is None or pd.isna(strategy):
             return "none ran every case"
         if strategy in wrong:
-            return f"{strategy} (audit: wrong on: {', '.join(wrong[strategy])})"
+            return f"{strategy} (audit: wrong or failing on {', '.join(wrong[strategy])})"
         return strategy
 
     return pd.DataFrame(
@@ -533,7 +524,9 @@ def render_html(
         "accurately on every case of the range (peers excluded), and the leanest in peak "
         "memory. A tie means the runner-up is within the spread of rounds (stddev / min). "
         "Size ranges have edges at 1 and 3 times powers of ten.</p>",
-        _table(_recommendation_view(recommendations, wrong_kinds(records)), "recommendations"),
+        _table(
+            _recommendation_view(recommendations, merged_wrong_kinds(audits)), "recommendations"
+        ),
     ]
     sections += [_img(name, png) for name, png in figures.items()]
     if not df.empty:
