@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ._common import LossFn, prepare
-from .mlp_kron import _flat_modules, _parse_loss
+from ._mlp import flat_modules, parse_loss
 
 NAME = "jax_hessian"
 DESCRIPTION = "peer: jax.jit(jax.hessian) of the same MLP with the weights as one flat vector"
@@ -41,7 +41,7 @@ def _layers(net: nn.Module) -> tuple[tuple[str, ...], dict[str, tuple[int, str]]
     kinds: list[str] = []
     where: dict[str, tuple[int, str]] = {}
     seen: set[int] = set()
-    for m in _flat_modules(net):
+    for m in flat_modules(net):
         if type(m) is nn.Linear:
             if id(m) in seen:
                 raise ValueError(f"Linear {names[id(m)]!r} is used more than once")
@@ -75,7 +75,7 @@ def supports(net: nn.Module, loss_fn: LossFn | None) -> tuple[bool, str]:
         return False, "jax is not installed"
     try:
         _layers(net)
-        _parse_loss(loss_fn)
+        parse_loss(loss_fn)
     except ValueError as e:
         return False, str(e)
     return True, ""
@@ -143,7 +143,7 @@ def compute(
 
     problem = prepare(net, params, batch, loss_fn)
     kinds, where = _layers(net)
-    loss = _parse_loss(loss_fn)
+    loss = parse_loss(loss_fn)
     if problem.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"jax_hessian handles float32 and float64, got {problem.dtype}")
     inputs, targets = problem.inputs, problem.targets
@@ -155,7 +155,7 @@ def compute(
                 "cross-entropy needs B x C logits and B integer class targets, got inputs "
                 f"{tuple(inputs.shape)} and {targets.dtype} targets {tuple(targets.shape)}"
             )
-        classes = [m for m in _flat_modules(net) if type(m) is nn.Linear][-1].out_features
+        classes = [m for m in flat_modules(net) if type(m) is nn.Linear][-1].out_features
         if targets.numel() and not (0 <= int(targets.min()) and int(targets.max()) < classes):
             raise ValueError(f"cross-entropy targets must be class indices in [0, {classes})")
     elif targets.dtype != problem.dtype:

@@ -19,7 +19,6 @@ so that they match autograd's conventions (e.g. ReLU's derivative 0 at 0).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -28,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import jvp
 
-from ._common import LossFn, mse_loss, prepare
+from ._common import LossFn, prepare
+from ._mlp import MlpLoss, flat_modules, parse_loss
 
 NAME = "mlp_kron"
 DESCRIPTION = "closed-form tangents of d_k directions per Linear layer; one GEMM per direction"
@@ -69,29 +69,12 @@ class _Layer:
     second_grad: list[Tensor] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class _Loss:
-    kind: str  # "mse" or "ce"
-    reduction: str  # "mean" or "sum"
-
-
-def _flat_modules(seq: nn.Sequential) -> list[nn.Module]:
-    """The leaves of nested nn.Sequential containers, repeats kept (iteration does not dedupe)."""
-    out: list[nn.Module] = []
-    for m in seq:
-        if type(m) is nn.Sequential:
-            out.extend(_flat_modules(m))
-        else:
-            out.append(m)
-    return out
-
-
 def _parse_net(net: nn.Module) -> tuple[list[nn.Module], list[_Layer]]:
     """The activations before the first Linear, and the layers; ValueError naming what is not an MLP."""
     if type(net) is not nn.Sequential:
         raise ValueError(f"net must be an nn.Sequential MLP, got {type(net).__name__}")
     names = {id(m): n for n, m in net.named_modules()}
-    leaves = _flat_modules(net)
+    leaves = flat_modules(net)
     pre: list[nn.Module] = []
     layers: list[_Layer] = []
     seen: set[int] = set()
@@ -115,57 +98,11 @@ def _parse_net(net: nn.Module) -> tuple[list[nn.Module], list[_Layer]]:
     return pre, layers
 
 
-_CE_DEFAULTS = {"weight": None, "ignore_index": -100, "label_smoothing": 0.0}
-
-
-def _parse_loss(loss_fn: LossFn | None) -> _Loss:
-    """Which loss ``loss_fn`` is; ValueError for anything this strategy cannot differentiate."""
-    if loss_fn is None or loss_fn is F.mse_loss or loss_fn is mse_loss:
-        return _Loss("mse", "mean")
-    if loss_fn is F.cross_entropy:
-        return _Loss("ce", "mean")
-    if type(loss_fn) is nn.MSELoss or type(loss_fn) is nn.CrossEntropyLoss:
-        kind = "mse" if type(loss_fn) is nn.MSELoss else "ce"
-        options = {}
-        if kind == "ce":
-            options = {
-                "weight": loss_fn.weight,
-                "ignore_index": loss_fn.ignore_index,
-                "label_smoothing": loss_fn.label_smoothing,
-            }
-        return _checked(kind, loss_fn.reduction, options)
-    if isinstance(loss_fn, functools.partial) and loss_fn.func in (F.mse_loss, F.cross_entropy):
-        kind = "mse" if loss_fn.func is F.mse_loss else "ce"
-        if loss_fn.args:
-            raise ValueError("a functools.partial loss with positional arguments is not handled")
-        options = dict(loss_fn.keywords)
-        reduction = options.pop("reduction", "mean")
-        allowed = _CE_DEFAULTS if kind == "ce" else {}
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ValueError(f"loss keyword arguments {unknown} are not handled")
-        return _checked(kind, reduction, options)
-    raise ValueError(
-        f"loss_fn {loss_fn!r} is not one this strategy differentiates in closed form: use MSE or "
-        "cross-entropy (F.mse_loss, F.cross_entropy, nn.MSELoss, nn.CrossEntropyLoss, "
-        "or functools.partial of the functions with reduction=)"
-    )
-
-
-def _checked(kind: str, reduction: str, options: dict) -> _Loss:
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"loss reduction {reduction!r} is not handled; use 'mean' or 'sum'")
-    for key, value in options.items():
-        if value is not _CE_DEFAULTS[key] and value != _CE_DEFAULTS[key]:
-            raise ValueError(f"cross-entropy with {key}={value!r} is not handled")
-    return _Loss(kind, reduction)
-
-
 def supports(net: nn.Module, loss_fn: LossFn | None) -> tuple[bool, str]:
     """Whether ``net`` is an MLP of Linear layers and elementwise activations, with MSE or CE."""
     try:
         _parse_net(net)
-        _parse_loss(loss_fn)
+        parse_loss(loss_fn)
     except ValueError as e:
         return False, str(e)
     return True, ""
@@ -186,7 +123,7 @@ def _derivatives(act: nn.Module, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 class _LossTerms:
     """The loss's gradient w.r.t. the outputs and its Hessian-vector product, per sample."""
 
-    def __init__(self, loss: _Loss, outputs: Tensor, targets: Tensor):
+    def __init__(self, loss: MlpLoss, outputs: Tensor, targets: Tensor):
         B, C = outputs.shape
         self.kind = loss.kind
         if loss.kind == "mse":
@@ -220,7 +157,7 @@ class _LossTerms:
 
 
 def _forward_backward(
-    pre: list[nn.Module], layers: list[_Layer], inputs: Tensor, loss: _Loss, targets: Tensor
+    pre: list[nn.Module], layers: list[_Layer], inputs: Tensor, loss: MlpLoss, targets: Tensor
 ) -> _LossTerms:
     """Store each layer's input, δ, and the activation derivatives the tangent passes need."""
     a = inputs
@@ -303,7 +240,7 @@ def compute(
             do not fit the loss.
     """
     pre, layers = _parse_net(net)
-    loss = _parse_loss(loss_fn)
+    loss = parse_loss(loss_fn)
     problem = prepare(net, params, batch, loss_fn)
     dtype, device = problem.dtype, problem.device
     inputs, targets = problem.inputs, problem.targets
