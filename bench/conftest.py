@@ -10,7 +10,6 @@ import os
 import platform
 import shlex
 import socket
-import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +47,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--no-report", action="store_true", help="do not run bench.report on the JSON at the end"
     )
+    group.addoption(
+        "--report-dir",
+        default="plots",
+        help="where the report at the end writes its figures and report.html (default: plots)",
+    )
 
 
 @dataclass
@@ -79,6 +83,8 @@ class Run:
     #: (strategy, case family) -> [(P, min seconds)] and [(P, peak bytes)]
     seconds_history: dict[tuple, list[tuple[int, float]]] = field(default_factory=dict)
     bytes_history: dict[tuple, list[tuple[int, int]]] = field(default_factory=dict)
+    #: (strategy, case family) -> [(P, profiler events of the memory pass)]
+    events_history: dict[tuple, list[tuple[int, int]]] = field(default_factory=dict)
     _current: CaseData | None = None
 
     def case_data(self, case: Case) -> CaseData:
@@ -148,7 +154,7 @@ def pytest_configure(config: pytest.Config) -> None:
         strategy_names=chosen,
         devices=devices,
         time_budget=config.getoption("--time-budget"),
-        command=shlex.join([os.path.basename(sys.argv[0]), *config.invocation_params.args]),
+        command=shlex.join(["pytest", *config.invocation_params.args]),
         cases={c.id: c for c in cases(grid, tuple(devices))},
     )
 
@@ -223,7 +229,8 @@ def _summary_lines(run: Run) -> list[str]:
             if "torch_func" in rows
             else "torch_func not timed"
         )
-        lines.append(f"{case_id}: {best} {seconds:.4g} s, peak {peak / 2**20:.3g} MiB, {speedup}")
+        memory = "peak not measured" if peak is None else f"peak {peak / 2**20:.3g} MiB"
+        lines.append(f"{case_id}: {best} {seconds:.4g} s, {memory}, {speedup}")
     return lines
 
 
@@ -254,7 +261,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     try:
         from bench import report
 
-        status = report.main([str(path)])
+        report_dir = config.getoption("--report-dir")
+        status = report.main(
+            [
+                str(path),
+                "--plots-dir",
+                report_dir,
+                "--html",
+                os.path.join(report_dir, "report.html"),
+            ]
+        )
     except Exception:
         print(f"\nhessbench: the report failed on {path} (the JSON is intact):")
         traceback.print_exc()

@@ -12,12 +12,15 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 from strategies._common import mse_loss
+from strategies._memory import available_bytes
 
 __all__ = [
     "TOLERANCES",
     "sync",
     "min_seconds",
     "peak_bytes",
+    "peak_and_events",
+    "MAX_PROFILED_EVENTS",
     "is_oom",
     "errors",
     "grad_seconds",
@@ -53,6 +56,12 @@ def min_seconds(fn: Callable[[], Any], device: torch.device | str, repeats: int 
     return best
 
 
+#: most profiler events a CPU memory pass may record: each costs the profiler about 2 KB of
+#: host memory, and a row-by-row loop at P ~ 13,000 records millions of them (enough to be
+#: killed for memory); above this the pass is skipped and peak_bytes recorded as null
+MAX_PROFILED_EVENTS = 1_500_000
+
+
 def peak_bytes(fn: Callable[[], Any], device: torch.device | str) -> tuple[Any, int]:
     """Call ``fn`` once; return its result and the allocator's peak above what was allocated before.
 
@@ -61,6 +70,12 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device | str) -> tuple[Any, 
     with ``profile_memory=True``, summed in time order; the peak of that running sum is the
     most the call held at once beyond what existed before it (its result included).
     """
+    result, peak, _ = peak_and_events(fn, device)
+    return result, peak
+
+
+def peak_and_events(fn: Callable[[], Any], device: torch.device | str) -> tuple[Any, int, int]:
+    """``peak_bytes`` and the number of profiler events it recorded (0 on CUDA)."""
     device = torch.device(device)
     if device.type == "cuda":
         sync(device)
@@ -68,19 +83,20 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device | str) -> tuple[Any, 
         torch.cuda.reset_peak_memory_stats(device)
         result = fn()
         sync(device)
-        return result, max(0, torch.cuda.max_memory_allocated(device) - before)
+        return result, max(0, torch.cuda.max_memory_allocated(device) - before), 0
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
+    events = prof.profiler.kineto_results.events()
     records = sorted(
         (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
+        for e in events
         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
     )
     held = peak = 0
     for _, nbytes in records:
         held += nbytes
         peak = max(peak, held)
-    return result, peak
+    return result, peak, len(events)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -167,16 +183,3 @@ def predict_bytes(history: list[tuple[int, int]], P: int, itemsize: int) -> int 
         return None
     p1, b1 = smaller[-1]
     return int(b1 / (p1 * p1) * P * P)
-
-
-def available_bytes(device: torch.device | str) -> int:
-    """Memory a new allocation can still get: free CUDA memory, or the host's MemAvailable."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
