@@ -5,7 +5,6 @@ Run as ``pytest bench --benchmark-json results/<run>.json [--grid smoke|default|
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import shlex
@@ -42,10 +41,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="skip a strategy predicted to take longer than this many seconds per call",
     )
     group.addoption(
+        "--memory-fraction",
+        type=float,
+        default=0.4,
+        help="skip a strategy whose predicted peak exceeds this share of the available memory "
+        "(default 0.4: the host kills the whole run, losing it, where a prediction falls short)",
+    )
+    group.addoption(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)"
     )
     group.addoption(
         "--no-report", action="store_true", help="do not run bench.report on the JSON at the end"
+    )
+    group.addoption(
+        "--audit",
+        action="store_true",
+        help="also run the correctness audit (python -m bench.audit) and report it with the run",
     )
     group.addoption(
         "--report-dir",
@@ -75,6 +86,7 @@ class Run:
     strategy_names: list[str]
     devices: list[str]
     time_budget: float
+    memory_fraction: float
     command: str
     cases: dict[str, Case]
     outcomes: list[dict] = field(default_factory=list)
@@ -137,6 +149,8 @@ def pytest_configure(config: pytest.Config) -> None:
     bad = [d for d in devices if d not in DEVICES]
     if bad:
         raise pytest.UsageError(f"unknown devices {bad}; valid devices: {list(DEVICES)}")
+    if not 0 < config.getoption("--memory-fraction") <= 1:
+        raise pytest.UsageError("--memory-fraction must be in (0, 1]")
     if config.getoption("--time-budget") <= 0:
         raise pytest.UsageError("--time-budget must be positive")
     threads = config.getoption("--threads")
@@ -154,6 +168,7 @@ def pytest_configure(config: pytest.Config) -> None:
         strategy_names=chosen,
         devices=devices,
         time_budget=config.getoption("--time-budget"),
+        memory_fraction=config.getoption("--memory-fraction"),
         command=shlex.join(["pytest", *config.invocation_params.args]),
         cases={c.id: c for c in cases(grid, tuple(devices))},
     )
@@ -243,6 +258,17 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(line)
 
 
+def _run_audit(benchmark_json: str) -> str:
+    """Run the audit beside the timings; its JSON goes next to the benchmark's, named after it."""
+    from bench import audit
+
+    root, _ = os.path.splitext(benchmark_json)
+    audit_json = f"{root}-audit.json"
+    if audit.main(["--json", audit_json]) != 0:
+        raise RuntimeError("the audit's two references disagree: its matrix cannot be trusted")
+    return audit_json
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # pytest-benchmark writes its JSON in a hookwrapper, i.e. before this runs.
@@ -250,33 +276,26 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     path = config.getoption("benchmark_json", default=None)
     if path is None or getattr(config, "_hessbench", None) is None:
         return
-    if config.getoption("--no-report"):
-        return
     if not os.path.exists(path):
         print(f"\nhessbench: no benchmark JSON at {path} (nothing was timed); no report")
         return
-    if importlib.util.find_spec("bench.report") is None:
-        print("\nhessbench: bench/report.py is not there yet; skipping the report")
-        return
+    inputs = [str(path)]
     try:
-        from bench import report
+        if config.getoption("--audit"):
+            inputs.append(_run_audit(str(path)))
+        status = 0
+        if not config.getoption("--no-report"):
+            from bench import report
 
-        report_dir = config.getoption("--report-dir")
-        status = report.main(
-            [
-                str(path),
-                "--plots-dir",
-                report_dir,
-                "--html",
-                os.path.join(report_dir, "report.html"),
-            ]
-        )
+            report_dir = config.getoption("--report-dir")
+            html_path = os.path.join(report_dir, "report.html")
+            status = report.main([*inputs, "--plots-dir", report_dir, "--html", html_path])
     except Exception:
-        print(f"\nhessbench: the report failed on {path} (the JSON is intact):")
+        print(f"\nhessbench: the audit or report failed on {path} (the JSON is intact):")
         traceback.print_exc()
         status = 1
     if status:
-        print(f"\nhessbench: bench.report.main exited with {status}")
+        print(f"\nhessbench: the audit or report exited with {status}")
         session.exitstatus = (
             pytest.ExitCode.TESTS_FAILED if session.exitstatus == 0 else session.exitstatus
         )

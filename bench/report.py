@@ -6,7 +6,7 @@ Usage::
 
 Each pytest-benchmark JSON gets a tidy CSV next to it (a row per strategy x case x machine,
 timed or not); each audit JSON gets its accuracy matrix as CSV next to it; the recommendation
-table goes to ``recommendations.json`` next to the first benchmark JSON; PNG figures and the
+table goes to ``recommendations.json`` in the plots directory; PNG figures and the
 self-contained HTML report go to the plots directory.
 
 ``recommendations.json`` is a list of {machine, device, dtype, P_min, P_max, fastest,
@@ -623,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     recommendations = recommend(df)
     benchmark_files = [p for p in args.files if str(p) in set(df.get("source", []))]
     if benchmark_files:
-        out = benchmark_files[0].with_name("recommendations.json")
+        # beside the figures, not the inputs: `results/*.json` must stay inputs only
+        out = args.plots_dir / "recommendations.json"
         out.write_text(json.dumps(_plain_records(recommendations), indent=1))
     figures = _figures(df, args.plots_dir)
     html_path.parent.mkdir(parents=True, exist_ok=True)

@@ -262,7 +262,7 @@ def test_main_writes_every_output(tmp_path, inputs):
     assert matrix.equals(report.accuracy_matrix(report.audit_frame(audits)))
     for name in ("headline", "time_vs_P", "memory_vs_P", "speedup", "cost_ratios"):
         assert (plots_dir / f"{name}.png").read_bytes().startswith(b"\x89PNG")
-    recommendations = json.loads(inputs[0].with_name("recommendations.json").read_text())
+    recommendations = json.loads((plots_dir / "recommendations.json").read_text())
     expected = report.recommend(df)
     assert [r["fastest"] for r in recommendations] == expected["fastest"].tolist()
     assert all(set(r) == set(report.RECOMMENDATION_FIELDS) for r in recommendations)
@@ -285,4 +285,4 @@ def test_main_with_an_audit_alone(tmp_path, inputs):
     )
     page = html.read_text()
     assert "id='accuracy-matrix'" in page and "<img" not in page
-    assert not (tmp_path / "recommendations.json").exists()
+    assert not (tmp_path / "p" / "recommendations.json").exists()

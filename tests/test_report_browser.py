@@ -84,7 +84,7 @@ def test_rendered_page_has_embedded_figures_and_recommendations(built):
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
-    recommendations = json.loads((built / "recommendations.json").read_text())
+    recommendations = json.loads((built / "plots" / "recommendations.json").read_text())
     header, *rows = page.rows
     assert "fastest" in header and "leanest" in header
     assert len(rows) == len(recommendations)
