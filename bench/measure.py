@@ -171,15 +171,22 @@ def predict_seconds(history: list[tuple[int, float]], P: int) -> float | None:
     return s1 * (P / p1) ** exponent
 
 
-def predict_bytes(history: list[tuple[int, int]], P: int, itemsize: int) -> int | None:
-    """A strategy's peak memory at ``P``: the Hessian's size times the factor last seen.
+def predict_bytes(history: list[tuple[int, int]], P: int) -> int | None:
+    """A strategy's peak memory at ``P``, extrapolated log-log from its peaks at smaller P.
 
-    ``history`` holds ``(P, peak_bytes)`` for the same strategy and case family; the factor
-    ``peak_bytes / (P^2 * itemsize)`` is taken at the largest smaller P, where fixed overheads
-    weigh least. None without any smaller point.
+    ``history`` holds ``(P, peak_bytes)`` for the same strategy and case family. The line
+    through the two largest smaller P's gives the exponent (at least 1); with one point the
+    peak is taken to grow like the Hessian (exponent 2). Fixed per-direction costs make the
+    peak grow slower than P^2 for most strategies, so a constant peak/Hessian factor would
+    overestimate and skip strategies that fit. None without any smaller point.
     """
-    smaller = sorted((p, b) for p, b in history if p < P)
+    smaller = sorted((p, b) for p, b in history if p < P and b > 0)
     if not smaller:
         return None
     p1, b1 = smaller[-1]
-    return int(b1 / (p1 * p1) * P * P)
+    exponent = 2.0
+    if len(smaller) >= 2:
+        p0, b0 = smaller[-2]
+        if p0 != p1:
+            exponent = max(1.0, math.log(b1 / b0) / math.log(p1 / p0))
+    return int(b1 * (P / p1) ** exponent)

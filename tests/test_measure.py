@@ -87,10 +87,14 @@ def test_predict_seconds_extrapolates_log_log():
     assert measure.predict_seconds([(500, 1.0)], 300) is None
 
 
-def test_predict_bytes_scales_the_hessian_size():
-    history = [(100, 10 * 100 * 100 * 4), (200, 3 * 200 * 200 * 4)]
-    assert measure.predict_bytes(history, 400, 4) == 3 * 400 * 400 * 4
-    assert measure.predict_bytes([], 400, 4) is None
+def test_predict_bytes_extrapolates_log_log():
+    grows = [(100, 1000 * 100**1.5), (200, 1000 * 200**1.5)]
+    assert measure.predict_bytes(grows, 800) == pytest.approx(1000 * 800**1.5, abs=1)
+    # one point: grows like the Hessian; never slower than linearly
+    assert measure.predict_bytes([(100, 4000)], 400) == 4000 * 16
+    assert measure.predict_bytes([(100, 4000), (200, 4000)], 400) == 8000
+    assert measure.predict_bytes([], 400) is None
+    assert measure.predict_bytes([(500, 10)], 400) is None
 
 
 def test_available_bytes_is_positive():
