@@ -152,6 +152,7 @@ _MODULES = [
     "block_symmetric_chunked",
     "jax_hessian",
     "mlp_kron",
+    "auto",
 ]
 for _module in _MODULES:
     _register_module(importlib.import_module(f"{__name__}.{_module}"))

@@ -1,0 +1,92 @@
+"""Builds ``strategies/auto_table.json``, what the ``auto`` strategy chooses from, out of
+committed benchmark and audit JSON.
+
+Usage::
+
+    python -m bench.auto_table results/<run>.json results/audit-<machine>.json \
+        [--out strategies/auto_table.json]
+
+Per machine, device, dtype and size range of P (the report's ranges), the ranking holds the
+non-peer strategies that ran accurately on every case of the range, fastest first by the
+geometric mean of their min times (the report's rule), and ``peak_ratio`` each one's
+largest peak memory over the Hessian's own size. ``wrong_on`` lists, per strategy, the
+model kinds on which the audit found it wrong or failing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench import report
+from bench.audit import merged_wrong_kinds
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "strategies" / "auto_table.json"
+
+
+def build(df: pd.DataFrame, audits: list[dict], sources: Sequence[str], command: str) -> dict:
+    """The table as a JSON-ready dict (see the module docstring)."""
+    regimes: list[dict[str, Any]] = []
+    if not df.empty:
+        df = df.assign(P_min=df["P"].map(lambda p: report.size_range(int(p))[0]))
+        for (machine, device, dtype, p_min), rows in df.groupby(
+            ["machine", "device", "dtype", "P_min"], sort=True
+        ):
+            summary = report.summaries(rows, set(rows["case"]))
+            summary = summary[~summary["peer"].astype(bool)].sort_values("time_s")
+            if summary.empty:
+                continue
+            ok = rows[rows["status"] == "ok"]
+            ratio = (ok["peak_bytes"] / ok["hessian_bytes"]).groupby(ok["strategy"]).max()
+            regimes.append(
+                {
+                    "machine": machine,
+                    "device": device,
+                    "dtype": dtype,
+                    "P_min": int(p_min),
+                    "P_max": int(report.size_range(int(p_min))[1]),
+                    "ranking": list(summary.index),
+                    "time_s": {k: float(v) for k, v in summary["time_s"].items()},
+                    # unmeasured peaks (memory pass skipped, peers) are left out
+                    "peak_ratio": {
+                        k: round(float(ratio[k]), 4)
+                        for k in summary.index
+                        if k in ratio.index and pd.notna(ratio[k])
+                    },
+                }
+            )
+    return {
+        "command": command,
+        "sources": list(sources),
+        "regimes": regimes,
+        "wrong_on": merged_wrong_kinds(audits),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.auto_table", description=__doc__)
+    parser.add_argument("files", nargs="+", help="benchmark and audit JSON files")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    try:
+        df, audits = report.load(args.files)
+    except report.InputFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    argv = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "-m", "bench.auto_table", *argv])
+    table = build(df, audits, args.files, command)
+    args.out.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"wrote {args.out}: {len(table['regimes'])} regimes, {len(table['wrong_on'])} audited")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
