@@ -151,42 +151,36 @@ def gemm_seconds(
     return min_seconds(lambda: torch.matmul(left, right, out=out), device, repeats)
 
 
-def predict_seconds(history: list[tuple[int, float]], P: int) -> float | None:
-    """A strategy's time at ``P``, extrapolated log-log from its times at smaller P.
+def extrapolate(history: list[tuple[int, float]], P: int) -> float | None:
+    """A quantity at ``P``, extrapolated log-log from its values at smaller P.
 
-    ``history`` holds ``(P, seconds)`` measured for the same strategy in the same case family.
+    ``history`` holds ``(P, value)`` measured for the same strategy in the same case family.
     The line through the two largest smaller P's gives the exponent (at least 1, as no
     strategy beats reading its inputs); with one point the exponent is taken as 2 (a Hessian
     has P^2 entries). None without any smaller point.
     """
-    smaller = sorted((p, s) for p, s in history if p < P and s > 0)
+    smaller = sorted((p, v) for p, v in history if p < P and v > 0)
     if not smaller:
         return None
-    p1, s1 = smaller[-1]
+    p1, v1 = smaller[-1]
     exponent = 2.0
     if len(smaller) >= 2:
-        p0, s0 = smaller[-2]
+        p0, v0 = smaller[-2]
         if p0 != p1:
-            exponent = max(1.0, math.log(s1 / s0) / math.log(p1 / p0))
-    return s1 * (P / p1) ** exponent
+            exponent = max(1.0, math.log(v1 / v0) / math.log(p1 / p0))
+    return v1 * (P / p1) ** exponent
+
+
+def predict_seconds(history: list[tuple[int, float]], P: int) -> float | None:
+    """A strategy's time per call at ``P`` (``extrapolate`` of its ``(P, seconds)``)."""
+    return extrapolate(history, P)
 
 
 def predict_bytes(history: list[tuple[int, int]], P: int) -> int | None:
-    """A strategy's peak memory at ``P``, extrapolated log-log from its peaks at smaller P.
+    """A strategy's peak memory at ``P`` (``extrapolate`` of its ``(P, peak_bytes)``).
 
-    ``history`` holds ``(P, peak_bytes)`` for the same strategy and case family. The line
-    through the two largest smaller P's gives the exponent (at least 1); with one point the
-    peak is taken to grow like the Hessian (exponent 2). Fixed per-direction costs make the
-    peak grow slower than P^2 for most strategies, so a constant peak/Hessian factor would
-    overestimate and skip strategies that fit. None without any smaller point.
+    Fixed per-direction costs make the peak grow slower than P^2 for most strategies, so a
+    constant peak/Hessian factor would overestimate and skip strategies that fit.
     """
-    smaller = sorted((p, b) for p, b in history if p < P and b > 0)
-    if not smaller:
-        return None
-    p1, b1 = smaller[-1]
-    exponent = 2.0
-    if len(smaller) >= 2:
-        p0, b0 = smaller[-2]
-        if p0 != p1:
-            exponent = max(1.0, math.log(b1 / b0) / math.log(p1 / p0))
-    return int(b1 * (P / p1) ** exponent)
+    predicted = extrapolate(history, P)
+    return None if predicted is None else int(predicted)

@@ -73,9 +73,7 @@ def test_hessian(benchmark, hessbench, case: str, strategy: str) -> None:
         first_call_s = time.perf_counter() - start
         # The profiler's records of a call with millions of small ops outgrow host memory:
         # extrapolate their number (log-log in P, like time) and skip such a memory pass.
-        events_expected = measure.predict_seconds(
-            hessbench.events_history.get(key, []), grid_case.P
-        )
+        events_expected = measure.extrapolate(hessbench.events_history.get(key, []), grid_case.P)
         peak = peak_note = None
         warm_s = first_call_s
         if chosen.peer:

@@ -17,6 +17,7 @@ __all__ = [
     "check_inputs",
     "prepare",
     "jacrev_normalisation_hazard",
+    "jacrev_path_supports",
     "flatten",
     "unflatten",
     "to_blocks",
@@ -206,6 +207,12 @@ def jacrev_normalisation_hazard(net: nn.Module) -> str:
         if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.affine:
             return f"{name or 'net'} is an affine {type(m).__name__} (functorch#534)"
     return ""
+
+
+def jacrev_path_supports(net: nn.Module, loss_fn: LossFn | None = None) -> tuple[bool, str]:
+    """``supports`` of the strategies on the jacfwd(jacrev) path: no net with that hazard."""
+    reason = jacrev_normalisation_hazard(net)
+    return (False, f"wrong Hessian upstream: {reason}") if reason else (True, "")
 
 
 def prepare(

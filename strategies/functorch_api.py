@@ -8,15 +8,14 @@ from collections.abc import Mapping
 import functorch
 from torch import Tensor, nn
 
-from ._common import LossFn, from_blocks, jacrev_normalisation_hazard, prepare
+from ._common import LossFn, from_blocks, jacrev_path_supports, prepare
 
 NAME = "functorch"
 DESCRIPTION = "functorch.hessian (the legacy API shipped inside torch) over the params dict"
 
 
-def supports(net: nn.Module, loss_fn: LossFn | None = None) -> tuple[bool, str]:
-    reason = jacrev_normalisation_hazard(net)
-    return (False, f"wrong Hessian upstream: {reason}") if reason else (True, "")
+#: refuses nets through which torch.func's jacrev path returns a wrong Hessian
+supports = jacrev_path_supports
 
 
 def compute(

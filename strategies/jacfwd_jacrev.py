@@ -7,15 +7,14 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 from torch.func import jacfwd, jacrev
 
-from ._common import LossFn, jacrev_normalisation_hazard, prepare
+from ._common import LossFn, jacrev_path_supports, prepare
 
 NAME = "jacfwd_jacrev"
 DESCRIPTION = "jacfwd(jacrev(f)) with f the loss of one flat parameter vector"
 
 
-def supports(net: nn.Module, loss_fn: LossFn | None = None) -> tuple[bool, str]:
-    reason = jacrev_normalisation_hazard(net)
-    return (False, f"wrong Hessian upstream: {reason}") if reason else (True, "")
+#: refuses nets through which torch.func's jacrev path returns a wrong Hessian
+supports = jacrev_path_supports
 
 
 def compute(

@@ -7,15 +7,14 @@ from collections.abc import Mapping
 import torch.func
 from torch import Tensor, nn
 
-from ._common import LossFn, from_blocks, jacrev_normalisation_hazard, prepare
+from ._common import LossFn, from_blocks, jacrev_path_supports, prepare
 
 NAME = "torch_func"
 DESCRIPTION = "torch.func.hessian of the loss as a function of the params dict"
 
 
-def supports(net: nn.Module, loss_fn: LossFn | None = None) -> tuple[bool, str]:
-    reason = jacrev_normalisation_hazard(net)
-    return (False, f"wrong Hessian upstream: {reason}") if reason else (True, "")
+#: refuses nets through which torch.func's jacrev path returns a wrong Hessian
+supports = jacrev_path_supports
 
 
 def compute(
