@@ -5,6 +5,7 @@ Run as ``pytest bench --benchmark-json results/<run>.json [--grid smoke|default|
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -162,6 +163,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if json_path is not None:
         # pytest-benchmark opens the file at the very end; a missing folder would lose the run.
         json_path.parent.mkdir(parents=True, exist_ok=True)
+    _CONFIG.clear()
+    _CONFIG["config"] = config
     grid = config.getoption("--grid")
     config._hessbench = Run(
         grid=grid,
@@ -228,6 +231,49 @@ def pytest_benchmark_update_json(
         }
 
 
+def partial_path(benchmark_json: str | os.PathLike) -> str:
+    """Where a run keeps what it has measured so far: ``<json>.partial``, removed at the end."""
+    return f"{os.fspath(benchmark_json)}.partial"
+
+
+def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
+    """After every cell, rewrite ``<json>.partial`` with everything measured so far.
+
+    pytest-benchmark writes its JSON once, at the end; a run the host kills (out of memory,
+    a wall-clock limit) would lose every cell. The partial file is the same JSON, made by
+    pytest-benchmark's own hooks, so ``python -m bench.report results/<run>.json.partial``
+    reads it.
+    """
+    config = _CONFIG.get("config")
+    path = config.getoption("benchmark_json", default=None) if config else None
+    session = getattr(config, "_benchmarksession", None)
+    if path is None or session is None or not session.benchmarks:
+        return
+    if "machine_info" not in _CONFIG:  # slow to gather (cpuinfo, git): once per run
+        _CONFIG["machine_info"] = session.get_machine_info()
+        commit_info = config.hook.pytest_benchmark_generate_commit_info(config=config)
+        config.hook.pytest_benchmark_update_commit_info(config=config, commit_info=commit_info)
+        _CONFIG["commit_info"] = commit_info
+    output = config.hook.pytest_benchmark_generate_json(
+        config=config,
+        benchmarks=session.benchmarks,
+        include_data=True,
+        machine_info=_CONFIG["machine_info"],
+        commit_info=_CONFIG["commit_info"],
+    )
+    config.hook.pytest_benchmark_update_json(
+        config=config, benchmarks=session.benchmarks, output_json=output
+    )
+    target = partial_path(path)
+    with open(f"{target}.tmp", "w") as f:
+        json.dump(output, f)
+    os.replace(f"{target}.tmp", target)  # atomic: a kill never leaves half a file
+
+
+#: the pytest config, for hooks that pytest calls without it
+_CONFIG: dict[str, Any] = {}
+
+
 def _summary_lines(run: Run) -> list[str]:
     lines = []
     for case_id in run.cases:
@@ -279,6 +325,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not os.path.exists(path):
         print(f"\nhessbench: no benchmark JSON at {path} (nothing was timed); no report")
         return
+    if os.path.exists(partial_path(path)):  # the run reached its end: the JSON holds it all
+        os.remove(partial_path(path))
     inputs = [str(path)]
     try:
         if config.getoption("--audit"):

@@ -141,3 +141,34 @@ def test_oom_error_and_interrupt_are_recorded_and_keep_what_was_measured(pyteste
     }
     assert "out of memory" in outcomes["fake_oom"]["reason"]
     assert "shapes do not match" in outcomes["fake_error"]["reason"]
+
+
+def test_a_killed_run_keeps_what_it_measured(pytester, monkeypatch):
+    """A run the host kills (SIGKILL: no session end) still leaves every finished cell."""
+    setup = """
+        import os, signal
+        GRIDS["smoke"] = GRIDS["smoke"][:1]
+
+        def killed(net, params, batch, loss_fn=None):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        strategies.register("zz_killed", killed, "test only: the host kills the run")
+    """
+    result, data = _run(
+        pytester, monkeypatch, setup,
+        "--grid", "smoke", "--strategies", "torch_func,mlp_kron,zz_killed", "-p", "no:randomly",
+    )  # fmt: skip
+    assert result.ret != 0 and data is None, "SIGKILL skips pytest-benchmark's own JSON"
+    partial = json.loads((pytester.path / "run.json.partial").read_text())
+    assert {r["params"]["strategy"] for r in partial["benchmarks"]} == {"torch_func", "mlp_kron"}
+    assert all(r["extra_info"]["accurate"] for r in partial["benchmarks"])
+    assert partial["hessbench"]["grid"] == "smoke"
+
+
+def test_a_finished_run_removes_its_partial_file(pytester, monkeypatch):
+    result, data = _run(
+        pytester, monkeypatch, 'GRIDS["smoke"] = GRIDS["smoke"][:1]',
+        "--grid", "smoke", "--strategies", "mlp_kron",
+    )  # fmt: skip
+    assert result.ret == 0 and data["benchmarks"]
+    assert not (pytester.path / "run.json.partial").exists()
