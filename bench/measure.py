@@ -143,12 +143,18 @@ def grad_seconds(
 def gemm_seconds(
     P: int, B: int, dtype: torch.dtype, device: torch.device | str, repeats: int = 5
 ) -> float:
-    """Minimum time of a ``(P x B) @ (B x P)`` product: about the least work of a rank-B Hessian."""
+    """Minimum time of a ``(P x B) @ (B x P)`` product: about the least work of a rank-B Hessian.
+
+    The product allocates its result, as ``left @ right`` does: every strategy returns a new
+    ``P x P`` matrix, so the floor includes getting and first touching that memory (on CPU
+    about as long again as the arithmetic at these sizes). This is how DESIGN.md's matmul
+    column was measured (0.05 s at P = 4,801); writing into a preallocated ``out`` takes less
+    than half of that and would be a floor no strategy returning a fresh matrix can reach.
+    """
     generator = torch.Generator().manual_seed(0)
     left = torch.randn(P, B, generator=generator, dtype=dtype).to(device)
     right = torch.randn(B, P, generator=generator, dtype=dtype).to(device)
-    out = torch.empty(P, P, dtype=dtype, device=device)
-    return min_seconds(lambda: torch.matmul(left, right, out=out), device, repeats)
+    return min_seconds(lambda: left @ right, device, repeats)
 
 
 def extrapolate(history: list[tuple[int, float]], P: int) -> float | None:
