@@ -40,7 +40,8 @@ def build(df: pd.DataFrame, audits: list[dict], sources: Sequence[str], command:
             ["machine", "device", "dtype", "P_min"], sort=True
         ):
             summary = report.summaries(rows, set(rows["case"]))
-            summary = summary[~summary["peer"].astype(bool)].sort_values("time_s")
+            summary = summary[~summary["peer"].astype(bool)]
+            summary = summary[~summary.index.isin(report.DISPATCHERS)].sort_values("time_s")
             if summary.empty:
                 continue
             ok = rows[rows["status"] == "ok"]

@@ -188,6 +188,10 @@ def load(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
     return df, audits
 
 
+#: strategies that only choose and run another one (``auto``): timed, never recommended
+DISPATCHERS = frozenset({"auto"})
+
+
 def size_range(P: int) -> tuple[int, int]:
     """The size range ``(P_min, P_max)`` holding ``P``: edges at 1 and 3 times powers of ten."""
     if P < 1:
@@ -237,6 +241,8 @@ def recommend(df: pd.DataFrame) -> pd.DataFrame:
             continue
         cases = set(rows["case"])
         summary = summaries(rows, cases)
+        # a dispatcher runs another strategy: recommending it would be circular
+        summary = summary.loc[~summary.index.isin(DISPATCHERS)]
         peer = summary["peer"].astype(bool)
         candidates = summary.loc[~peer].sort_values("time_s")
         lean = summary.loc[~peer].sort_values("peak_bytes")

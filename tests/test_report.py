@@ -286,3 +286,14 @@ def test_main_with_an_audit_alone(tmp_path, inputs):
     page = html.read_text()
     assert "id='accuracy-matrix'" in page and "<img" not in page
     assert not (tmp_path / "p" / "recommendations.json").exists()
+
+
+def test_a_dispatcher_is_never_recommended(inputs):
+    """`auto` runs another strategy; even timed faster than everything, it is not a default."""
+    df, _ = report.load(inputs)
+    winners = set(report.recommend(df)["fastest"].dropna())
+    faster = df[df["strategy"].isin(winners)].assign(strategy="auto")
+    faster["min"] = faster["min"] / 10
+    table = report.recommend(pd.concat([df, faster], ignore_index=True))
+    assert "auto" not in set(table["fastest"]) | set(table["runner_up"]) | set(table["leanest"])
+    assert set(table["fastest"].dropna()) == winners
