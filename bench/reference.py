@@ -63,6 +63,21 @@ def _flat(grads: Sequence[Tensor | None], leaves: Sequence[Tensor]) -> Tensor:
     )
 
 
+def _gradient_graph(
+    net: nn.Module,
+    names: Sequence[str],
+    batch: tuple[Tensor, Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+) -> tuple[list[Tensor], Tensor]:
+    """The float64 copy's leaves and its flat gradient, with the graph kept for double backward."""
+    clone, leaves, (inputs, targets) = float64_copy(net, names, batch)
+    loss_fn = _loss_fn(loss_fn)
+    with torch.enable_grad():
+        loss = loss_fn(clone(inputs), targets)
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+    return leaves, _flat(grads, leaves)
+
+
 def loop_hessian(
     net: nn.Module,
     names: Sequence[str],
@@ -70,13 +85,9 @@ def loop_hessian(
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Float64 Hessian w.r.t. the parameters ``names`` by one double-backward per gradient entry."""
-    clone, leaves, (inputs, targets) = float64_copy(net, names, batch)
-    loss_fn = _loss_fn(loss_fn)
+    leaves, g = _gradient_graph(net, names, batch, loss_fn)
+    P = g.numel()
     with torch.enable_grad():
-        loss = loss_fn(clone(inputs), targets)
-        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        g = _flat(grads, leaves)
-        P = g.numel()
         H = torch.zeros(P, P, dtype=torch.float64, device=g.device)
         for i in range(P):
             if not g[i].requires_grad:
@@ -101,13 +112,9 @@ def batched_loop_hessian(
     """
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    clone, leaves, (inputs, targets) = float64_copy(net, names, batch)
-    loss_fn = _loss_fn(loss_fn)
+    leaves, g = _gradient_graph(net, names, batch, loss_fn)
+    P = g.numel()
     with torch.enable_grad():
-        loss = loss_fn(clone(inputs), targets)
-        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        g = _flat(grads, leaves)
-        P = g.numel()
         H = torch.zeros(P, P, dtype=torch.float64, device=g.device)
         if not g.requires_grad:
             return H

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -16,6 +17,7 @@ __all__ = [
     "direction_bytes",
     "choose_chunk",
     "problem_chunk",
+    "unit_chunks",
 ]
 
 #: peak memory aimed at, as a multiple of the Hessian's own bytes
@@ -114,3 +116,14 @@ def problem_chunk(problem: Problem, directions: int, chunk_size: int | None = No
         problem.P * problem.P * itemsize,
         available_bytes(problem.device),
     )
+
+
+def unit_chunks(
+    n: int, chunk_size: int, dtype: torch.dtype, device: torch.device
+) -> Iterator[tuple[int, int, Tensor]]:
+    """``(start, stop, basis)`` over the rows of the ``n x n`` identity, ``chunk_size`` at a time."""
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        basis = torch.zeros(stop - start, n, dtype=dtype, device=device)
+        basis[:, start:stop].fill_diagonal_(1)
+        yield start, stop, basis

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ._common import LossFn, mirror_upper, prepare
-from ._memory import problem_chunk
+from ._memory import problem_chunk, unit_chunks
 from .block_symmetric import tail_hvp
 
 NAME = "block_symmetric_chunked"
@@ -42,9 +42,6 @@ def compute(
     H = torch.empty(P, P, dtype=problem.dtype, device=problem.device)
     for k, (offset, size) in enumerate(zip(offsets, sizes)):
         batched = vmap(tail_hvp(problem, k))
-        for start in range(0, size, chunk_size):
-            stop = min(start + chunk_size, size)
-            basis = torch.zeros(stop - start, size, dtype=problem.dtype, device=problem.device)
-            basis[:, start:stop].fill_diagonal_(1)
+        for start, stop, basis in unit_chunks(size, chunk_size, problem.dtype, problem.device):
             H[offset + start : offset + stop, offset:] = batched(basis)
     return mirror_upper(H, offsets, sizes)

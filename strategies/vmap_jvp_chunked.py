@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ._common import LossFn, prepare
-from ._memory import problem_chunk
+from ._memory import problem_chunk, unit_chunks
 from .vmap_jvp import hvp
 
 NAME = "vmap_jvp_chunked"
@@ -38,9 +38,6 @@ def compute(
     chunk_size = problem_chunk(problem, P, chunk_size)
     batched = vmap(hvp(problem))
     H = torch.empty(P, P, dtype=problem.dtype, device=problem.device)
-    for start in range(0, P, chunk_size):
-        stop = min(start + chunk_size, P)
-        basis = torch.zeros(stop - start, P, dtype=problem.dtype, device=problem.device)
-        basis[:, start:stop].fill_diagonal_(1)
+    for start, stop, basis in unit_chunks(P, chunk_size, problem.dtype, problem.device):
         H[start:stop] = batched(basis)
     return H
