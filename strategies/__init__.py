@@ -152,6 +152,7 @@ _MODULES = [
     "block_symmetric_chunked",
     "jax_hessian",
     "mlp_kron",
+    "kron",
     "auto",
 ]
 for _module in _MODULES:
