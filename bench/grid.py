@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import asdict, dataclass
 
-__all__ = ["Case", "GRIDS", "ACTIVATIONS", "LOSSES", "DTYPES", "DEVICES", "expand", "cases"]
+__all__ = [
+    "Case",
+    "GRIDS",
+    "ARCHS",
+    "ACTIVATIONS",
+    "LOSSES",
+    "DTYPES",
+    "DEVICES",
+    "expand",
+    "cases",
+]
 
+#: how the net is written: an ``nn.Sequential`` MLP; the same weights in a custom module whose
+#: forward ends in ``squeeze(-1)``, with a hand-written MSE lambda and ``(batch,)`` targets;
+#: a custom module with an affine LayerNorm after each hidden Linear
+ARCHS = ("mlp", "custom", "layernorm")
 ACTIVATIONS = ("tanh", "relu", "gelu")
 LOSSES = ("mse", "ce")
 DTYPES = ("float32", "float64")
@@ -19,7 +34,8 @@ class Case:
     """One benchmark problem: an MLP of ``depth`` hidden layers of ``width`` units.
 
     The net is ``input -> width -> ... -> width -> output`` (``depth + 1`` Linear layers with
-    the activation between them), evaluated on ``batch`` samples.
+    the activation between them), evaluated on ``batch`` samples, written as ``arch`` says
+    (see ``ARCHS``).
     """
 
     input: int
@@ -31,6 +47,7 @@ class Case:
     batch: int
     dtype: str
     device: str
+    arch: str = "mlp"
 
     def __post_init__(self) -> None:
         for name in ("input", "width", "depth", "output", "batch"):
@@ -42,6 +59,7 @@ class Case:
             "loss": LOSSES,
             "dtype": DTYPES,
             "device": DEVICES,
+            "arch": ARCHS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -50,21 +68,28 @@ class Case:
                 )
         if self.loss == "ce" and self.output < 2:
             raise ValueError("Case with loss 'ce' needs output >= 2 classes")
+        if self.arch == "custom" and (self.output, self.loss) != (1, "mse"):
+            raise ValueError(
+                "Case with arch 'custom' is the one-output MSE form: output 1, loss 'mse'"
+            )
 
     @property
     def id(self) -> str:
-        """Readable id, e.g. ``w64-d2-b128-tanh-mse-f32-cpu`` (input/output when not 8/1)."""
+        """Readable id, e.g. ``w64-d2-b128-tanh-mse-f32-cpu`` (input/output when not 8/1, the
+        arch when not ``mlp``: ``custom-w64-...``)."""
         io = "" if (self.input, self.output) == (8, 1) else f"i{self.input}-o{self.output}-"
+        arch = "" if self.arch == "mlp" else f"{self.arch}-"
         return (
-            f"{io}w{self.width}-d{self.depth}-b{self.batch}-{self.activation}-{self.loss}-"
+            f"{arch}{io}w{self.width}-d{self.depth}-b{self.batch}-{self.activation}-{self.loss}-"
             f"{_DTYPE_TAGS[self.dtype]}-{self.device}"
         )
 
     @property
     def P(self) -> int:
-        """Number of weights and biases of the MLP."""
+        """Number of weights and biases of the net (LayerNorm's affine ones included)."""
         dims = [self.input] + [self.width] * self.depth + [self.output]
-        return sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
+        norms = 2 * self.width * self.depth if self.arch == "layernorm" else 0
+        return sum(a * b + b for a, b in zip(dims[:-1], dims[1:])) + norms
 
     @property
     def itemsize(self) -> int:
@@ -85,6 +110,7 @@ class Case:
             self.batch,
             self.dtype,
             self.device,
+            self.arch,
         )
 
     def fields(self) -> dict:
@@ -98,6 +124,9 @@ def expand(**axes) -> list[Case]:
     unknown = set(axes) - set(names)
     if unknown:
         raise ValueError(f"unknown case fields {sorted(unknown)}; valid: {names}")
+    fields = Case.__dataclass_fields__.items()
+    defaults = {n: f.default for n, f in fields if f.default is not dataclasses.MISSING}
+    axes = {**defaults, **axes}
     missing = set(names) - set(axes)
     if missing:
         raise ValueError(f"missing case fields {sorted(missing)}")
@@ -108,20 +137,29 @@ def expand(**axes) -> list[Case]:
 _BASE = dict(input=8, output=1, activation="tanh", loss="mse", batch=128, dtype="float32")
 
 GRIDS: dict[str, list[dict]] = {
-    # Seconds: tiny nets, every activation, both losses, both dtypes.
+    # Seconds: tiny nets, every activation, both losses, both dtypes, every arch.
     "smoke": [
         dict(_BASE, input=4, width=3, depth=1, batch=8),
         dict(_BASE, input=4, width=3, depth=1, batch=8, activation="relu", dtype="float64"),
         dict(_BASE, input=4, width=3, depth=2, batch=8, output=3, loss="ce", activation="gelu"),
         dict(_BASE, input=4, width=3, depth=1, batch=8, output=3, loss="ce", dtype="float64"),
+        dict(_BASE, input=4, width=3, depth=2, batch=8, arch="custom"),
+        dict(_BASE, input=4, width=3, depth=1, batch=8, output=2, arch="layernorm"),
     ],
-    # P from about 400 to about 13,000; the three DESIGN.md cases are the last three rows.
+    # P from about 300 to about 14,000: at least three nets of different shapes (width,
+    # depth, batch, activation, loss, output size, arch) in each P range of the report's
+    # recommendation; the three DESIGN.md cases (tanh, MSE, batch 128: P = 1,377, 4,801,
+    # 13,121) and, on the same weights, their custom-module and LayerNorm forms. float32
+    # only, to stay within about 20 minutes on 2 cores; the full grid sweeps float64.
     "default": [
+        dict(_BASE, width=[32, 64], depth=2, arch=["mlp", "custom", "layernorm"]),
+        dict(_BASE, width=64, depth=4, arch=["mlp", "custom", "layernorm"]),
+        dict(_BASE, width=32, depth=1, arch="custom"),
         dict(_BASE, width=16, depth=2, batch=64, output=4, loss="ce", activation="gelu"),
-        dict(_BASE, width=32, depth=2, activation="relu", dtype="float64"),
-        dict(_BASE, width=32, depth=2),
-        dict(_BASE, width=64, depth=2),
-        dict(_BASE, width=64, depth=4),
+        dict(_BASE, width=24, depth=2, batch=32, activation="relu"),
+        dict(_BASE, width=24, depth=3, batch=256, output=10, loss="ce", activation="gelu"),
+        dict(_BASE, width=48, depth=3, batch=64, output=10, loss="ce", activation="relu"),
+        dict(_BASE, width=96, depth=2, batch=256, output=10, loss="ce", activation="gelu"),
     ],
     # Sweeps: batch size at fixed net, depth at fixed width, both losses and dtypes.
     "full": [
@@ -131,6 +169,14 @@ GRIDS: dict[str, list[dict]] = {
         dict(_BASE, width=[32, 64], depth=2, dtype="float64"),
         dict(_BASE, width=[128, 192], depth=2, device="cuda"),
         dict(_BASE, width=128, depth=4, device="cuda"),
+    ],
+    # Towards the machine's limit (a float32 Hessian of P = 70,000 is 18 GiB): one family
+    # from P = 13,121 up, so that time and memory extrapolate and the strategies that would
+    # not fit or not finish are recorded as over budget or over memory.
+    "large": [
+        dict(_BASE, width=64, depth=4),
+        dict(_BASE, width=128, depth=[2, 3]),
+        dict(_BASE, width=160, depth=3),
     ],
 }
 

@@ -7,6 +7,7 @@ import torch
 
 from bench.grid import GRIDS, Case, cases, expand
 from bench.models import make_problem
+from bench.report import size_range
 
 
 def _case(**changes) -> Case:
@@ -40,8 +41,53 @@ def test_default_grid_spans_P_400_to_13000_on_cpu():
     assert 12000 <= max(sizes) <= 14000
 
 
-def test_smoke_grid_covers_every_activation_loss_and_dtype():
+def test_default_grid_has_three_shapes_in_every_size_range():
+    by_range: dict = {}
+    for c in cases("default", ("cpu",)):
+        by_range.setdefault((c.dtype, size_range(c.P)), set()).add(
+            (c.width, c.depth, c.batch, c.activation, c.loss, c.output, c.arch)
+        )
+    assert len(by_range) >= 4
+    assert all(len(shapes) >= 3 for shapes in by_range.values()), by_range
+
+
+def test_default_grid_has_each_design_case_in_every_arch():
+    ids = {c.id for c in cases("default", ("cpu",))}
+    for base in ("w32-d2", "w64-d2", "w64-d4"):
+        for arch in ("", "custom-", "layernorm-"):
+            assert f"{arch}{base}-b128-tanh-mse-f32-cpu" in ids
+
+
+def test_large_grid_reaches_P_30000():
+    assert max(c.P for c in cases("large", ("cpu",))) >= 30000
+
+
+@pytest.mark.parametrize("arch", ["custom", "layernorm"])
+def test_arch_forms_share_the_sequential_weights(arch):
+    seq, (x, y), _ = make_problem(_case())
+    net, (x2, y2), loss_fn = make_problem(_case(arch=arch))
+    linears = [m for m in seq if isinstance(m, torch.nn.Linear)]
+    assert [torch.equal(a.weight, b.weight) for a, b in zip(linears, net.fcs)] == [True] * 3
+    assert torch.equal(x, x2)
+    assert sum(p.numel() for p in net.parameters()) == _case(arch=arch).P
+    out = net(x2)
+    value = loss_fn(out, y2) if loss_fn else torch.nn.functional.mse_loss(out, y2)
+    assert value.dim() == 0
+    if arch == "custom":
+        assert out.shape == y2.shape == (128,)
+        torch.testing.assert_close(out, seq(x).squeeze(-1))
+
+
+def test_custom_arch_is_the_one_output_mse_form():
+    with pytest.raises(ValueError, match="arch 'custom'"):
+        _case(arch="custom", output=3, loss="ce")
+    with pytest.raises(ValueError, match="arch"):
+        _case(arch="conv")
+
+
+def test_smoke_grid_covers_every_activation_loss_dtype_and_arch():
     smoke = cases("smoke", ("cpu",))
+    assert {c.arch for c in smoke} == {"mlp", "custom", "layernorm"}
     assert {c.activation for c in smoke} == {"tanh", "relu", "gelu"}
     assert {c.loss for c in smoke} == {"mse", "ce"}
     assert {c.dtype for c in smoke} == {"float32", "float64"}
@@ -125,7 +171,7 @@ def test_model_matches_the_case_and_is_deterministic(case):
     assert sum(p.numel() for p in net.parameters()) == case.P
     assert {p.dtype for p in net.parameters()} == {getattr(torch, case.dtype)}
     assert inputs.shape == (case.batch, case.input)
-    assert sum(isinstance(m, torch.nn.Linear) for m in net) == case.depth + 1
+    assert sum(isinstance(m, torch.nn.Linear) for m in net.modules()) == case.depth + 1
     loss = (loss_fn or torch.nn.functional.mse_loss)(net(inputs), targets)
     assert loss.dim() == 0 and torch.isfinite(loss)
     again, (inputs2, targets2), _ = make_problem(case)
