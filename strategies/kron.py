@@ -55,7 +55,7 @@ DESCRIPTION = (
 )
 
 #: a temporary of one chunk of directions holds at most this fraction of the Hessian's bytes
-_CHUNK_FRACTION = 1 / 4
+_CHUNK_FRACTION = 1 / 2
 _MIN_CHUNK_BYTES = 1 << 22
 #: bytes of a direction's B x P_l product kept in cache at a time
 _CACHE_BYTES = 1 << 21
