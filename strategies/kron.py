@@ -128,16 +128,23 @@ def compute(
         sites, others = _discover(problem)
         outputs = _outputs(problem, sites, None)
         surrogate = _loss_surrogate(problem, outputs)
-        if sites:
-            _check_independent(problem, sites)
     H = torch.empty(problem.P, problem.P, dtype=problem.dtype, device=problem.device)
     offsets = dict(zip(problem.names, problem.offsets))
-    # torch.func differentiates inside no_grad; outside it, nothing is recorded for autograd
-    with torch.no_grad():
+    try:
         if sites:
-            _kron_blocks(H, problem, sites, offsets, surrogate)
-        if others:
-            _hvp_rows(H, problem, others, offsets, surrogate, chunk_size)
+            _check_independent(problem, sites)
+        # torch.func differentiates inside no_grad; outside it, nothing is recorded for autograd
+        with torch.no_grad():
+            if sites:
+                _kron_blocks(H, problem, sites, offsets, surrogate)
+            if others:
+                _hvp_rows(H, problem, others, offsets, surrogate, chunk_size)
+    except (NotImplementedError, RuntimeError):
+        # an op of the net has no forward-mode formula or no batching rule (multi-head
+        # attention, GRU): every row by reverse-over-reverse products, one at a time
+        if sites:
+            _check_independent_reverse(problem, sites)
+        _reverse_rows(H, problem, surrogate)
     return H
 
 
@@ -289,21 +296,49 @@ def _check_independent(problem: Problem, sites: list[_Site]) -> None:
             outputs = _outputs(swapped, sites, perturb)
             if not found and leaks(outputs):
                 found.append("the forward of the net mixes samples outside its submodules")
-    except (NotImplementedError, RuntimeError) as exc:
-        raise ValueError(
-            f"kron could not check that samples are independent through the net: a forward-mode "
-            f"probe failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); use "
-            "block_symmetric or full_autograd"
-        ) from None
     finally:
         for h in handles:
             h.remove()
     if found:
-        raise ValueError(
-            f"kron needs samples to be independent through the net, but {found[0]} (the "
-            "outputs of other samples move when only sample 0 moves): use block_symmetric "
-            "or full_autograd"
+        _refuse_mixing(found[0])
+
+
+def _refuse_mixing(where: str) -> None:
+    raise ValueError(
+        f"kron needs samples to be independent through the net, but {where} (the outputs of "
+        "other samples move when only sample 0 moves): use block_symmetric or full_autograd"
+    )
+
+
+def _check_independent_reverse(problem: Problem, sites: list[_Site]) -> None:
+    """``_check_independent`` by one reverse pass, for nets without forward-mode formulas:
+    the other samples' outputs and Linear inputs, weighted at random, must have zero
+    gradient w.r.t. sample 0's input and Linear outputs. It cannot name the module."""
+    B = problem.inputs.shape[0]
+    if B < 2:
+        return
+    with torch.enable_grad():
+        inputs = problem.inputs
+        if inputs.is_floating_point() and inputs.dim():
+            inputs = inputs.detach().clone().requires_grad_(True)
+        perturb = tuple(
+            torch.zeros(B, s.d_out, dtype=problem.dtype, device=problem.device, requires_grad=True)
+            for s in sites
         )
+        captured: list = [None] * len(sites)
+        swapped = Problem(**{**problem.__dict__, "inputs": inputs})
+        outputs = _outputs(swapped, sites, perturb, captured=captured)
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        objective = sum(
+            (
+                t[1:] * torch.randn(t[1:].shape, generator=generator, dtype=t.dtype).to(t.device)
+            ).sum()
+            for t in [outputs, *captured]
+        )
+        leaves = [t for t in (inputs, *perturb) if t.requires_grad]
+        grads = torch.autograd.grad(objective, leaves, allow_unused=True)
+    if any(g is not None and bool(g[0].ne(0).any()) for g in grads):
+        _refuse_mixing("the forward mixes samples")
 
 
 # ---------------------------------------------------------------- the loss
@@ -558,10 +593,7 @@ def _hvp_rows(
     surrogate, and their columns by symmetry."""
     point = problem.primal_dict()
     sizes = dict(zip(problem.names, problem.sizes))
-
-    def flat_grad(p: dict[str, Tensor]) -> Tensor:
-        g = grad(lambda q: surrogate(functional_call(problem.module, q, (problem.inputs,))))(p)
-        return flatten([g[n] for n in problem.names])
+    flat_grad = _flat_grad(problem, surrogate)
 
     n_other = sum(sizes[n] for n in others)
     step = problem_chunk(problem, n_other, chunk_size)
@@ -574,18 +606,39 @@ def _hvp_rows(
             tangent[name] = v.view(shape)
             return jvp(flat_grad, (point,), (tangent,))[1]
 
-        try:
-            for start, stop, basis in unit_chunks(n, step, problem.dtype, problem.device):
-                H[r0 + start : r0 + stop] = vmap(row)(basis)
-        except (NotImplementedError, RuntimeError) as exc:
-            raise ValueError(
-                f"kron's Hessian-vector rows of {name!r} need forward-mode AD through the net, "
-                f"which failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); use "
-                "full_autograd or symmetric_half"
-            ) from None
+        for start, stop, basis in unit_chunks(n, step, problem.dtype, problem.device):
+            H[r0 + start : r0 + stop] = vmap(row)(basis)
     kron = [n for n in problem.names if n not in others]
     for name in others:
         r0, n = offsets[name], sizes[name]
         for col in kron:
             c0, m = offsets[col], sizes[col]
             _transpose_into(H[c0 : c0 + m, r0 : r0 + n], H[r0 : r0 + n, c0 : c0 + m])
+
+
+def _flat_grad(
+    problem: Problem, surrogate: Callable[[Tensor], Tensor]
+) -> Callable[[dict[str, Tensor]], Tensor]:
+    """The surrogate loss's gradient w.r.t. the chosen parameters, flat in mapping order."""
+
+    def flat_grad(p: dict[str, Tensor]) -> Tensor:
+        g = grad(lambda q: surrogate(functional_call(problem.module, q, (problem.inputs,))))(p)
+        return flatten([g[n] for n in problem.names])
+
+    return flat_grad
+
+
+def _reverse_rows(H: Tensor, problem: Problem, surrogate: Callable[[Tensor], Tensor]) -> None:
+    """Every row by plain double backward, one at a time: no torch.func transform, so no
+    forward-mode formula, batching rule or ``setup_context`` is needed."""
+    leaves = [t.clone().requires_grad_(True) for t in problem.primals]
+    with torch.enable_grad():
+        out = functional_call(problem.module, dict(zip(problem.names, leaves)), (problem.inputs,))
+        grads = torch.autograd.grad(surrogate(out), leaves, create_graph=True, allow_unused=True)
+        flat = flatten([torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)])
+        for i in range(problem.P):
+            if not flat[i].requires_grad:
+                H[i] = 0
+                continue
+            row = torch.autograd.grad(flat[i], leaves, retain_graph=True, allow_unused=True)
+            H[i] = flatten([torch.zeros_like(t) if r is None else r for r, t in zip(row, leaves)])

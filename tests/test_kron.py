@@ -107,6 +107,18 @@ class Embed(nn.Module):
         return self.fc(torch.tanh(self.emb(x)))
 
 
+class Recurrent(nn.Module):
+    """A GRU has no forward-mode batching rule: every row comes from reverse-over-reverse."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
+
+
 class MeanOverBatch(nn.Module):
     """Subtracts the batch mean: samples are not independent."""
 
@@ -210,6 +222,7 @@ CASES = {
         F.cross_entropy,
         None,
     ),
+    "gru_then_linear": (Recurrent, lambda: (torch.randn(5, 4, 3), torch.randn(5, 2)), None, None),
     "conv_then_linear": (
         lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)),
         lambda: (torch.randn(5, 1, 5, 5), torch.randint(0, 3, (5,))),
@@ -278,6 +291,44 @@ def test_refuses_sample_mixing_with_reason(net, loss, match) -> None:
     batch = (torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64))
     with pytest.raises(ValueError, match=match):
         strategies.compute("kron", net, dict(net.named_parameters()), batch, loss_fn=loss)
+
+
+class _ReverseOnlyTanh(torch.autograd.Function):
+    """tanh with a (twice differentiable) backward and no forward-mode formula."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (1 - torch.tanh(x) ** 2)
+
+
+class ReverseOnly(nn.Module):
+    def __init__(self, mix: bool):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 2)
+        self.mix = mix
+
+    def forward(self, x):
+        h = _ReverseOnlyTanh.apply(self.a(x))
+        return self.b(h - h.mean(0) if self.mix else h)
+
+
+def test_without_forward_mode_rows_come_from_reverse_mode_and_probe() -> None:
+    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
+    net = ReverseOnly(mix=False).double()
+    params = dict(net.named_parameters())
+    H = strategies.compute("kron", net, params, batch)
+    torch.testing.assert_close(H, loop_hessian(net, params, batch, None), rtol=1e-9, atol=1e-11)
+    net.mix = True
+    with pytest.raises(ValueError, match="the forward mixes samples"):
+        strategies.compute("kron", net, params, batch)
 
 
 def test_refuses_batchnorm_in_training_mode() -> None:
