@@ -1,0 +1,3 @@
+"""The benchmark, the correctness audit and the report of hessbench (see docs/DESIGN.md)."""
+
+__all__: list[str] = []

@@ -3,9 +3,11 @@
 Run ``python -m bench.audit [--json PATH] [--strategies a,b] [--models m1,m2]``. For each zoo
 model the audit computes the row-by-row double-backward loop and central finite differences
 of the gradient (neither uses vmap or torch.func), checks that they agree, and then records
-per strategy x model: pass, wrong (with its error), error (with the exception) or unsupported.
+per strategy x model a status of ``bench.vocabulary``: ok, wrong (with its error), error (with
+the exception) or unsupported.
 It also runs a minimal reproduction of each known upstream bug and records whether it still
-shows with the installed torch. The output follows the audit JSON contract.
+shows with the installed torch. The output follows the audit JSON contract (docs/DESIGN.md,
+"The audit JSON").
 
 Tolerances:
     ``FD_STEP = 1e-5``: central differences have truncation error O(h^2) and rounding error
@@ -21,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import socket
 import sys
@@ -36,7 +36,9 @@ import torch
 
 import strategies
 from bench import zoo
+from bench.measure import machine_label
 from bench.reference import fd_hessian, loop_hessian
+from bench.vocabulary import AUDIT_KIND, ERROR, OK, UNSUPPORTED, WRONG
 from strategies import Strategy
 
 __all__ = [
@@ -48,7 +50,6 @@ __all__ = [
     "audit_model",
     "run_known_bugs",
     "references_agree",
-    "wrong_kinds",
     "format_matrix",
     "main",
 ]
@@ -57,31 +58,41 @@ FD_STEP = 1e-5
 REFERENCE_TOL = 1e-6
 TOL = 1e-7
 
+#: pytorch/functorch#534 through one normalisation layer (module 1 of ``net``): the block
+#: d2L/d(its weight)d(first weight) and its mirror differ, which a Hessian's blocks never do
+_NORMALISATION_BUG = """\
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+net = {net}.double()
+x, y = {batch}
+p = {{k: v.detach() for k, v in net.named_parameters()}}
+H = hessian(lambda p: ((functional_call(net, p, (x,)) - y) ** 2).mean())(p)
+# d2L/d({layer} weight)d(first weight) must be the transpose of its mirror block
+a, b = H["1.weight"]["0.weight"], H["0.weight"]["1.weight"].permute({mirror})
+bug_shows = bool((a - b).abs().max() > 1e-6 * a.abs().max())
+"""
+
 #: Bugs in torch itself that the audit found or that the strategies work around. Each
 #: reproduction runs in a fresh namespace under a fixed seed and sets ``bug_shows``.
 KNOWN_BUGS: tuple[dict[str, Any], ...] = (
     {
         "title": (
             "vmap's batching rules for normalisation backward are wrong inside jacrev: through "
-            "an affine LayerNorm or BatchNorm in training mode, torch.func.hessian, functorch.hessian and jacfwd(jacrev(f)) return a wrong, "
+            "an affine LayerNorm or BatchNorm in training mode, torch.func.hessian, "
+            "functorch.hessian and jacfwd(jacrev(f)) return a wrong, "
             "asymmetric Hessian with no error, while vmap over jvp(grad(f)) or vjp(grad(f)) "
             "and the double-backward loop are right"
         ),
         "strategies": ["torch_func", "functorch", "jacfwd_jacrev"],
         "models": ["mlp_layernorm", "batchnorm_train"],
         "upstream": "pytorch/functorch#534",
-        "reproduction": """\
-import torch
-from torch import nn
-from torch.func import functional_call, hessian
-net = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 1)).double()
-x, y = torch.randn(8, 4).double(), torch.randn(8, 1).double()
-p = {k: v.detach() for k, v in net.named_parameters()}
-H = hessian(lambda p: ((functional_call(net, p, (x,)) - y) ** 2).mean())(p)
-# d2L/d(LayerNorm weight)d(first weight) must be the transpose of its mirror block
-a, b = H["1.weight"]["0.weight"], H["0.weight"]["1.weight"].permute(2, 0, 1)
-bug_shows = bool((a - b).abs().max() > 1e-6 * a.abs().max())
-""",
+        "reproduction": _NORMALISATION_BUG.format(
+            layer="LayerNorm",
+            net="nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 1))",
+            batch="torch.randn(8, 4).double(), torch.randn(8, 1).double()",
+            mirror="2, 0, 1",
+        ),
     },
     {
         "title": (
@@ -92,18 +103,13 @@ bug_shows = bool((a - b).abs().max() > 1e-6 * a.abs().max())
         "strategies": ["torch_func", "functorch", "jacfwd_jacrev"],
         "models": ["conv_instancenorm"],
         "upstream": "pytorch/functorch#534",
-        "reproduction": """\
-import torch
-from torch import nn
-from torch.func import functional_call, hessian
-net = nn.Sequential(nn.Conv1d(2, 3, 2), nn.InstanceNorm1d(3, affine=True), nn.Tanh(),
-                    nn.Flatten(), nn.Linear(12, 1)).double()
-x, y = torch.randn(4, 2, 5).double(), torch.randn(4, 1).double()
-p = {k: v.detach() for k, v in net.named_parameters()}
-H = hessian(lambda p: ((functional_call(net, p, (x,)) - y) ** 2).mean())(p)
-a, b = H["1.weight"]["0.weight"], H["0.weight"]["1.weight"].permute(3, 0, 1, 2)
-bug_shows = bool((a - b).abs().max() > 1e-6 * a.abs().max())
-""",
+        "reproduction": _NORMALISATION_BUG.format(
+            layer="InstanceNorm",
+            net="nn.Sequential(nn.Conv1d(2, 3, 2), nn.InstanceNorm1d(3, affine=True), nn.Tanh(),\n"
+            "                    nn.Flatten(), nn.Linear(12, 1))",
+            batch="torch.randn(4, 2, 5).double(), torch.randn(4, 1).double()",
+            mirror="3, 0, 1, 2",
+        ),
     },
     {
         "title": (
@@ -184,16 +190,6 @@ except RuntimeError as e:
 )
 
 
-def _machine_label() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{socket.gethostname()} / {cpu} / {os.cpu_count()} cores"
-
-
 def _rel(diff: torch.Tensor, scale: torch.Tensor) -> float:
     return float(diff.abs().max() / scale) if scale > 0 else float(diff.abs().max())
 
@@ -228,7 +224,7 @@ def _cell(
     net, params, batch, loss_fn = zoo.build(model)
     record: dict[str, Any] = {
         "strategy": strategy.name,
-        "status": "pass",
+        "status": OK,
         "max_rel_err": None,
         "sym_err": None,
         "exception": None,
@@ -237,7 +233,7 @@ def _cell(
     }
     ok, reason = strategy.supports(net, loss_fn)
     if not ok and not ignore_supports:
-        record.update(status="unsupported", message=reason)
+        record.update(status=UNSUPPORTED, message=reason)
         return record
     notes = [] if ok else [f"ran although supports() says no: {reason}"]
     before = _net_state(net)
@@ -247,7 +243,7 @@ def _cell(
         H = strategy.compute_fn(net, params, batch, loss_fn)
     except Exception as exc:  # the audit records any crash and goes on
         record.update(
-            status="error",
+            status=ERROR,
             exception=type(exc).__name__,
             message="; ".join([str(exc).strip().split("\n")[0][:300], *notes]),
             seconds=time.perf_counter() - start,
@@ -257,12 +253,12 @@ def _cell(
     P = reference.shape[0]
     if not isinstance(H, torch.Tensor) or tuple(H.shape) != (P, P):
         shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
-        record.update(status="wrong", message=f"returned {shape}, expected {(P, P)}")
+        record.update(status=WRONG, message=f"returned {shape}, expected {(P, P)}")
         return record
     H = H.detach()
     if not torch.isfinite(H).all():
         # NaN is not JSON: the errors stay null and the message says why
-        record.update(status="wrong", message="returned non-finite entries")
+        record.update(status=WRONG, message="returned non-finite entries")
         return record
     scale = reference.abs().max()
     record["max_rel_err"] = _rel(H.to(reference) - reference, scale)
@@ -278,7 +274,7 @@ def _cell(
     if not _same_state(before, _net_state(net)):
         problems.append("changed the net (values, requires_grad, .grad, buffers or mode)")
     if problems:
-        record["status"] = "wrong"
+        record["status"] = WRONG
     record["message"] = "; ".join(problems + notes) or None
     return record
 
@@ -384,9 +380,9 @@ def run_audit(
     finally:
         torch.set_num_threads(threads)
     return {
-        "kind": "hessbench-audit",
+        "kind": AUDIT_KIND,
         "torch_version": torch.__version__,
-        "machine_label": _machine_label(),
+        "machine_label": machine_label(),
         "command": command or "bench.audit.run_audit()",
         "tolerance": TOL,
         "reference_tolerance": REFERENCE_TOL,
@@ -403,32 +399,13 @@ def references_agree(audit: dict[str, Any]) -> bool:
     return all(r["agree"] for r in audit["references"])
 
 
-def wrong_kinds(audit: dict[str, Any]) -> dict[str, set[str]]:
-    """For each audited strategy, the model_kind tags of models where it was wrong or raised."""
-    out: dict[str, set[str]] = {}
-    for r in audit["records"]:
-        kinds = out.setdefault(r["strategy"], set())
-        if r["status"] in ("wrong", "error"):
-            kinds.update(r["model_kind"])
-    return out
-
-
-def merged_wrong_kinds(audits: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
-    """``wrong_kinds`` over several audits, for the strategies wrong or failing somewhere."""
-    merged: dict[str, set[str]] = {}
-    for audit in audits:
-        for name, kinds in wrong_kinds(audit).items():
-            merged.setdefault(name, set()).update(kinds)
-    return {name: sorted(kinds) for name, kinds in sorted(merged.items()) if kinds}
-
-
 def _short(record: dict[str, Any]) -> str:
     status = record["status"]
-    if status == "pass":
+    if status == OK:
         return "ok"
-    if status == "unsupported":
+    if status == UNSUPPORTED:
         return "-"
-    if status == "error":
+    if status == ERROR:
         return f"ERR {record['exception']}"
     err = record["max_rel_err"]
     return "WRONG" if err is None else f"WRONG {err:.1e}"

@@ -25,60 +25,52 @@ from typing import Any
 
 import pandas as pd
 
-from bench import report
-from bench.audit import merged_wrong_kinds
+from bench import results
+
+__all__ = ["DEFAULT_OUT", "build", "main"]
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "strategies" / "auto_table.json"
 
 
 def build(df: pd.DataFrame, audits: list[dict], sources: Sequence[str], command: str) -> dict:
     """The table as a JSON-ready dict (see the module docstring)."""
-    regimes: list[dict[str, Any]] = []
-    if not df.empty:
-        df = df.assign(P_min=df["P"].map(lambda p: report.size_range(int(p))[0]))
-        for (machine, device, dtype, p_min), rows in df.groupby(
-            ["machine", "device", "dtype", "P_min"], sort=True
-        ):
-            summary = report.summaries(rows, set(rows["case"]))
-            summary = summary[~summary["peer"].astype(bool)]
-            summary = summary[~summary.index.isin(report.DISPATCHERS)].sort_values("time_s")
-            if summary.empty:
-                continue
-            ok = rows[rows["status"] == "ok"]
-            ratio = (ok["peak_bytes"] / ok["hessian_bytes"]).groupby(ok["strategy"]).max()
-            regimes.append(
-                {
-                    "machine": machine,
-                    "device": device,
-                    "dtype": dtype,
-                    "P_min": int(p_min),
-                    "P_max": int(report.size_range(int(p_min))[1]),
-                    "ranking": list(summary.index),
-                    "time_s": {k: float(v) for k, v in summary["time_s"].items()},
-                    # unmeasured peaks (memory pass skipped, peers) are left out
-                    "peak_ratio": {
-                        k: round(float(ratio[k]), 4)
-                        for k in summary.index
-                        if k in ratio.index and pd.notna(ratio[k])
-                    },
-                }
-            )
+    table: list[dict[str, Any]] = []
+    for regime, rows in results.regimes(df):
+        summary = results.summaries(rows, set(rows["case"]))
+        summary = summary[~summary["peer"].astype(bool)].sort_values("time_s")
+        if summary.empty:
+            continue
+        ratio = results.peak_ratios(rows)
+        table.append(
+            {
+                **regime,
+                "ranking": list(summary.index),
+                "time_s": {k: float(v) for k, v in summary["time_s"].items()},
+                # unmeasured peaks (memory pass skipped, peers) are left out
+                "peak_ratio": {
+                    k: round(float(ratio[k]), 4)
+                    for k in summary.index
+                    if k in ratio.index and pd.notna(ratio[k])
+                },
+            }
+        )
     return {
         "command": command,
         "sources": list(sources),
-        "regimes": regimes,
-        "wrong_on": merged_wrong_kinds(audits),
+        "regimes": table,
+        "wrong_on": results.merged_wrong_kinds(audits),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Write the table; returns 0, or 2 where an input file is not of a known kind."""
     parser = argparse.ArgumentParser(prog="python -m bench.auto_table", description=__doc__)
     parser.add_argument("files", nargs="+", help="benchmark and audit JSON files")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     try:
-        df, audits = report.load(args.files)
-    except report.InputFileError as error:
+        df, audits = results.load(args.files)
+    except results.InputFileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     argv = sys.argv[1:] if argv is None else argv

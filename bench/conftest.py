@@ -1,17 +1,15 @@
-"""pytest plugin of the benchmark suite: options, the (case, strategy) grid, caches, JSON hooks.
+"""pytest plugin of the benchmark suite: options, the (case, strategy) grid, JSON hooks, the end.
 
 Run as ``pytest bench --benchmark-json results/<run>.json [--grid smoke|default|full]``.
+The session's state is ``bench.session.Run``; what happens in one cell is ``bench.policy``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import shlex
-import socket
 import traceback
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -19,9 +17,22 @@ import torch
 
 import strategies
 from bench import measure
-from bench.grid import DEVICES, GRIDS, Case, cases
-from bench.models import make_problem
-from bench.reference import batched_loop_hessian
+from bench.grid import DEVICES, GRIDS, cases
+from bench.session import Run
+from bench.vocabulary import BASELINE
+
+__all__ = [
+    "pytest_addoption",
+    "pytest_configure",
+    "pytest_generate_tests",
+    "hessbench",
+    "pytest_benchmark_update_machine_info",
+    "pytest_benchmark_update_json",
+    "partial_path",
+    "pytest_runtest_logfinish",
+    "pytest_terminal_summary",
+    "pytest_sessionfinish",
+]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -64,74 +75,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="plots",
         help="where the report at the end writes its figures and report.html (default: plots)",
     )
-
-
-@dataclass
-class CaseData:
-    """What one case computes once and every strategy shares."""
-
-    case: Case
-    net: torch.nn.Module
-    batch: tuple[torch.Tensor, torch.Tensor]
-    loss_fn: Any
-    reference: torch.Tensor | None = None
-    grad_s: float | None = None
-    gemm_s: float | None = None
-
-
-@dataclass
-class Run:
-    """State of one benchmark session: options, the current case's data, outcomes, history."""
-
-    grid: str
-    strategy_names: list[str]
-    devices: list[str]
-    time_budget: float
-    memory_fraction: float
-    command: str
-    cases: dict[str, Case]
-    outcomes: list[dict] = field(default_factory=list)
-    #: (case id, strategy) -> (min seconds, peak bytes, accurate, peer) of timed rows
-    timed: dict[tuple[str, str], tuple[float, int, bool, bool]] = field(default_factory=dict)
-    #: (strategy, case family) -> [(P, min seconds)] and [(P, peak bytes)]
-    seconds_history: dict[tuple, list[tuple[int, float]]] = field(default_factory=dict)
-    bytes_history: dict[tuple, list[tuple[int, int]]] = field(default_factory=dict)
-    #: (strategy, case family) -> [(P, profiler events of the memory pass)]
-    events_history: dict[tuple, list[tuple[int, int]]] = field(default_factory=dict)
-    _current: CaseData | None = None
-
-    def case_data(self, case: Case) -> CaseData:
-        """The case's model and batch; only the latest case is kept (its reference is P^2 x 8 B)."""
-        if self._current is None or self._current.case != case:
-            self._current = None
-            net, batch, loss_fn = make_problem(case)
-            self._current = CaseData(case, net, batch, loss_fn)
-        return self._current
-
-    def baselines(self, data: CaseData) -> CaseData:
-        """Fill the float64 reference, grad_s and gemm_s of the case, once."""
-        if data.reference is None:
-            case = data.case
-            names = [n for n, _ in data.net.named_parameters()]
-            data.reference = batched_loop_hessian(data.net, names, data.batch, data.loss_fn)
-            data.grad_s = measure.grad_seconds(data.net, data.batch, data.loss_fn)
-            data.gemm_s = measure.gemm_seconds(
-                case.P, case.batch, getattr(torch, case.dtype), case.device
-            )
-        return data
-
-    def record(self, case: Case, strategy: str, status: str, reason: str) -> None:
-        """Record a cell that was not timed, for the JSON's ``hessbench.outcomes``."""
-        self.outcomes.append(
-            {
-                **case.fields(),
-                "strategy": strategy,
-                "P": case.P,
-                "hessian_bytes": case.hessian_bytes,
-                "status": status,
-                "reason": reason,
-            }
-        )
 
 
 def _csv(value: str) -> list[str]:
@@ -192,30 +135,15 @@ def hessbench(request: pytest.FixtureRequest) -> Run:
     return request.config._hessbench
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     cuda = torch.cuda.is_available()
-    gpu_name = torch.cuda.get_device_name(0) if cuda else None
-    cpu_model = _cpu_model()
-    host = socket.gethostname()
-    label = f"{host} / {gpu_name}" if cuda else f"{host} / {cpu_model} / {os.cpu_count()} cores"
     machine_info.update(
         torch_version=torch.__version__,
         torch_threads=torch.get_num_threads(),
-        cpu_model=cpu_model,
-        gpu_name=gpu_name,
+        cpu_model=measure.cpu_model(),
+        gpu_name=torch.cuda.get_device_name(0) if cuda else None,
         cuda_version=torch.version.cuda if cuda else None,
-        machine_label=label,
+        machine_label=measure.machine_label(),
     )
 
 
@@ -277,18 +205,18 @@ _CONFIG: dict[str, Any] = {}
 def _summary_lines(run: Run) -> list[str]:
     lines = []
     for case_id in run.cases:
-        rows = {s: v for (c, s), v in run.timed.items() if c == case_id}
-        accurate = {s: v for s, v in rows.items() if v[2] and not v[3]}
+        rows = {s: timed for (c, s), timed in run.timed.items() if c == case_id}
+        accurate = {s: timed for s, timed in rows.items() if timed.accurate and not timed.peer}
         if not accurate:
             if rows:
                 lines.append(f"{case_id}: no accurate strategy timed")
             continue
-        best = min(accurate, key=lambda s: accurate[s][0])
-        seconds, peak, _, _ = accurate[best]
+        best = min(accurate, key=lambda s: accurate[s].seconds)
+        seconds, peak = accurate[best].seconds, accurate[best].peak_bytes
         speedup = (
-            f"{rows['torch_func'][0] / seconds:.2f}x vs torch_func"
-            if "torch_func" in rows
-            else "torch_func not timed"
+            f"{rows[BASELINE].seconds / seconds:.2f}x vs {BASELINE}"
+            if BASELINE in rows
+            else f"{BASELINE} not timed"
         )
         memory = "peak not measured" if peak is None else f"peak {peak / 2**20:.3g} MiB"
         lines.append(f"{case_id}: {best} {seconds:.4g} s, {memory}, {speedup}")

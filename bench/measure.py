@@ -1,8 +1,11 @@
-"""Measurement helpers of the benchmark: timing, peak memory, accuracy, baselines and budgets."""
+"""Measurement helpers: timing, peak memory, accuracy, baselines, budgets, the machine's label."""
 
 from __future__ import annotations
 
 import math
+import os
+import platform
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,8 +29,11 @@ __all__ = [
     "grad_seconds",
     "gemm_seconds",
     "predict_seconds",
+    "extrapolate",
     "predict_bytes",
     "available_bytes",
+    "cpu_model",
+    "machine_label",
 ]
 
 #: max_rel_err a correct strategy stays under, per dtype: float32 rounding over a few thousand
@@ -147,7 +153,7 @@ def gemm_seconds(
 
     The product allocates its result, as ``left @ right`` does: every strategy returns a new
     ``P x P`` matrix, so the floor includes getting and first touching that memory (on CPU
-    about as long again as the arithmetic at these sizes). This is how DESIGN.md's matmul
+    about as long again as the arithmetic at these sizes). This is how docs/DESIGN.md's matmul
     column was measured (0.05 s at P = 4,801); writing into a preallocated ``out`` takes less
     than half of that and would be a floor no strategy returning a fresh matrix can reach.
     """
@@ -190,3 +196,27 @@ def predict_bytes(history: list[tuple[int, int]], P: int) -> int | None:
     """
     predicted = extrapolate(history, P)
     return None if predicted is None else int(predicted)
+
+
+def cpu_model() -> str:
+    """The CPU's model name, from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_label() -> str:
+    """How runs name this machine: ``host / GPU`` with CUDA, else ``host / CPU / N cores``.
+
+    The report keeps machines apart by this label, so a benchmark and an audit made on one
+    machine carry the same one.
+    """
+    host = socket.gethostname()
+    if torch.cuda.is_available():
+        return f"{host} / {torch.cuda.get_device_name(0)}"
+    return f"{host} / {cpu_model()} / {os.cpu_count()} cores"

@@ -1,4 +1,4 @@
-"""Figures of the benchmark report, drawn from the tidy DataFrame that bench.report builds."""
+"""Figures of the benchmark report, drawn from the tidy frame of ``bench.results.load``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from bench.results import family
+from bench.vocabulary import BASELINE, OK, TIMED
+
 __all__ = [
     "strategy_colours",
     "time_vs_p",
@@ -22,6 +25,7 @@ __all__ = [
     "cost_ratios",
     "png_bytes",
     "save",
+    "write_figures",
 ]
 
 MIB = 2**20
@@ -55,17 +59,13 @@ def _grid(n: int, width: float = 6.0, height: float = 4.2) -> tuple[Figure, list
     return fig, axes[:n]
 
 
-#: cases that differ only in the net's size: a line through them shows growth in P
-FAMILY = ["input", "output", "activation", "loss", "batch"]
-
-
 def _family_lines(ax, rows: pd.DataFrame, column: str, scale: float, label: str, **style) -> None:
-    """One line per family through ``column`` vs P; only the first line carries the label."""
+    """One line per case family through ``column`` vs P; only the first carries the label."""
     rows = rows.dropna(subset=[column])
     rows = rows[rows[column] > 0]
-    for _, family in rows.groupby(FAMILY, sort=True):
-        family = family.sort_values("P")
-        ax.plot(family["P"], family[column] / scale, label=label, **style)
+    for _, line in rows.groupby(family(rows), sort=True):
+        line = line.sort_values("P")
+        ax.plot(line["P"], line[column] / scale, label=label, **style)
         label = "_nolegend_"
 
 
@@ -96,12 +96,12 @@ def _sized_panels(
     panels = _panels(df, ["machine", "device", "dtype"])
     fig, axes = _grid(len(panels))
     for ax, ((machine, device, dtype), g) in zip(axes, panels):
-        timed = (g["status"] == "ok").any()
+        timed = (g["status"] == OK).any()
         for strategy, rows in g.groupby("strategy", sort=True):
             peer = bool(rows["peer"].fillna(False).any())
             _family_lines(
                 ax,
-                rows[rows["status"] == "ok"],
+                rows[rows["status"] == OK],
                 value,
                 scale,
                 strategy,
@@ -110,7 +110,7 @@ def _sized_panels(
                 linestyle="--" if peer else "-",
                 color=colours[strategy],
             )
-            _mark_not_timed(ax, rows[rows["status"] != "ok"], colours[strategy])
+            _mark_not_timed(ax, rows[rows["status"] != OK], colours[strategy])
         for column, label, style in references if timed else []:
             _family_lines(
                 ax, g.drop_duplicates("case"), column, scale, label, color="black", **style
@@ -189,7 +189,7 @@ def memory_vs_p(df: pd.DataFrame, colours: dict[str, tuple]) -> Figure:
     )
 
 
-def speedup(df: pd.DataFrame, colours: dict[str, tuple], baseline: str = "torch_func") -> Figure:
+def speedup(df: pd.DataFrame, colours: dict[str, tuple], baseline: str = BASELINE) -> Figure:
     """Speedup over ``baseline`` per case (baseline min / strategy min), a panel per machine.
 
     A cell that was not timed is a hatched bar of height 1 labelled with its status; a case
@@ -197,7 +197,7 @@ def speedup(df: pd.DataFrame, colours: dict[str, tuple], baseline: str = "torch_
     """
     # Cases where nothing at all was timed (a device absent here) would be empty slots: they
     # are counted in the panel title and listed in the report's "Cells not timed" table.
-    timed_cases = set(df.loc[df["status"].isin(("ok", "inaccurate")), "case"])
+    timed_cases = set(df.loc[df["status"].isin(TIMED), "case"])
     untimed = df.loc[~df["case"].isin(timed_cases), "case"].nunique()
     panels = _panels(df[df["case"].isin(timed_cases)], ["machine", "device"])
     if not panels:
@@ -216,7 +216,7 @@ def speedup(df: pd.DataFrame, colours: dict[str, tuple], baseline: str = "torch_
         cells = g.set_index(["case", "strategy"])
         for i, case in enumerate(cases):
             base = cells["min"].get((case, baseline))
-            base_ok = cells["status"].get((case, baseline)) == "ok"
+            base_ok = cells["status"].get((case, baseline)) == OK
             if not base_ok:
                 ax.text(i, 1.0, f"{baseline}\nnot timed", ha="center", va="center", fontsize=7)
                 continue
@@ -225,7 +225,7 @@ def speedup(df: pd.DataFrame, colours: dict[str, tuple], baseline: str = "torch_
                     continue
                 x = i - 0.4 + (j + 0.5) * width
                 status = cells["status"].get((case, strategy))
-                if status == "ok":
+                if status == OK:
                     ax.bar(x, base / cells["min"][(case, strategy)], width, color=colours[strategy])
                 else:
                     ax.bar(
@@ -254,7 +254,7 @@ def speedup(df: pd.DataFrame, colours: dict[str, tuple], baseline: str = "torch_
 
 def cost_ratios(df: pd.DataFrame, colours: dict[str, tuple]) -> Figure:
     """``cost_vs_grad`` and ``vs_gemm`` per strategy, one point per timed case."""
-    ok = df[df["status"] == "ok"]
+    ok = df[df["status"] == OK]
     strategies = sorted(df["strategy"].unique())
     fig = Figure(figsize=(max(9.0, 0.6 * len(strategies) * 2 + 3), 4.8), layout="constrained")
     axes = fig.subplots(1, 2)
@@ -299,3 +299,31 @@ def save(fig: Figure, path: Path) -> bytes:
     data = png_bytes(fig)
     path.write_bytes(data)
     return data
+
+
+def write_figures(df: pd.DataFrame, plots_dir: Path) -> dict[str, bytes]:
+    """Draw the report's figures into ``plots_dir`` as PNG; returns {caption: PNG bytes}.
+
+    ``headline.png`` (time vs P on CPU, for the README) is written too but not returned.
+    """
+    if df.empty:
+        return {}
+    colours = strategy_colours(df["strategy"])
+    figures = {
+        "time_vs_P": (
+            "Time per Hessian vs P, with P gradients and the GEMM as references",
+            time_vs_p(df, colours),
+        ),
+        "memory_vs_P": (
+            "Peak memory vs P, with the Hessian's own size as reference",
+            memory_vs_p(df, colours),
+        ),
+        "cost_ratios": ("cost_vs_grad and vs_gemm per strategy", cost_ratios(df, colours)),
+    }
+    if (df["strategy"] == BASELINE).any():
+        figures["speedup"] = (f"Speedup over {BASELINE} per case", speedup(df, colours))
+    headline = df[df["device"] == "cpu"] if (df["device"] == "cpu").any() else df
+    save(time_vs_p(headline, colours), plots_dir / "headline.png")
+    return {
+        caption: save(fig, plots_dir / f"{name}.png") for name, (caption, fig) in figures.items()
+    }

@@ -53,13 +53,19 @@ def _loss_fn(loss_fn: Callable[[Tensor, Tensor], Tensor] | None):
     return reference_loss if loss_fn is None or loss_fn is F.mse_loss else loss_fn
 
 
-def _flat(grads: Sequence[Tensor | None], leaves: Sequence[Tensor]) -> Tensor:
-    """One vector of gradients; None (an unused leaf) stands for zeros."""
+def _flat(
+    grads: Sequence[Tensor | None], leaves: Sequence[Tensor], batch_shape: tuple[int, ...] = ()
+) -> Tensor:
+    """Gradients w.r.t. ``leaves`` as one vector (a row per leading ``batch_shape`` entry).
+
+    None (a leaf the output does not use) stands for zeros.
+    """
     return torch.cat(
         [
-            torch.zeros_like(p).reshape(-1) if d is None else d.reshape(-1)
+            p.new_zeros(*batch_shape, p.numel()) if d is None else d.reshape(*batch_shape, -1)
             for d, p in zip(grads, leaves)
-        ]
+        ],
+        dim=-1,
     )
 
 
@@ -78,6 +84,34 @@ def _gradient_graph(
     return leaves, _flat(grads, leaves)
 
 
+def _double_backward(
+    net: nn.Module,
+    names: Sequence[str],
+    batch: tuple[Tensor, Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+    chunk: int,
+) -> Tensor:
+    """H by double backward: row by row (``chunk == 1``) or ``chunk`` rows per call."""
+    leaves, g = _gradient_graph(net, names, batch, loss_fn)
+    P = g.numel()
+    H = torch.zeros(P, P, dtype=torch.float64, device=g.device)
+    if not g.requires_grad:  # the loss does not depend on these parameters at all
+        return H
+    with torch.enable_grad():
+        for start in range(0, P, chunk):
+            stop = min(P, start + chunk)
+            if chunk == 1:  # the plain loop: a batched grad would run through vmap
+                rows = torch.autograd.grad(g[start], leaves, retain_graph=True, allow_unused=True)
+            else:
+                units = torch.zeros(stop - start, P, dtype=torch.float64, device=g.device)
+                units[:, start:stop].fill_diagonal_(1.0)
+                rows = torch.autograd.grad(
+                    g, leaves, units, retain_graph=True, allow_unused=True, is_grads_batched=True
+                )
+            H[start:stop] = _flat(rows, leaves, (stop - start,))
+    return H
+
+
 def loop_hessian(
     net: nn.Module,
     names: Sequence[str],
@@ -85,16 +119,7 @@ def loop_hessian(
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Float64 Hessian w.r.t. the parameters ``names`` by one double-backward per gradient entry."""
-    leaves, g = _gradient_graph(net, names, batch, loss_fn)
-    P = g.numel()
-    with torch.enable_grad():
-        H = torch.zeros(P, P, dtype=torch.float64, device=g.device)
-        for i in range(P):
-            if not g[i].requires_grad:
-                continue
-            row = torch.autograd.grad(g[i], leaves, retain_graph=True, allow_unused=True)
-            H[i] = _flat(row, leaves)
-    return H
+    return _double_backward(net, names, batch, loss_fn, chunk=1)
 
 
 def batched_loop_hessian(
@@ -109,32 +134,11 @@ def batched_loop_hessian(
     The same float64 double-backward as ``loop_hessian``, but ``torch.autograd.grad`` takes
     ``chunk`` unit vectors at once (``is_grads_batched=True``), which is what makes a float64
     reference at P ~ 13,000 affordable. It uses neither torch.func nor any strategy's code.
+    ``chunk=1`` is ``loop_hessian`` itself.
     """
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    leaves, g = _gradient_graph(net, names, batch, loss_fn)
-    P = g.numel()
-    with torch.enable_grad():
-        H = torch.zeros(P, P, dtype=torch.float64, device=g.device)
-        if not g.requires_grad:
-            return H
-        for start in range(0, P, chunk):
-            stop = min(P, start + chunk)
-            units = torch.zeros(stop - start, P, dtype=torch.float64, device=g.device)
-            units[:, start:stop].fill_diagonal_(1.0)
-            rows = torch.autograd.grad(
-                g, leaves, units, retain_graph=True, allow_unused=True, is_grads_batched=True
-            )
-            H[start:stop] = torch.cat(
-                [
-                    torch.zeros(stop - start, p.numel(), dtype=torch.float64, device=g.device)
-                    if r is None
-                    else r.reshape(stop - start, -1)
-                    for r, p in zip(rows, leaves)
-                ],
-                dim=1,
-            )
-    return H
+    return _double_backward(net, names, batch, loss_fn, chunk)
 
 
 def fd_hessian(

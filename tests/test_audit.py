@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import strategies
-from bench import audit, zoo
+from bench import audit, results, zoo
 from bench.reference import fd_hessian, loop_hessian
+from bench.vocabulary import ERROR, OK, UNSUPPORTED, WRONG
 from strategies import Strategy
 
 
@@ -83,39 +84,39 @@ def test_references_agree_on_every_zoo_model(result):
 @pytest.mark.parametrize("name", ["full_autograd", "planted_loop"])
 def test_correct_strategy_passes_every_cell(result, name):
     for cell in _cells(result, name):
-        assert cell["status"] == "pass", cell
+        assert cell["status"] == OK, cell
         assert cell["max_rel_err"] <= audit.TOL and cell["sym_err"] <= audit.TOL
 
 
 def test_perturbed_strategy_is_wrong_everywhere(result):
     for cell in _cells(result, "planted_perturbed"):
-        assert cell["status"] == "wrong", cell
+        assert cell["status"] == WRONG, cell
         assert cell["max_rel_err"] == pytest.approx(1e-5, rel=1e-3)
 
 
 def test_asymmetric_strategy_is_wrong_everywhere(result):
     for cell in _cells(result, "planted_asymmetric"):
-        assert cell["status"] == "wrong", cell
+        assert cell["status"] == WRONG, cell
         assert cell["sym_err"] > audit.TOL
 
 
 def test_strategy_that_changes_the_net_is_wrong(result):
     for cell in _cells(result, "planted_mutating"):
-        assert cell["status"] == "wrong", cell
+        assert cell["status"] == WRONG, cell
         assert cell["max_rel_err"] <= audit.TOL
         assert "changed the net" in cell["message"]
 
 
 def test_non_finite_hessian_is_wrong_and_the_json_stays_valid(result):
     for cell in _cells(result, "planted_nan"):
-        assert cell["status"] == "wrong", cell
+        assert cell["status"] == WRONG, cell
         assert cell["max_rel_err"] is None and "non-finite" in cell["message"]
     json.dumps(result, allow_nan=False)
 
 
 def test_crash_is_recorded_and_the_audit_goes_on(result):
     for cell in _cells(result, "planted_crash"):
-        assert cell["status"] == "error"
+        assert cell["status"] == ERROR
         assert cell["exception"] == "ZeroDivisionError"
         assert cell["message"] == "planted crash"
         assert cell["max_rel_err"] is None
@@ -123,7 +124,7 @@ def test_crash_is_recorded_and_the_audit_goes_on(result):
 
 def test_unsupported_is_recorded_without_calling_compute(result):
     for cell in _cells(result, "planted_unsupported"):
-        assert cell["status"] == "unsupported", cell
+        assert cell["status"] == UNSUPPORTED, cell
         assert cell["message"] == "no"
 
 
@@ -135,7 +136,7 @@ def test_ignore_supports_computes_and_says_so():
         strategy_objects=[refuses], models=["tied"], known_bugs=False, ignore_supports=True
     )
     [cell] = out["records"]
-    assert cell["status"] == "pass"
+    assert cell["status"] == OK
     assert "supports() says no: x" in cell["message"]
 
 
@@ -151,7 +152,7 @@ def test_records_follow_the_contract(result):
 
 
 def test_wrong_kinds_collects_tags_of_wrong_and_crashing_cells(result):
-    kinds = audit.wrong_kinds(result)
+    kinds = results.wrong_kinds(result)
     every_tag = {tag for m in zoo.ZOO for tag in m.model_kind}
     assert kinds["full_autograd"] == set()
     assert kinds["planted_unsupported"] == set()
@@ -161,12 +162,12 @@ def test_wrong_kinds_collects_tags_of_wrong_and_crashing_cells(result):
 
 def test_wrong_kinds_only_names_models_where_the_strategy_failed():
     records = [
-        {"strategy": "s", "model": "a", "model_kind": ["layernorm", "mlp"], "status": "wrong"},
-        {"strategy": "s", "model": "b", "model_kind": ["gru"], "status": "pass"},
-        {"strategy": "s", "model": "c", "model_kind": ["conv"], "status": "error"},
-        {"strategy": "s", "model": "d", "model_kind": ["tied"], "status": "unsupported"},
+        {"strategy": "s", "model": "a", "model_kind": ["layernorm", "mlp"], "status": WRONG},
+        {"strategy": "s", "model": "b", "model_kind": ["gru"], "status": OK},
+        {"strategy": "s", "model": "c", "model_kind": ["conv"], "status": ERROR},
+        {"strategy": "s", "model": "d", "model_kind": ["tied"], "status": UNSUPPORTED},
     ]
-    assert audit.wrong_kinds({"records": records}) == {"s": {"layernorm", "mlp", "conv"}}
+    assert results.wrong_kinds({"records": records}) == {"s": {"layernorm", "mlp", "conv"}}
 
 
 def test_fd_agrees_with_loop_on_a_smooth_model():
@@ -234,7 +235,7 @@ def test_cli_writes_the_json_and_exits_zero(tmp_path, capsys):
     assert code == 0
     written = json.loads(path.read_text())
     assert [(r["strategy"], r["model"], r["status"]) for r in written["records"]] == [
-        ("full_autograd", "tied", "pass")
+        ("full_autograd", "tied", OK)
     ]
     assert written["command"].endswith("--strategies full_autograd --models tied")
     assert "full_autograd" in capsys.readouterr().out
@@ -259,6 +260,6 @@ def test_no_registered_strategy_is_silently_wrong(registered_result, name):
     wrong = [
         (r["model"], r["max_rel_err"], r["message"])
         for r in registered_result["records"]
-        if r["strategy"] == name and r["status"] == "wrong"
+        if r["strategy"] == name and r["status"] == WRONG
     ]
     assert wrong == []

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.vocabulary import BASELINE, ERROR, OK, OOM, OVER_BUDGET, SKIPPED, WRONG
+
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +61,7 @@ def test_smoke_grid_writes_every_field(pytester, monkeypatch):
     for row in rows:
         info = row["extra_info"]
         assert ROW_KEYS <= set(info)
-        assert info["status"] == "ok" and info["accurate"] is True
+        assert info["status"] == OK and info["accurate"] is True
         assert info["threads"] == 1
         assert info["hessian_bytes"] == info["P"] ** 2 * (4 if info["dtype"] == "float32" else 8)
         assert info["peak_bytes"] >= info["hessian_bytes"]
@@ -70,8 +72,8 @@ def test_smoke_grid_writes_every_field(pytester, monkeypatch):
     hessbench = data["hessbench"]
     assert hessbench["grid"] == "smoke" and "--grid smoke" in hessbench["command"]
     if not torch.cuda.is_available():
-        assert {o["status"] for o in hessbench["outcomes"]} == {"skipped"}
-    result.stdout.fnmatch_lines(["*fastest accurate strategy per case*", "*x vs torch_func*"])
+        assert {o["status"] for o in hessbench["outcomes"]} == {SKIPPED}
+    result.stdout.fnmatch_lines(["*fastest accurate strategy per case*", f"*x vs {BASELINE}*"])
 
 
 def test_unknown_strategy_is_a_usage_error_listing_valid_names(pytester, monkeypatch):
@@ -89,12 +91,12 @@ def test_predicted_over_budget_is_skipped_with_the_reason(pytester, monkeypatch)
     assert result.ret == 0, result.stdout.str()
     assert [r["extra_info"]["depth"] for r in data["benchmarks"]] == [1]
     [outcome] = data["hessbench"]["outcomes"]
-    assert outcome["status"] == "over_budget" and outcome["depth"] == 3
+    assert outcome["status"] == OVER_BUDGET and outcome["depth"] == 3
     assert "--time-budget" in outcome["reason"]
-    result.stdout.fnmatch_lines(["*over_budget*"])
+    result.stdout.fnmatch_lines([f"*{OVER_BUDGET}*"])
 
 
-def test_inaccurate_row_reaches_the_json_and_fails(pytester, monkeypatch):
+def test_wrong_row_reaches_the_json_and_fails(pytester, monkeypatch):
     setup = """
     GRIDS["smoke"] = [dict(TINY, width=2, depth=1)]
     def off_by_one(net, params, batch, loss_fn=None):
@@ -109,7 +111,7 @@ def test_inaccurate_row_reaches_the_json_and_fails(pytester, monkeypatch):
     )  # fmt: skip
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     [row] = data["benchmarks"]
-    assert row["extra_info"]["status"] == "inaccurate" and row["extra_info"]["accurate"] is False
+    assert row["extra_info"]["status"] == WRONG and row["extra_info"]["accurate"] is False
     result.stdout.fnmatch_lines(["*fake_wrong*max_rel_err*> tolerance*"])
 
 
@@ -135,9 +137,9 @@ def test_oom_error_and_interrupt_are_recorded_and_keep_what_was_measured(pyteste
     assert [r["extra_info"]["strategy"] for r in data["benchmarks"]] == ["torch_func"]
     outcomes = {o["strategy"]: o for o in data["hessbench"]["outcomes"]}
     assert {s: o["status"] for s, o in outcomes.items()} == {
-        "fake_oom": "oom",
-        "fake_error": "error",
-        "fake_interrupt": "skipped",
+        "fake_oom": OOM,
+        "fake_error": ERROR,
+        "fake_interrupt": SKIPPED,
     }
     assert "out of memory" in outcomes["fake_oom"]["reason"]
     assert "shapes do not match" in outcomes["fake_error"]["reason"]

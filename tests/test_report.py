@@ -1,4 +1,4 @@
-"""Tests of bench.report: loading JSON, the recommendation rule, tables and written files."""
+"""Tests of bench.results and bench.report: loading JSON, the recommendation rule, tables, files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import plots, report
+from bench import plots, report, results
+from bench.vocabulary import (
+    BASELINE,
+    ERROR,
+    OK,
+    OLD_STATUSES,
+    OOM,
+    SKIPPED,
+    STATUSES,
+    TIMED,
+    UNSUPPORTED,
+    WRONG,
+)
 
 DATA = Path(__file__).parent / "data"
 FIXTURES = ("bench_cpu.json", "bench_cuda.json", "audit.json")
@@ -27,7 +39,7 @@ def _raw(path: Path) -> dict:
 
 
 def test_load_keeps_machines_apart_and_records_every_cell(inputs):
-    df, audits = report.load(inputs)
+    df, audits = results.load(inputs)
     expected = {}
     for path in inputs[:2]:
         raw = _raw(path)
@@ -40,35 +52,55 @@ def test_load_keeps_machines_apart_and_records_every_cell(inputs):
 
 
 def test_load_statuses_timings_and_peer_flag(inputs):
-    df, _ = report.load(inputs)
+    df, _ = results.load(inputs)
     statuses = set(df["status"])
-    assert {"ok", "inaccurate", "oom", "skipped", "unsupported"} <= statuses
-    timed = df["status"].isin(report.TIMED_STATUSES)
+    assert {OK, WRONG, OOM, SKIPPED, UNSUPPORTED} <= statuses
+    timed = df["status"].isin(TIMED)
     assert df.loc[timed, "min"].notna().all()
     assert df.loc[~timed, "min"].isna().all()
-    assert not df.loc[df["status"] == "inaccurate", "accurate"].astype(bool).any()
+    assert not df.loc[df["status"] == WRONG, "accurate"].astype(bool).any()
     # Outcomes carry no peer flag; the strategy's timed rows on the other machine supply it.
     jax_unsupported = df[(df["strategy"] == "jax_hessian") & (df["status"] == "unsupported")]
     assert not jax_unsupported.empty and jax_unsupported["peer"].all()
-    assert not df.loc[df["strategy"] == "torch_func", "peer"].any()
+    assert not df.loc[df["strategy"] == BASELINE, "peer"].any()
 
 
-def test_load_marks_timed_but_inaccurate_row_as_inaccurate(inputs):
+def test_load_marks_timed_but_inaccurate_row_as_wrong(inputs):
     raw = _raw(inputs[0])
-    raw["benchmarks"][0]["extra_info"].update(status="ok", accurate=False)
+    raw["benchmarks"][0]["extra_info"].update(status=OK, accurate=False)
     inputs[0].write_text(json.dumps(raw))
-    df, _ = report.load(inputs[:1])
+    df, _ = results.load(inputs[:1])
     row = raw["benchmarks"][0]["extra_info"]
     cell = df[(df["strategy"] == row["strategy"]) & (df["case"] == row["case"])]
-    assert cell["status"].tolist() == ["inaccurate"]
+    assert cell["status"].tolist() == [WRONG]
+
+
+def test_load_reads_the_old_status_words(inputs):
+    """The fixtures, like the committed results/*.json, say "inaccurate" and "pass"."""
+    benchmark_words = [b["extra_info"]["status"] for b in _raw(inputs[0])["benchmarks"]]
+    audit_words = [r["status"] for r in _raw(inputs[2])["records"]]
+    assert "inaccurate" in benchmark_words and "pass" in audit_words
+    df, [audit] = results.load(inputs)
+    assert set(df["status"]) <= set(STATUSES)
+    cpu = df[df["source"] == str(inputs[0])]
+    assert (cpu["status"] == WRONG).sum() == benchmark_words.count("inaccurate")
+    assert [r["status"] for r in audit["records"]] == [OLD_STATUSES.get(w, w) for w in audit_words]
+
+
+def test_load_names_the_file_with_an_unknown_status(inputs):
+    raw = _raw(inputs[0])
+    raw["benchmarks"][0]["extra_info"]["status"] = "fine"
+    inputs[0].write_text(json.dumps(raw))
+    with pytest.raises(results.InputFileError, match="bench_cpu.json.*'fine'"):
+        results.load(inputs[:1])
 
 
 @pytest.mark.parametrize("content", ['{"benchmarks": "nope"}', "not json", '["a list"]'])
 def test_unknown_file_is_named_and_exits_2(tmp_path, inputs, capsys, content):
     bad = tmp_path / "strange.json"
     bad.write_text(content)
-    with pytest.raises(report.InputFileError, match="strange.json"):
-        report.load([inputs[0], bad])
+    with pytest.raises(results.InputFileError, match="strange.json"):
+        results.load([inputs[0], bad])
     assert report.main([str(inputs[0]), str(bad), "--plots-dir", str(tmp_path / "p")]) == 2
     assert "strange.json" in capsys.readouterr().err
 
@@ -84,12 +116,12 @@ def test_unknown_file_is_named_and_exits_2(tmp_path, inputs, capsys, content):
     ],
 )
 def test_size_range_edges(P, expected):
-    assert report.size_range(P) == expected
+    assert results.size_range(P) == expected
 
 
 def test_size_range_rejects_nonpositive():
     with pytest.raises(ValueError, match="positive"):
-        report.size_range(0)
+        results.size_range(0)
 
 
 def _cells(*cells: tuple) -> pd.DataFrame:
@@ -114,7 +146,7 @@ def _cells(*cells: tuple) -> pd.DataFrame:
 
 
 def _only_row(df: pd.DataFrame) -> dict:
-    table = report.recommend(df)
+    table = results.recommend(df)
     assert len(table) == 1
     return table.iloc[0].to_dict()
 
@@ -122,9 +154,9 @@ def _only_row(df: pd.DataFrame) -> dict:
 def test_recommend_clear_winner():
     row = _only_row(
         _cells(
-            ("torch_func", "c1", 2.0, 0.02, "ok", 600, False),
-            ("fast", "c1", 1.0, 0.01, "ok", 500, False),
-            ("slow", "c1", 1.5, 0.01, "ok", 100, False),
+            (BASELINE, "c1", 2.0, 0.02, OK, 600, False),
+            ("fast", "c1", 1.0, 0.01, OK, 500, False),
+            ("slow", "c1", 1.5, 0.01, OK, 100, False),
         )
     )
     assert row["fastest"] == "fast" and row["runner_up"] == "slow" and not row["tie"]
@@ -137,19 +169,19 @@ def test_recommend_clear_winner():
 def test_recommend_tie_within_spread_of_rounds():
     row = _only_row(
         _cells(
-            ("a", "c1", 1.00, 0.05, "ok", 100, False),
-            ("b", "c1", 1.03, 0.01, "ok", 100, False),
+            ("a", "c1", 1.00, 0.05, OK, 100, False),
+            ("b", "c1", 1.03, 0.01, OK, 100, False),
         )
     )
     assert row["fastest"] == "a" and row["runner_up"] == "b" and row["tie"]
 
 
-@pytest.mark.parametrize(("status", "peer"), [("inaccurate", False), ("ok", True)])
-def test_recommend_never_picks_inaccurate_or_peer(status, peer):
+@pytest.mark.parametrize(("status", "peer"), [(WRONG, False), (OK, True)])
+def test_recommend_never_picks_wrong_or_peer(status, peer):
     row = _only_row(
         _cells(
             ("excluded", "c1", 0.1, 0.001, status, 10, peer),
-            ("right", "c1", 1.0, 0.01, "ok", 100, False),
+            ("right", "c1", 1.0, 0.01, OK, 100, False),
         )
     )
     assert row["fastest"] == "right" and row["leanest"] == "right"
@@ -161,10 +193,10 @@ def test_recommend_never_picks_inaccurate_or_peer(status, peer):
 def test_recommend_excludes_strategy_out_of_memory_on_any_case_of_the_range():
     row = _only_row(
         _cells(
-            ("fast_small", "c1", 0.1, 0.001, "ok", 10, False),
-            ("fast_small", "c2", np.nan, np.nan, "oom", np.nan, False),
-            ("steady", "c1", 1.0, 0.01, "ok", 100, False),
-            ("steady", "c2", 2.0, 0.01, "ok", 200, False),
+            ("fast_small", "c1", 0.1, 0.001, OK, 10, False),
+            ("fast_small", "c2", np.nan, np.nan, OOM, np.nan, False),
+            ("steady", "c1", 1.0, 0.01, OK, 100, False),
+            ("steady", "c2", 2.0, 0.01, OK, 200, False),
         )
     )
     assert row["fastest"] == "steady" and row["leanest"] == "steady"
@@ -175,16 +207,16 @@ def test_recommend_excludes_strategy_out_of_memory_on_any_case_of_the_range():
 def test_recommend_when_nothing_ran_every_case():
     row = _only_row(
         _cells(
-            ("a", "c1", np.nan, np.nan, "error", np.nan, False),
-            ("b", "c1", 0.1, 0.001, "inaccurate", 10, False),
+            ("a", "c1", np.nan, np.nan, ERROR, np.nan, False),
+            ("b", "c1", 0.1, 0.001, WRONG, 10, False),
         )
     )
     assert row["fastest"] is None and row["leanest"] is None
 
 
 def test_recommend_leaves_out_ranges_where_nothing_was_timed():
-    df = _cells(("a", "c1", np.nan, np.nan, "skipped", np.nan, False))
-    assert report.recommend(df).empty
+    df = _cells(("a", "c1", np.nan, np.nan, SKIPPED, np.nan, False))
+    assert results.recommend(df).empty
 
 
 def test_growth_exponents_recover_known_powers():
@@ -197,7 +229,7 @@ def test_growth_exponents_recover_known_powers():
                     "device": "cpu",
                     "dtype": "float32",
                     "strategy": "s",
-                    "status": "ok",
+                    "status": OK,
                     "input": 8,
                     "output": 1,
                     "activation": "tanh",
@@ -209,31 +241,31 @@ def test_growth_exponents_recover_known_powers():
                     "min": 1e-6 * P**2 * batch**0.5,
                 }
             )
-    table = report.growth_exponents(pd.DataFrame(rows)).iloc[0]
+    table = results.growth_exponents(pd.DataFrame(rows)).iloc[0]
     assert table["exponent_in_P"] == pytest.approx(2.0)
     assert table["exponent_in_batch"] == pytest.approx(0.5)
     assert (table["fits_in_P"], table["fits_in_batch"]) == (2, 3)
 
 
 def test_not_timed_lists_every_cell_without_a_trusted_time(inputs):
-    df, _ = report.load(inputs)
-    table = report.not_timed(df)
-    assert len(table) == (df["status"] != "ok").sum()
+    df, _ = results.load(inputs)
+    table = results.not_timed(df)
+    assert len(table) == (df["status"] != OK).sum()
     assert table["reason"].astype(bool).all()
-    inaccurate = table[table["status"] == "inaccurate"]
-    assert not inaccurate.empty and inaccurate["reason"].str.contains("tolerance").all()
+    wrong = table[table["status"] == WRONG]
+    assert not wrong.empty and wrong["reason"].str.contains("tolerance").all()
 
 
 def test_accuracy_matrix_and_audit_marks(inputs, tmp_path):
-    _, audits = report.load(inputs)
-    records = report.audit_frame(audits)
-    matrix = report.accuracy_matrix(records)
+    _, audits = results.load(inputs)
+    records = results.audit_frame(audits)
+    matrix = results.accuracy_matrix(records)
     assert set(matrix.index) == set(records["strategy"])
     assert set(matrix.columns) == set(records["model"])
     for _, record in records.iterrows():
         cell = matrix.loc[record["strategy"], record["model"]]
         assert cell.startswith(record["status"])
-        if record["status"] == "error":
+        if record["status"] == ERROR:
             assert record["exception"] in cell
     html = tmp_path / "report.html"
     assert report.main([*map(str, inputs), "--plots-dir", str(tmp_path), "--html", str(html)]) == 0
@@ -253,21 +285,21 @@ def test_strategy_colours_are_fixed_by_name():
 def test_main_writes_every_output(tmp_path, inputs):
     plots_dir = tmp_path / "plots"
     assert report.main([*map(str, inputs), "--plots-dir", str(plots_dir), "--title", "T"]) == 0
-    df, audits = report.load(inputs)
+    df, audits = results.load(inputs)
     for path in inputs[:2]:
         written = pd.read_csv(path.with_suffix(".csv"))
         assert len(written) == (df["source"] == str(path)).sum()
         assert set(written["machine"]) == {_raw(path)["machine_info"]["machine_label"]}
     matrix = pd.read_csv(inputs[2].with_name("audit_matrix.csv"), index_col=0)
-    assert matrix.equals(report.accuracy_matrix(report.audit_frame(audits)))
+    assert matrix.equals(results.accuracy_matrix(results.audit_frame(audits)))
     for name in ("headline", "time_vs_P", "memory_vs_P", "speedup", "cost_ratios"):
         assert (plots_dir / f"{name}.png").read_bytes().startswith(b"\x89PNG")
     recommendations = json.loads((plots_dir / "recommendations.json").read_text())
-    expected = report.recommend(df)
+    expected = results.recommend(df)
     assert [r["fastest"] for r in recommendations] == expected["fastest"].tolist()
-    assert all(set(r) == set(report.RECOMMENDATION_FIELDS) for r in recommendations)
-    never = set(df.loc[df["peer"] | (df["status"] != "ok"), "strategy"]) - set(
-        df.loc[~df["peer"] & (df["status"] == "ok"), "strategy"]
+    assert all(set(r) == set(results.RECOMMENDATION_FIELDS) for r in recommendations)
+    never = set(df.loc[df["peer"] | (df["status"] != OK), "strategy"]) - set(
+        df.loc[~df["peer"] & (df["status"] == OK), "strategy"]
     )
     assert never and not never & {r["fastest"] for r in recommendations}
     page = (plots_dir / "report.html").read_text()
@@ -290,10 +322,10 @@ def test_main_with_an_audit_alone(tmp_path, inputs):
 
 def test_a_dispatcher_is_never_recommended(inputs):
     """`auto` runs another strategy; even timed faster than everything, it is not a default."""
-    df, _ = report.load(inputs)
-    winners = set(report.recommend(df)["fastest"].dropna())
+    df, _ = results.load(inputs)
+    winners = set(results.recommend(df)["fastest"].dropna())
     faster = df[df["strategy"].isin(winners)].assign(strategy="auto")
     faster["min"] = faster["min"] / 10
-    table = report.recommend(pd.concat([df, faster], ignore_index=True))
+    table = results.recommend(pd.concat([df, faster], ignore_index=True))
     assert "auto" not in set(table["fastest"]) | set(table["runner_up"]) | set(table["leanest"])
     assert set(table["fastest"].dropna()) == winners

@@ -1,0 +1,257 @@
+"""The benchmark's per-cell policy: skip rules, first call, memory pass, rounds, failures, the row.
+
+A cell is one strategy on one case. ``bench/test_hessian.py`` applies these rules in order;
+docs/DESIGN.md, "The benchmark's per-cell policy", says why each is what it is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bench import measure
+from bench.grid import Case
+from bench.session import CaseData, History, Run
+from bench.vocabulary import (
+    ERROR,
+    OK,
+    OOM,
+    OVER_BUDGET,
+    OVER_MEMORY,
+    SKIPPED,
+    UNSUPPORTED,
+    WRONG,
+)
+from strategies import Strategy
+
+__all__ = [
+    "TARGET_SECONDS",
+    "MAX_ROUNDS",
+    "Outcome",
+    "MemoryPass",
+    "Accuracy",
+    "skip",
+    "over_limits",
+    "record",
+    "hessian_call",
+    "first_call",
+    "memory_pass",
+    "rounds",
+    "failure",
+    "accuracy",
+    "timed_row",
+]
+
+#: rounds are chosen so that the timed rounds of one cell take about this long
+TARGET_SECONDS = 2.0
+MAX_ROUNDS = 10
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A cell that was not timed: its status and why."""
+
+    status: str
+    reason: str
+
+    @property
+    def message(self) -> str:
+        """What pytest shows for the cell."""
+        return f"{self.status}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class MemoryPass:
+    """The result of the memory pass, or why it did not run."""
+
+    peak_bytes: int | None
+    #: why ``peak_bytes`` is None (null where it was measured)
+    note: str | None
+    #: the best estimate of one warm call so far, for choosing the rounds
+    warm_s: float
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """The Hessian against the case's float64 reference."""
+
+    max_abs_err: float
+    max_rel_err: float
+    tolerance: float
+
+    @property
+    def accurate(self) -> bool:
+        return self.max_rel_err <= self.tolerance
+
+    def complaint(self, strategy: str, case: str) -> str:
+        """The failure message of an inaccurate cell."""
+        return (
+            f"{strategy} on {case}: max_rel_err {self.max_rel_err:.3g} > tolerance "
+            f"{self.tolerance:g} (max_abs_err {self.max_abs_err:.3g}) against the float64 reference"
+        )
+
+
+def over_limits(history: History, case: Case, budget_s: float, fraction: float) -> Outcome | None:
+    """Skip a cell predicted, from the smaller cases of its family, to take too long or too much.
+
+    Time and peak memory are extrapolated log-log in P (``measure.predict_seconds`` and
+    ``predict_bytes``). Over ``budget_s`` per call is "over_budget"; a peak over ``fraction``
+    of the available memory is "over_memory": the host kills the whole run where a
+    prediction falls short, losing every cell, hence a share well under 1 by default.
+    """
+    seconds = measure.predict_seconds(history.seconds, case.P)
+    if seconds is not None and seconds > budget_s:
+        reason = f"predicted {seconds:.1f} s per call (log-log in P from smaller cases)"
+        return Outcome(OVER_BUDGET, f"{reason} > --time-budget {budget_s:g} s")
+    peak = measure.predict_bytes(history.peak_bytes, case.P)
+    available = measure.available_bytes(case.device)
+    if peak is not None and peak > fraction * available:
+        reason = f"predicted peak {peak / 2**30:.2f} GiB > {fraction:g} x available"
+        return Outcome(OVER_MEMORY, f"{reason} {available / 2**30:.2f} GiB (--memory-fraction)")
+    return None
+
+
+def skip(run: Run, case: Case, strategy: Strategy) -> Outcome | None:
+    """The first skip rule that applies to the cell, else None: it is to be run.
+
+    In order: the case's device is absent here; the strategy's ``supports()`` refuses the
+    net or loss; its predicted time exceeds ``--time-budget``; its predicted peak memory
+    exceeds ``--memory-fraction`` of the available memory.
+    """
+    if case.device == "cuda" and not torch.cuda.is_available():
+        return Outcome(SKIPPED, "CUDA is not available on this machine")
+    data = run.case_data(case)
+    supported, reason = strategy.supports(data.net, data.loss_fn)
+    if not supported:
+        return Outcome(UNSUPPORTED, reason)
+    history = run.history(strategy.name, case)
+    return over_limits(history, case, run.time_budget, run.memory_fraction)
+
+
+def _cell_fields(case: Case, strategy: str, status: str) -> dict[str, Any]:
+    """The fields every row has, timed or not."""
+    return {
+        **case.fields(),
+        "strategy": strategy,
+        "status": status,
+        "P": case.P,
+        "hessian_bytes": case.hessian_bytes,
+    }
+
+
+def record(run: Run, case: Case, strategy: str, outcome: Outcome) -> None:
+    """Record a cell that was not timed, for the JSON's ``hessbench.outcomes``."""
+    run.outcomes.append({**_cell_fields(case, strategy, outcome.status), "reason": outcome.reason})
+
+
+def hessian_call(strategy: Strategy, data: CaseData) -> Callable[[], torch.Tensor]:
+    """One Hessian of the case by the strategy; returns once the device has finished it."""
+    params = dict(data.net.named_parameters())
+    device = torch.device(data.case.device)
+
+    def call() -> torch.Tensor:
+        H = strategy.compute(data.net, params, data.batch, data.loss_fn)
+        measure.sync(device)
+        return H
+
+    return call
+
+
+def first_call(call: Callable[[], torch.Tensor]) -> float:
+    """Seconds of the cell's first call (compiles, warms caches); its result is discarded."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def memory_pass(
+    strategy: Strategy,
+    call: Callable[[], torch.Tensor],
+    case: Case,
+    history: History,
+    first_call_s: float,
+) -> MemoryPass:
+    """Peak memory of one call, in a pass of its own (not timed), where it can be measured.
+
+    Not for a peer: another framework's allocations never pass through torch's allocator or
+    profiler. Not on CPU where the profiler's records are predicted to outgrow host memory
+    (a call with millions of small ops): their number is extrapolated log-log in P, like
+    time. Appends the pass's event count to ``history.events``.
+    """
+    if strategy.peer:
+        note = "not measured: the peer allocates outside torch's allocator"
+        return MemoryPass(None, note, first_call_s)
+    device = torch.device(case.device)
+    events_expected = measure.extrapolate(history.events, case.P)
+    if device.type == "cuda" or (events_expected or 0) <= measure.MAX_PROFILED_EVENTS:
+        start = time.perf_counter()
+        _, peak, events = measure.peak_and_events(call, device)
+        # Both calls overestimate a warm call (first-call costs; profiler overhead).
+        warm_s = min(first_call_s, time.perf_counter() - start)
+        history.events.append((case.P, events))
+        return MemoryPass(peak, None, warm_s)
+    note = (
+        f"memory pass skipped: about {events_expected:.3g} profiler events predicted "
+        f"> {measure.MAX_PROFILED_EVENTS:.3g}"
+    )
+    return MemoryPass(None, note, first_call_s)
+
+
+def rounds(warm_s: float) -> tuple[int, int]:
+    """(rounds, warmup_rounds) for a call of about ``warm_s`` seconds.
+
+    The timed rounds of a cell take about ``TARGET_SECONDS``, at most ``MAX_ROUNDS``. The
+    first call (separately timed, its result discarded) already warms up; calls under a
+    second get one more warm-up round inside pedantic as well.
+    """
+    count = int(min(MAX_ROUNDS, max(1, TARGET_SECONDS // max(warm_s, 1e-9))))
+    return count, 1 if warm_s < 1.0 else 0
+
+
+def failure(exc: BaseException) -> Outcome:
+    """What a cell whose measurement raised is recorded as: skipped, oom or error.
+
+    An interrupt (Ctrl-C) is "skipped"; running out of memory is "oom" (the run goes on); any
+    other exception is "error".
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        return Outcome(SKIPPED, "interrupted (KeyboardInterrupt)")
+    return Outcome(OOM if measure.is_oom(exc) else ERROR, f"{type(exc).__name__}: {exc}")
+
+
+def accuracy(H: torch.Tensor, reference: torch.Tensor, dtype: str) -> Accuracy:
+    """The errors of ``H`` against the float64 reference, with the tolerance of ``dtype``."""
+    max_abs, max_rel = measure.errors(H, reference)
+    return Accuracy(max_abs, max_rel, measure.TOLERANCES[getattr(torch, dtype)])
+
+
+def timed_row(
+    case: Case,
+    strategy: Strategy,
+    data: CaseData,
+    checked: Accuracy,
+    memory: MemoryPass,
+    first_call_s: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """The ``extra_info`` of a timed cell (docs/DESIGN.md, "Benchmark JSON")."""
+    return {
+        **_cell_fields(case, strategy.name, OK if checked.accurate else WRONG),
+        "peak_bytes": memory.peak_bytes,
+        "peak_note": memory.note,
+        "max_abs_err": checked.max_abs_err,
+        "max_rel_err": checked.max_rel_err,
+        "accurate": checked.accurate,
+        "tolerance": checked.tolerance,
+        "grad_s": data.grad_s,
+        "gemm_s": data.gemm_s,
+        "cost_vs_grad": seconds / (case.P * data.grad_s),
+        "vs_gemm": seconds / data.gemm_s,
+        "first_call_s": first_call_s if strategy.compiles else None,
+        "peer": strategy.peer,
+        "threads": torch.get_num_threads(),
+    }

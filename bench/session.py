@@ -1,0 +1,105 @@
+"""State of one benchmark session: its options, the current case's data, and what was measured."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bench import measure
+from bench.grid import Case
+from bench.models import make_problem
+from bench.reference import batched_loop_hessian
+
+__all__ = ["CaseData", "History", "Timed", "Run"]
+
+
+@dataclass
+class CaseData:
+    """What one case computes once and every strategy shares."""
+
+    case: Case
+    net: torch.nn.Module
+    batch: tuple[torch.Tensor, torch.Tensor]
+    loss_fn: Any
+    reference: torch.Tensor | None = None
+    grad_s: float | None = None
+    gemm_s: float | None = None
+
+
+@dataclass
+class History:
+    """What one strategy measured on the smaller cases of one case family, in order of P.
+
+    The basis of the predictions that skip a cell before it runs (``bench.policy``).
+    """
+
+    #: (P, min seconds) of timed cells
+    seconds: list[tuple[int, float]] = field(default_factory=list)
+    #: (P, peak bytes) of cells whose memory pass ran
+    peak_bytes: list[tuple[int, int]] = field(default_factory=list)
+    #: (P, profiler events recorded by the memory pass)
+    events: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Timed:
+    """What the session keeps of a timed cell, for its summary at the end."""
+
+    seconds: float
+    peak_bytes: int | None
+    accurate: bool
+    peer: bool
+
+
+@dataclass
+class Run:
+    """State of one benchmark session: options, the current case's data, outcomes, history."""
+
+    grid: str
+    strategy_names: list[str]
+    devices: list[str]
+    time_budget: float
+    memory_fraction: float
+    command: str
+    cases: dict[str, Case]
+    #: rows of the cells that were not timed: the JSON's ``hessbench.outcomes``
+    outcomes: list[dict] = field(default_factory=list)
+    #: (case id, strategy) -> the timed cell
+    timed: dict[tuple[str, str], Timed] = field(default_factory=dict)
+    #: (strategy, case family) -> its history
+    histories: dict[tuple[str, tuple], History] = field(default_factory=dict)
+    _current: CaseData | None = None
+
+    def case_data(self, case: Case) -> CaseData:
+        """The case's model and batch; only the latest case is kept (its reference is P^2 x 8 B)."""
+        if self._current is None or self._current.case != case:
+            self._current = None
+            net, batch, loss_fn = make_problem(case)
+            self._current = CaseData(case, net, batch, loss_fn)
+        return self._current
+
+    def baselines(self, data: CaseData) -> CaseData:
+        """Fill the float64 reference, grad_s and gemm_s of the case, once."""
+        if data.reference is None:
+            case = data.case
+            names = [n for n, _ in data.net.named_parameters()]
+            data.reference = batched_loop_hessian(data.net, names, data.batch, data.loss_fn)
+            data.grad_s = measure.grad_seconds(data.net, data.batch, data.loss_fn)
+            data.gemm_s = measure.gemm_seconds(
+                case.P, case.batch, getattr(torch, case.dtype), case.device
+            )
+        return data
+
+    def history(self, strategy: str, case: Case) -> History:
+        """The strategy's history in the case's family (empty before its first cell there)."""
+        return self.histories.setdefault((strategy, case.family), History())
+
+    def keep_timed(self, case: Case, strategy: str, timed: Timed) -> None:
+        """Keep a timed cell for the summary, and its time and peak for later predictions."""
+        self.timed[(case.id, strategy)] = timed
+        history = self.history(strategy, case)
+        history.seconds.append((case.P, timed.seconds))
+        if timed.peak_bytes is not None:
+            history.peak_bytes.append((case.P, timed.peak_bytes))
