@@ -148,7 +148,7 @@ GRIDS: dict[str, list[dict]] = {
     ],
     # P from about 300 to about 14,000: at least three nets of different shapes (width,
     # depth, batch, activation, loss, output size, arch) in each P range of the report's
-    # recommendation; the three DESIGN.md cases (tanh, MSE, batch 128: P = 1,377, 4,801,
+    # recommendation; the three docs/DESIGN.md cases (tanh, MSE, batch 128: P = 1,377, 4,801,
     # 13,121) and, on the same weights, their custom-module and LayerNorm forms. float32
     # only, to stay within about 20 minutes on 2 cores; the full grid sweeps float64.
     "default": [

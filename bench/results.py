@@ -88,6 +88,9 @@ RECOMMENDATION_FIELDS = (
     f"leanest_vs_{BASELINE}",
 )
 _CASE_FIELDS = tuple(f.name for f in dataclasses.fields(Case))
+_CASE_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(Case) if f.default is not dataclasses.MISSING
+}
 
 
 class InputFileError(ValueError):
@@ -157,6 +160,9 @@ def _benchmark_rows(path: Path, data: dict) -> pd.DataFrame:
     for column in ("reason", "peer", "first_call_s", "peak_bytes", "grad_s", "gemm_s"):
         if column not in frame:
             frame[column] = None
+    # case fields added after a run was made take their default (e.g. arch "mlp")
+    for column, default in _CASE_DEFAULTS.items():
+        frame[column] = frame[column].fillna(default) if column in frame else default
     if "min" not in frame:
         for column in STAT_FIELDS:
             frame[column] = np.nan
@@ -214,9 +220,14 @@ def family(rows: pd.DataFrame) -> pd.Series:
     """
     families = [
         Case(**{k: _plain(v) for k, v in zip(_CASE_FIELDS, values)}).family
-        for values in rows[list(_CASE_FIELDS)].itertuples(index=False)
+        for values in _with_case_defaults(rows)[list(_CASE_FIELDS)].itertuples(index=False)
     ]
     return pd.Series(families, index=rows.index, dtype=object, name="family")
+
+
+def _with_case_defaults(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with the case fields that have a default (added after older runs) filled in."""
+    return rows.assign(**{k: v for k, v in _CASE_DEFAULTS.items() if k not in rows})
 
 
 def size_range(P: int) -> tuple[int, int]:
@@ -352,7 +363,7 @@ def growth_exponents(df: pd.DataFrame) -> pd.DataFrame:
     only in batch. Each fit needs at least two distinct values; a strategy's exponent is the
     mean over its fits, with the fit count.
     """
-    ok = df[df["status"] == OK]
+    ok = _with_case_defaults(df[df["status"] == OK])
     keys = ["machine", "device", "dtype", "strategy"]
     sweeps = {
         "P": [family(ok)],

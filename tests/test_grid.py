@@ -7,7 +7,7 @@ import torch
 
 from bench.grid import GRIDS, Case, cases, expand
 from bench.models import make_problem
-from bench.report import size_range
+from bench.results import size_range
 
 
 def _case(**changes) -> Case:
