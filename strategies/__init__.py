@@ -15,6 +15,7 @@ from ._common import LossFn, check_inputs, flatten, from_blocks, prepare, to_blo
 __all__ = [
     "ComputeFn",
     "SupportsFn",
+    "FAMILIES",
     "Strategy",
     "names",
     "get",
@@ -31,6 +32,12 @@ __all__ = [
 ComputeFn = Callable[..., Tensor]
 #: ``supports(net, loss_fn) -> (ok, reason)``
 SupportsFn = Callable[[nn.Module, "LossFn | None"], "tuple[bool, str]"]
+
+
+#: how a strategy computes the Hessian, for grouping in reports: plain autograd loops,
+#: torch.func transforms (reverse-over-reverse and jacfwd(jacrev)), forward-over-reverse
+#: products, structure-exploiting strategies, other frameworks (comparison only), dispatchers
+FAMILIES = ("loops", "transforms", "forward-over-reverse", "structured", "peers", "dispatcher")
 
 
 def _supports_all(net: nn.Module, loss_fn: LossFn | None) -> tuple[bool, str]:
@@ -52,6 +59,10 @@ class Strategy:
     #: the module that defines it; its other public functions (e.g. auto's ``choose``) are
     #: reachable as attributes of the strategy
     module: ModuleType | None = field(default=None, repr=False)
+    #: one of ``FAMILIES``
+    family: str = "transforms"
+    #: for a compiled variant, the name of the strategy it compiles; else None
+    eager: str | None = None
 
     def __getattr__(self, attr: str) -> Any:
         module = self.__dict__.get("module")
@@ -89,12 +100,25 @@ def register(
     peer: bool = False,
     compiles: bool = False,
     module: ModuleType | None = None,
+    family: str = "transforms",
+    eager: str | None = None,
 ) -> Strategy:
-    """Add a strategy; a name that is already registered raises ValueError."""
+    """Add a strategy; a name that is already registered, or a family not in ``FAMILIES``,
+    raises ValueError."""
     if name in _REGISTRY:
         raise ValueError(f"a strategy named {name!r} is already registered")
+    if family not in FAMILIES:
+        raise ValueError(f"strategy {name!r}: family {family!r} is not one of {FAMILIES}")
     strategy = Strategy(
-        name, description, compute_fn, supports_fn or _supports_all, peer, compiles, module
+        name,
+        description,
+        compute_fn,
+        supports_fn or _supports_all,
+        peer,
+        compiles,
+        module,
+        family,
+        eager,
     )
     _REGISTRY[name] = strategy
     return strategy
@@ -109,6 +133,8 @@ def _register_module(module: ModuleType) -> None:
         getattr(module, "PEER", False),
         getattr(module, "COMPILES", False),
         module,
+        module.FAMILY,
+        getattr(module, "EAGER", None),
     )
 
 
@@ -136,8 +162,8 @@ def compute(
     return get(name).compute(net, params, batch, loss_fn)
 
 
-# One module per strategy; each defines NAME, DESCRIPTION, compute and optionally supports,
-# PEER and COMPILES. Registration order is the order of names().
+# One module per strategy; each defines NAME, FAMILY, DESCRIPTION, compute and optionally
+# supports, PEER, COMPILES and EAGER. Registration order is the order of names().
 _MODULES = [
     "full_autograd",
     "symmetric_half",

@@ -29,6 +29,7 @@ from ._kinds import kinds_of
 from ._memory import available_bytes
 
 NAME = "auto"
+FAMILY = "dispatcher"
 DESCRIPTION = "the strategy the committed reference results recommend for this net, size and device"
 
 TABLE_PATH = Path(__file__).with_name("auto_table.json")

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ._common import LossFn, prepare
 
 NAME = "autograd_functional"
+FAMILY = "forward-over-reverse"
 DESCRIPTION = (
     "torch.autograd.functional.hessian(vectorize=True, outer_jacobian_strategy='forward-mode')"
 )

@@ -17,6 +17,7 @@ from torch.func import grad, jvp, vmap
 from ._common import LossFn, Problem, flatten, mirror_upper, prepare
 
 NAME = "block_symmetric"
+FAMILY = "forward-over-reverse"
 DESCRIPTION = "vmap of jvp with tangents in tensor k over grad w.r.t. tensors k.. only; mirrored"
 
 

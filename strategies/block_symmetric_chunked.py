@@ -21,6 +21,7 @@ from ._memory import problem_chunk, unit_chunks
 from .block_symmetric import tail_hvp
 
 NAME = "block_symmetric_chunked"
+FAMILY = "forward-over-reverse"
 DESCRIPTION = "block_symmetric with rows in chunks sized to free memory, written in place"
 
 

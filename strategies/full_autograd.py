@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ._common import LossFn, prepare
 
 NAME = "full_autograd"
+FAMILY = "loops"
 DESCRIPTION = "autograd.grad with create_graph=True, then one autograd.grad per gradient entry"
 
 

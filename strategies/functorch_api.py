@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ._common import LossFn, from_blocks, jacrev_path_supports, prepare
 
 NAME = "functorch"
+FAMILY = "transforms"
 DESCRIPTION = "functorch.hessian (the legacy API shipped inside torch) over the params dict"
 
 

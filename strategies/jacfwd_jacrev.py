@@ -10,6 +10,7 @@ from torch.func import jacfwd, jacrev
 from ._common import LossFn, jacrev_path_supports, prepare
 
 NAME = "jacfwd_jacrev"
+FAMILY = "transforms"
 DESCRIPTION = "jacfwd(jacrev(f)) with f the loss of one flat parameter vector"
 
 

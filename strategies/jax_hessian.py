@@ -18,6 +18,7 @@ from ._common import LossFn, prepare
 from ._mlp import flat_modules, parse_loss
 
 NAME = "jax_hessian"
+FAMILY = "peers"
 DESCRIPTION = "peer: jax.jit(jax.hessian) of the same MLP with the weights as one flat vector"
 PEER = True
 COMPILES = True

@@ -49,6 +49,7 @@ from ._common import LossFn, Problem, flatten, prepare
 from ._memory import problem_chunk, unit_chunks
 
 NAME = "kron"
+FAMILY = "structured"
 DESCRIPTION = (
     "any net: Linear weights from d_out tangent directions per layer and GEMMs of inner "
     "dimension B, other parameters by Hessian-vector rows; upper halves mirrored"

@@ -31,6 +31,7 @@ from ._common import LossFn, prepare
 from ._mlp import MlpLoss, flat_modules, parse_loss
 
 NAME = "mlp_kron"
+FAMILY = "structured"
 DESCRIPTION = "closed-form tangents of d_k directions per Linear layer; one GEMM per direction"
 
 #: elementwise activations without parameters: their derivatives are taken by torch.func.jvp

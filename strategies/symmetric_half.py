@@ -20,6 +20,7 @@ from ._common import LossFn, mirror_upper, prepare
 from .full_autograd import _flat_or_zeros
 
 NAME = "symmetric_half"
+FAMILY = "loops"
 DESCRIPTION = (
     "double-backward rows of tensor k w.r.t. tensors k, k+1, ... only; lower blocks by symmetry"
 )

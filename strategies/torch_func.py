@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ._common import LossFn, from_blocks, jacrev_path_supports, prepare
 
 NAME = "torch_func"
+FAMILY = "transforms"
 DESCRIPTION = "torch.func.hessian of the loss as a function of the params dict"
 
 

@@ -11,6 +11,7 @@ from torch.func import grad, jvp, vmap
 from ._common import LossFn, Problem, prepare
 
 NAME = "vmap_jvp"
+FAMILY = "forward-over-reverse"
 DESCRIPTION = "forward-over-reverse: vmap of jvp(grad(f)) over the identity basis"
 
 

@@ -18,6 +18,7 @@ from ._memory import problem_chunk, unit_chunks
 from .vmap_jvp import hvp
 
 NAME = "vmap_jvp_chunked"
+FAMILY = "forward-over-reverse"
 DESCRIPTION = "vmap of jvp(grad(f)) over chunks of the identity basis sized to free memory"
 
 

@@ -11,6 +11,7 @@ from torch.func import grad, vjp, vmap
 from ._common import LossFn, prepare
 
 NAME = "vmap_vjp"
+FAMILY = "transforms"
 DESCRIPTION = "reverse-over-reverse: vmap of vjp(grad(f)) over the identity basis"
 
 
