@@ -253,8 +253,8 @@ def _one_or_many_sentences(df: pd.DataFrame, recommendations: pd.DataFrame) -> l
     """Whether compiling changes the choice between one Hessian and many."""
     if results.compiled_vs_eager(df).empty:
         return [
-            "No compiled variant ran beside its eager form, so for one Hessian or many the "
-            "choice is the same (the first call is not counted for eager strategies)."
+            "No compiled variant ran beside its eager form, so the choice is the same for one "
+            "Hessian or many (an eager strategy's first call is not recorded apart)."
         ]
     rows = recommendations.dropna(subset=["fastest"])
     differ = rows[rows["fastest_single"] != rows["fastest"]]
