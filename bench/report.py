@@ -9,8 +9,10 @@ timed or not); each audit JSON gets its accuracy matrix as CSV next to it; the r
 table goes to ``recommendations.json`` in the plots directory; PNG figures and the
 self-contained HTML report go to the plots directory.
 
-The analysis (loading, statuses, the recommendation rule) is ``bench.results``; the figures
-are ``bench.plots``. ``recommendations.json`` is a list of ``results.RECOMMENDATION_FIELDS``
+The page opens with a summary in plain words, every number in it computed from the inputs:
+whether the symmetric-half loop beats the full loop and by how much, what to use for each way
+of writing the net, what to avoid and why, and what was not measured. The analysis (loading,
+statuses, the recommendation rule) is ``bench.results``; the figures are ``bench.plots``. ``recommendations.json`` is a list of ``results.RECOMMENDATION_FIELDS``
 records; ``fastest`` and ``leanest`` are null where no strategy qualified (docs/DESIGN.md,
 "recommendations.json").
 """
@@ -21,30 +23,36 @@ import argparse
 import base64
 import html
 import json
+import math
 import shlex
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
 from bench import plots, results
-from bench.vocabulary import BASELINE, ERROR, OK, UNSUPPORTED, WRONG
+from bench.grid import ARCHS
+from bench.vocabulary import BASELINE, TIMED, WRONG
 
 __all__ = ["render_html", "main"]
 
 
-def _img(title: str, png: bytes) -> str:
-    data = base64.b64encode(png).decode("ascii")
+def _img(drawn: plots.Drawn) -> str:
+    data = base64.b64encode(drawn.png).decode("ascii")
     return (
-        f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
-        f"<figcaption>{html.escape(title)}</figcaption></figure>"
+        f"<figure><img alt='{html.escape(drawn.caption)}' src='data:image/png;base64,{data}'>"
+        f"<figcaption>{html.escape(drawn.caption)}</figcaption></figure>"
     )
 
 
-def _table(frame: pd.DataFrame, table_id: str) -> str:
+def _table(frame: pd.DataFrame, table_id: str, escape: bool = True) -> str:
+    """``frame`` as an HTML table; with ``escape=False`` its cells are HTML already."""
     if frame.empty:
         return "<p>(none)</p>"
-    return frame.to_html(index=False, na_rep="—", table_id=table_id, float_format="{:.4g}".format)
+    return frame.to_html(
+        index=False, na_rep="—", table_id=table_id, float_format="{:.4g}".format, escape=escape
+    )
 
 
 def _ratio(value: float | None) -> str:
@@ -60,30 +68,377 @@ def _bytes(value: float | None) -> str:
     return f"{int(value)} B"
 
 
-def _recommendation_view(table: pd.DataFrame, wrong: dict[str, list[str]]) -> pd.DataFrame:
-    def name(strategy: str | None) -> str:
+# --- words -----------------------------------------------------------------------------------
+
+#: how the summary names each way of writing the net (``bench.grid.ARCHS``)
+_ARCH_WORDS = {
+    "mlp": "an MLP written as <code>nn.Sequential</code>",
+    "custom": "a custom module (the same weights, a forward ending in <code>squeeze(-1)</code>, "
+    "a hand-written MSE)",
+    "layernorm": "a net with a LayerNorm after each hidden layer",
+}
+
+
+def _code(name: str) -> str:
+    return f"<code>{html.escape(str(name))}</code>"
+
+
+def _listing(items: Iterable[str], conjunction: str = "and") -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    items = list(items)
+    if len(items) <= 1:
+        return "".join(items)
+    return f"{', '.join(items[:-1])} {conjunction} {items[-1]}"
+
+
+def _times(lo: float, hi: float) -> str:
+    """A ratio or a range of ratios, two significant digits: '2.4×' or '2.4× to 31×'."""
+    lo_text, hi_text = f"{lo:.2g}×", f"{hi:.2g}×"
+    return lo_text if lo_text == hi_text else f"{lo_text} to {hi_text}"
+
+
+def _seconds(lo: float, hi: float | None = None) -> str:
+    hi = lo if hi is None else hi
+    lo_text, hi_text = f"{lo:.3g}", f"{hi:.3g}"
+    return f"{lo_text} s" if lo_text == hi_text else f"{lo_text} to {hi_text} s"
+
+
+def _count(value: float) -> str:
+    """A break-even count of Hessians: 'never' where compiling does not pay."""
+    if value is None or pd.isna(value):
+        return "—"
+    return "never" if math.isinf(value) else f"{math.ceil(value):,}"
+
+
+def _counts(lo: float, hi: float) -> str:
+    """A range of break-even counts: '7 to 100 Hessians', '100 Hessians', or never on some."""
+    if math.isinf(hi) and not math.isinf(lo):
+        return f"{_count(lo)} Hessians on some cases, never on others"
+    return (
+        f"{_count(lo)} Hessians"
+        if _count(lo) == _count(hi)
+        else f"{_count(lo)} to {_count(hi)} Hessians"
+    )
+
+
+def _P(lo: int, hi: int) -> str:
+    return f"P = {lo:,}" if lo == hi else f"P {lo:,} to {hi:,}"
+
+
+def _range(lo: int, hi: int) -> str:
+    """A size range of P, as HTML."""
+    return html.escape(f"{lo:,} ≤ P < {hi:,}")
+
+
+def _cases(n: int) -> str:
+    return f"{n} case{'s' if n != 1 else ''}"
+
+
+def _prefix(groups: list[tuple[str, str]], machine: str, device: str) -> str:
+    """'On <machine> (<device>), ' where the report holds several; '' where one."""
+    return f"On {html.escape(machine)} ({device}), " if len(groups) > 1 else ""
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _not_run_line(row: pd.Series) -> str:
+    """One line for a device where nothing was timed, e.g. 'cuda: 70 cells not run: ...'."""
+    return (
+        f"{row['device']} on {html.escape(row['machine'])}: {row['cells']} cells not run "
+        f"({row['status']}, {_cases(row['cases'])} × {row['strategies']} strategies): "
+        f"{html.escape(str(row['reason']))}"
+    )
+
+
+def _status_counts(df: pd.DataFrame, strategy: str) -> str:
+    rows = df[df["strategy"] == strategy]
+    if rows.empty:
+        return f"{_code(strategy)} did not run"
+    counts = rows["status"].value_counts()
+    return f"{_code(strategy)}: " + ", ".join(f"{s} on {_cases(n)}" for s, n in counts.items())
+
+
+def _loop_sentences(df: pd.DataFrame, groups: list[tuple[str, str]]) -> list[str]:
+    """Whether the symmetric-half loop beats the full loop, and by how much, per group."""
+    half, full = _code(results.HALF_LOOP), _code(results.FULL_LOOP)
+    ratios = results.speedups(df, results.HALF_LOOP, results.FULL_LOOP)
+    sentences = []
+    for machine, device in groups or [(None, None)]:
+        mine = (df["machine"] == machine) & (df["device"] == device) if machine else df.index >= 0
+        part = ratios[(ratios["machine"] == machine) & (ratios["device"] == device)]
+        if part.empty:
+            answer = (
+                f"no case ran both {half} and {full} accurately, so this cannot say whether "
+                f"computing half the Hessian pays ({_status_counts(df[mine], results.HALF_LOOP)}"
+                f"; {_status_counts(df[mine], results.FULL_LOOP)})"
+            )
+            sentences.append(_capital(f"{_prefix(groups, machine, device)}{answer}."))
+            continue
+        n, faster = len(part), int((part["speedup"] > 1).sum())
+        lo, hi = part["speedup"].min(), part["speedup"].max()
+        where = f"{_cases(n)} both ran accurately ({_P(part['P'].min(), part['P'].max())})"
+        if faster == n:
+            answer = (
+                f"yes: {half}, the loop over half the Hessian, beats the full loop {full} on "
+                f"all {where}, {_times(lo, hi)} faster"
+            )
+        elif faster == 0:
+            answer = (
+                f"no: {half} is slower than {full} on all {where}; it takes "
+                f"{_times(1 / hi, 1 / lo)} the full loop's time"
+            )
+        else:
+            answer = (
+                f"only sometimes: {half} beats {full} on {faster} of the {where}; the full "
+                f"loop's time over the half loop's ranges from {_times(lo, hi)}"
+            )
+        sentences.append(_capital(f"{_prefix(groups, machine, device)}{answer}."))
+    return sentences
+
+
+def _arch_sentence(choice: pd.Series, rows: pd.DataFrame, winners: set[str]) -> str:
+    words = _ARCH_WORDS.get(choice["arch"], html.escape(str(choice["arch"])))
+    P = _P(choice["P_lo"], choice["P_hi"])
+    if choice["fastest"] is None or pd.isna(choice["fastest"]):
+        return f"for {words}, no strategy ran all its {_cases(choice['cases'])} ({P}) accurately"
+    span = f"its one case, {P}" if choice["cases"] == 1 else f"its {choice['cases']} cases, {P}"
+    text = f"for {words}, <b>{_code(choice['fastest'])}</b> (fastest on {span}"
+    if choice["tie"]:
+        text += f", tied with {_code(choice['runner_up'])} within the spread of rounds"
+    if choice["fastest_single"] != choice["fastest"]:
+        text += f"; for a single Hessian, first call included, {_code(choice['fastest_single'])}"
+    if choice["versus"] is not None and not pd.isna(choice["versus"]):
+        text += (
+            f"; {_times(choice['speedup_lo'], choice['speedup_hi'])} faster than "
+            f"{_code(choice['versus'])} on the {_cases(choice['versus_cases'])} both ran"
+        )
+    text += ")"
+    # The choice for another way of writing the net that does not run this one: say why.
+    for other in sorted(winners - {choice["fastest"]}):
+        refused = rows[(rows["strategy"] == other) & ~rows["status"].isin(TIMED)]
+        if not refused.empty:
+            first = refused.iloc[0]
+            text += (
+                f"; {_code(other)} does not run it ({first['status']}: "
+                f"{html.escape(str(first['reason']))})"
+            )
+    return text
+
+
+def _use_sentences(df: pd.DataFrame, groups: list[tuple[str, str]]) -> list[str]:
+    """What to use for each way of writing the net, per machine and device with timings."""
+    choices = results.arch_choices(df)
+    if choices.empty:
+        return ["Nothing was timed in these runs, so there is no choice."]
+    cells = df.assign(arch=df["arch"].fillna("mlp")) if "arch" in df else df.assign(arch="mlp")
+    sentences = []
+    for machine, device in groups:
+        mine = choices[(choices["machine"] == machine) & (choices["device"] == device)]
+        winners = set(mine["fastest"].dropna())
+        rows = cells[(cells["machine"] == machine) & (cells["device"] == device)]
+        parts = []
+        for arch in ARCHS:
+            choice = mine[mine["arch"] == arch]
+            if choice.empty:
+                parts.append(f"for {_ARCH_WORDS[arch]}, these runs hold no timed case")
+            else:
+                parts.append(_arch_sentence(choice.iloc[0], rows[rows["arch"] == arch], winners))
+        sentences.append(_capital(_prefix(groups, machine, device) + "; ".join(parts) + "."))
+    return sentences
+
+
+def _one_or_many_sentences(df: pd.DataFrame, recommendations: pd.DataFrame) -> list[str]:
+    """Whether compiling changes the choice between one Hessian and many."""
+    if results.compiled_vs_eager(df).empty:
+        return [
+            "No compiled variant ran beside its eager form, so the choice is the same for one "
+            "Hessian or many (an eager strategy's first call is not recorded apart)."
+        ]
+    rows = recommendations.dropna(subset=["fastest"])
+    differ = rows[rows["fastest_single"] != rows["fastest"]]
+    if differ.empty:
+        return [
+            "Compiling does not change the choice: in every size range the fastest for many "
+            "Hessians is also the fastest for one, first call (compile) included."
+        ]
+    several = rows["machine"].nunique() > 1
+    parts = [
+        f"for {_range(lo, hi)} ({html.escape(machine) + ', ' if several else ''}{device}, "
+        f"{dtype}) {_code(single)} for a single Hessian of one structure (first call "
+        f"included) but {_code(many)} for many"
+        for machine, device, dtype, lo, hi, single, many in differ[
+            ["machine", "device", "dtype", "P_min", "P_max", "fastest_single", "fastest"]
+        ].itertuples(index=False)
+    ]
+    return [
+        f"The choice differs in {len(differ)} of the {len(rows)} size ranges: "
+        + "; ".join(parts)
+        + "."
+    ]
+
+
+def _audit_sentences(audits: list[dict]) -> list[str]:
+    if not audits:
+        return [
+            "no audit among these inputs, so correctness on nets beyond the benchmark's is "
+            "unchecked (<code>python -m bench.audit</code>)"
+        ]
+    findings = results.audit_findings(audits)
+    if findings.empty:
+        return ["the audit found no strategy wrong or failing on any of its models"]
+    order = list(results.strategy_facts(findings["strategy"]).index)
+    findings = findings.sort_values("strategy", key=lambda names: names.map(order.index))
+    sentences = []
+    wrong = findings[findings["status"] == WRONG]
+    for (kinds, refused), part in wrong.groupby(["kinds", "refused"], sort=False):
+        upstream = sorted(set().union(*part["upstream"]))
+        their = "their" if len(part) > 1 else "its"
+        sentence = (
+            f"avoid {_listing(map(_code, part['strategy']))} on nets with "
+            f"{_listing(kinds, 'or')} layers: the audit found {their} Hessians wrong there with "
+            f"no error raised (relative error up to {part['max_rel_err'].max():.2g}"
+            + (f"; upstream {', '.join(upstream)}" if upstream else "")
+            + ")"
+        )
+        sentence += (
+            f", and with <code>supports()</code> honoured {'they refuse' if len(part) > 1 else 'it refuses'} such nets"
+            if refused
+            else ""
+        )
+        sentences.append(sentence)
+    for _, row in findings[findings["status"] != WRONG].iterrows():
+        sentences.append(
+            f"{_code(row['strategy'])} raises {', '.join(row['exceptions'])} on "
+            f"{_listing(row['kinds'], 'and')} nets"
+        )
+    return sentences
+
+
+def _avoid_sentences(df: pd.DataFrame, audits: list[dict], groups: list) -> list[str]:
+    """What to avoid and why: wrong Hessians, much slower strategies, costly compiles."""
+    sentences = _audit_sentences(audits)
+    wrong = df[df["status"] == WRONG]
+    if not wrong.empty:
+        counts = wrong.groupby("strategy")["case"].nunique()
+        sentences.append(
+            "the benchmark found "
+            + _listing(f"{_code(s)} beyond tolerance on {_cases(n)}" for s, n in counts.items())
+            + " (see 'Cells not timed')"
+        )
+    slow = results.much_slower(df)
+    for machine, device in groups:
+        part = slow[(slow["machine"] == machine) & (slow["device"] == device)]
+        if part.empty:
+            continue
+        listed = _listing(
+            f"{_code(r['strategy'])} ({r['times_fastest']:.0f}×)" for _, r in part.iterrows()
+        )
+        sentences.append(
+            f"{_prefix(groups, machine, device)}much slower than the fastest on the same "
+            f"cases, at least {results.SLOW_FACTOR:g}× its time (geometric mean over the cases "
+            f"each ran): {listed}"
+        )
+    for _, row in results.compile_summary(df).iterrows():
+        name, eager = _code(row["strategy"]), _code(row["eager"])
+        if row["faster"] == 0:
+            sentences.append(
+                f"{name} is never faster than {eager} once compiled (on its "
+                f"{_cases(row['cases'])}), and its first call takes "
+                f"{_seconds(row['first_call_lo'], row['first_call_hi'])}: use {eager}"
+            )
+        else:
+            sentences.append(
+                f"for one Hessian, {name}'s first call (compile included) takes "
+                f"{_seconds(row['first_call_lo'], row['first_call_hi'])} against "
+                f"{_seconds(row['eager_lo'], row['eager_hi'])} for {eager}; compiling pays after "
+                f"{_counts(row['break_even_lo'], row['break_even_hi'])} of one structure "
+                f"(faster once compiled on {row['faster']} of {_cases(row['cases'])})"
+            )
+    return [_capital(sentence) + "." for sentence in sentences]
+
+
+def _block(heading: str, sentences: list[str], per_group: bool = False) -> str:
+    """A paragraph under a bold lead; sentences for several machines or devices as a list."""
+    if per_group and len(sentences) > 1:
+        items = "".join(f"<li>{sentence}</li>" for sentence in sentences)
+        return f"<p><b>{heading}</b></p><ul>{items}</ul>"
+    return f"<p><b>{heading}</b> {' '.join(sentences)}</p>"
+
+
+def _summary_html(df: pd.DataFrame, audits: list[dict], recommendations: pd.DataFrame) -> str:
+    """The opening paragraphs: the user's questions answered with this run's numbers."""
+    if df.empty:
+        return (
+            "<div id='summary'><p>No benchmark run among these inputs: nothing was timed, so "
+            "there is no recommendation. "
+            + " ".join(_capital(sentence) + "." for sentence in _audit_sentences(audits))
+            + "</p></div>"
+        )
+    timed = df[results.device_timed(df)]
+    groups = sorted(set(zip(timed["machine"], timed["device"])))
+    where = _listing(f"{html.escape(machine)} ({device})" for machine, device in groups)
+    blocks = [
+        f"<p>Timed on {where or 'no device: nothing was timed'}.</p>",
+        _block(
+            "Is the symmetric-half loop faster than the full loop?",
+            _loop_sentences(df, groups),
+            True,
+        ),
+        _block("What to use:", _use_sentences(df, groups), True),
+        _block("One Hessian or many:", _one_or_many_sentences(df, recommendations)),
+        _block("What to avoid:", _avoid_sentences(df, audits, groups)),
+    ]
+    missing = results.untimed_devices(df)
+    if not missing.empty:
+        lines = list(map(_not_run_line, missing.to_dict("records")))
+        blocks.append(_block("Not measured:", [f"{'; '.join(lines)}."]))
+    return "<div id='summary'>" + "".join(blocks) + "</div>"
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+
+def _recommendation_view(table: pd.DataFrame, audits: list[dict]) -> pd.DataFrame:
+    """The recommendation table as HTML cells: the recommended strategy in bold."""
+    findings = results.audit_findings(audits)
+    notes = {
+        strategy: "; ".join(
+            f"{status} on {', '.join(kinds)}"
+            for status, kinds in zip(part["status"], part["kinds"])
+        )
+        for strategy, part in findings.groupby("strategy")
+    }
+
+    def name(strategy: str | None, bold: bool = False) -> str:
         if strategy is None or pd.isna(strategy):
             return "none ran every case"
-        if strategy in wrong:
-            return f"{strategy} (audit: wrong or failing on {', '.join(wrong[strategy])})"
-        return strategy
+        text = f"<b>{html.escape(strategy)}</b>" if bold else html.escape(strategy)
+        if strategy in notes:
+            return f"{text} (audit: {html.escape(notes[strategy])})"
+        return text
 
     return pd.DataFrame(
         {
-            "machine": table["machine"],
+            "machine": table["machine"].map(html.escape),
             "device": table["device"],
             "dtype": table["dtype"],
-            "P range": [f"{lo:,} ≤ P < {hi:,}" for lo, hi in zip(table["P_min"], table["P_max"])],
+            "P range": [_range(lo, hi) for lo, hi in zip(table["P_min"], table["P_max"])],
             "cases": table["cases"],
-            "fastest": [
-                f"tie: {name(f)} ≈ {name(r)}" if tie else name(f)
+            "fastest (many Hessians)": [
+                f"tie: {name(f, True)} ≈ {name(r)}" if tie else name(f, True)
                 for f, r, tie in zip(table["fastest"], table["runner_up"], table["tie"])
             ],
-            "fastest time (s, geo-mean of min)": table["fastest_s"],
+            "fastest time (s, geo-mean of min)": table["fastest_s"].map("{:.4g}".format),
             f"speedup vs {BASELINE}": table[f"fastest_vs_{BASELINE}"].map(_ratio),
             "runner-up": table["runner_up"].map(name),
+            "fastest for one Hessian (first call included)": [
+                f"{name(s)} ({t:.4g} s)" if isinstance(s, str) else name(s)
+                for s, t in zip(table["fastest_single"], table["fastest_single_s"])
+            ],
             "peers (time / fastest)": table["peers"].map(
-                lambda p: ", ".join(f"{k}: {_ratio(v)}" for k, v in p.items()) or "—"
+                lambda p: ", ".join(f"{html.escape(k)}: {_ratio(v)}" for k, v in p.items()) or "—"
             ),
             "leanest": table["leanest"].map(name),
             "leanest peak": table["leanest_peak_bytes"].map(_bytes),
@@ -92,27 +447,65 @@ def _recommendation_view(table: pd.DataFrame, wrong: dict[str, list[str]]) -> pd
     )
 
 
-#: background of an accuracy-matrix cell, by audit status (the cell's class)
-_STATUS_COLOURS = {OK: "#c8efc8", WRONG: "#f7b0b0", ERROR: "#f7d9a8", UNSUPPORTED: "#e0e0e0"}
+#: compiled-vs-eager rows shown per machine, device, dtype and compiled variant: the largest P
+_LARGEST_CASES = 3
+
+
+def _compiled_html(df: pd.DataFrame) -> str:
+    """Compiled variants beside their eager forms at the largest cases, with break-even."""
+    pairs = results.compiled_vs_eager(df)
+    if pairs.empty:
+        return (
+            "<p>No compiled variant (<code>torch.compile</code>) ran beside its eager form in "
+            "these runs.</p>"
+        )
+    keys = ["machine", "device", "dtype", "strategy"]
+    largest = pairs.sort_values("P", ascending=False).groupby(keys).head(_LARGEST_CASES)
+    largest = largest.sort_values([*keys, "P"])
+    view = pd.DataFrame(
+        {
+            "machine": largest["machine"],
+            "device": largest["device"],
+            "case": largest["case"],
+            "P": largest["P"].map("{:,}".format),
+            "compiled": largest["strategy"],
+            "eager": largest["eager"],
+            "eager min (s)": largest["eager_s"],
+            "compiled min (s)": largest["compiled_s"],
+            "compiled / eager": largest["compiled_over_eager"].map(_ratio),
+            "compile: first call (s)": largest["first_call_s"],
+            "break-even (Hessians)": largest["break_even"].map(_count),
+        }
+    )
+    return (
+        "<p>Each compiled variant beside the eager strategy it compiles, on its "
+        f"{_LARGEST_CASES} largest cases. Break-even is first call / (eager min − compiled "
+        "min): about the number of Hessians of one structure after which compiling pays; "
+        "'never' where the compiled variant is not faster.</p>" + _table(view, "compiled")
+    )
+
+
 _CSS = """
-body { font-family: sans-serif; margin: 1.5em; max-width: 1600px; }
+body { font-family: sans-serif; margin: 1.5em; max-width: 1600px; line-height: 1.35; }
+#summary p { max-width: 75em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: left; }
 th { background: #f0f0f0; }
 figure { margin: 1em 0; } img { max-width: 100%; }
 pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
 """ + "".join(
-    f"td.{status} {{ background: {colour}; }}\n" for status, colour in _STATUS_COLOURS.items()
+    f"td.{status.replace(' ', '-')} {{ background: {colour}; }}\n"
+    for status, colour in plots.STATUS_COLOURS.items()
 )
 
 
-def _matrix_html(matrix: pd.DataFrame) -> str:
+def _matrix_html(matrix: pd.DataFrame, statuses: pd.DataFrame) -> str:
     head = "".join(f"<th>{html.escape(str(m))}</th>" for m in matrix.columns)
     body = []
     for strategy, row in matrix.iterrows():
         cells = "".join(
-            f"<td class='{html.escape(str(v).split(' ')[0])}'>{html.escape(str(v))}</td>"
-            for v in row
+            f"<td class='{html.escape(status.replace(' ', '-'))}'>{html.escape(str(text))}</td>"
+            for text, status in zip(row, statuses.loc[strategy])
         )
         body.append(f"<tr><th>{html.escape(str(strategy))}</th>{cells}</tr>")
     return (
@@ -132,50 +525,71 @@ def _bugs_html(audits: list[dict]) -> str:
                 f"{html.escape(', '.join(bug.get('strategies') or []))}; models: "
                 f"{html.escape(', '.join(bug.get('models') or []))}; <b>{still}</b> with torch "
                 f"{html.escape(str(audit.get('torch_version')))}</p>"
-                f"<pre>{html.escape(str(bug.get('reproduction')))}</pre>"
+                "<details><summary>reproduction</summary>"
+                f"<pre>{html.escape(str(bug.get('reproduction')))}</pre></details>"
             )
     return "".join(parts) or "<p>(none)</p>"
+
+
+def _not_timed_html(df: pd.DataFrame) -> str:
+    """Devices where nothing ran, one line per reason; then every other untimed cell."""
+    lines = "".join(
+        f"<li>{_not_run_line(row)}</li>" for row in results.untimed_devices(df).to_dict("records")
+    )
+    return (f"<ul id='not-run'>{lines}</ul>" if lines else "") + _table(
+        results.not_timed(df[results.device_timed(df)]), "not-timed"
+    )
 
 
 def render_html(
     title: str,
     df: pd.DataFrame,
     audits: list[dict],
-    figures: dict[str, bytes],
+    figures: dict[str, plots.Drawn],
     recommendations: pd.DataFrame,
 ) -> str:
-    """The self-contained report: figures as data: URIs, tables, runs and audit sections."""
+    """The self-contained report: summary, recommendation, figures, tables, the audit.
+
+    ``figures`` is ``plots.write_figures``' result; the accuracy heat map goes with the audit.
+    """
+    audit_figure = figures.get("accuracy")
     sections = [
         f"<h1>{html.escape(title)}</h1>",
-        "<h2>Runs</h2>",
-        _table(results.runs(df, audits), "runs"),
+        "<h2>Summary</h2>",
+        _summary_html(df, audits, recommendations),
         "<h2>Recommendation</h2>",
         "<p>Per machine, device, dtype and range of P: the fastest strategy that ran "
-        "accurately on every case of the range (peers excluded), and the leanest in peak "
-        "memory. A tie means the runner-up is within the spread of rounds (stddev / min). "
-        "Size ranges have edges at 1 and 3 times powers of ten.</p>",
-        _table(
-            _recommendation_view(recommendations, results.merged_wrong_kinds(audits)),
-            "recommendations",
-        ),
+        "accurately on every case of the range (peers and dispatchers excluded), how many "
+        "cases that rests on, the fastest for one Hessian when the first call (compile "
+        "included) counts, and the leanest in peak memory. A tie means the runner-up is "
+        "within the spread of rounds (stddev / min). Size ranges have edges at 1 and 3 times "
+        "powers of ten.</p>",
+        _table(_recommendation_view(recommendations, audits), "recommendations", escape=False),
     ]
-    sections += [_img(name, png) for name, png in figures.items()]
+    if not df.empty:
+        sections += ["<h2>Compiled vs eager</h2>", _compiled_html(df)]
+    sections += [_img(drawn) for name, drawn in figures.items() if name != "accuracy"]
     if not df.empty:
         sections += [
             "<h2>Cells not timed</h2>",
-            _table(results.not_timed(df), "not-timed"),
+            _not_timed_html(df),
             "<h2>Growth exponents (log-log fit of min time)</h2>",
             _table(results.growth_exponents(df), "growth"),
             "<h2>First call (compile) vs steady state</h2>",
             _table(results.first_calls(df), "first-call"),
         ]
     if audits:
+        records = results.audit_frame(audits)
         sections += [
             "<h2>Accuracy audit (strategy × model)</h2>",
-            _matrix_html(results.accuracy_matrix(results.audit_frame(audits))),
+            _img(audit_figure) if audit_figure else "",
+            "<details><summary>The same as a table</summary>",
+            _matrix_html(results.accuracy_matrix(records), results.accuracy_statuses(records)),
+            "</details>",
             "<h2>Known upstream bugs</h2>",
             _bugs_html(audits),
         ]
+    sections += ["<h2>Runs</h2>", _table(results.runs(df, audits), "runs")]
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
@@ -215,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         # beside the figures, not the inputs: `results/*.json` must stay inputs only
         out = args.plots_dir / "recommendations.json"
         out.write_text(json.dumps(results.recommendation_records(recommendations), indent=1))
-    figures = plots.write_figures(df, args.plots_dir)
+    figures = plots.write_figures(df, args.plots_dir, audits)
     html_path.parent.mkdir(parents=True, exist_ok=True)
     html_path.write_text(render_html(args.title, df, audits, figures, recommendations))
     print(f"bench.report: wrote {html_path} ({len(df)} cells; {shlex.join(map(str, args.files))})")

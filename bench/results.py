@@ -1,6 +1,7 @@
 """Analysis of benchmark and audit JSON: tidy frame, families, recommendation rule, growth.
 
-Everything here is pandas over the JSON files (no torch), so it reads runs from any machine.
+Everything here is pandas over the JSON files, so it reads runs from any machine; loading and
+the recommendation rule need no torch (only :func:`strategy_facts` imports the registry).
 The HTML report (``bench.report``), the figures (``bench.plots``) and ``auto``'s table
 (``bench.auto_table``) all draw on it; none of them re-derives what is defined here.
 
@@ -18,6 +19,15 @@ Recommendation rule, per machine, device, dtype and size range of P (docs/DESIGN
   left out; their cells are listed by :func:`not_timed`.
 - The fastest is a tie with the runner-up unless ``runner_up_s / fastest_s - 1`` exceeds the
   spread of rounds, the largest ``stddev / min`` of the two strategies over the range's cases.
+- The fastest for a single Hessian of one structure ranks the same candidates by the time of
+  their first call where it was recorded (compile included, for strategies that compile),
+  else by their min time; the fastest above is the choice for many Hessians.
+
+Strategy families (``strategies.FAMILIES``) and compiled variants' eager forms come from the
+registry through :func:`strategy_facts` alone. The numbers of the report's summary (half vs
+full loop, the choice per way of writing the net, much slower strategies, compiled vs eager,
+devices with nothing run, the audit's findings) are computed here; docs/DESIGN.md, "The
+report", says how the page words them.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from bench.vocabulary import (
     FAILED,
     OK,
     TIMED,
+    UNSUPPORTED,
     WRONG,
     canonical_status,
 )
@@ -48,9 +59,14 @@ __all__ = [
     "InputFileError",
     "STAT_FIELDS",
     "DISPATCHERS",
+    "FULL_LOOP",
+    "HALF_LOOP",
+    "SLOW_FACTOR",
+    "OTHER_FAMILY",
     "RECOMMENDATION_FIELDS",
     "load",
     "family",
+    "strategy_facts",
     "size_range",
     "regimes",
     "summaries",
@@ -58,11 +74,22 @@ __all__ = [
     "recommend",
     "recommendation_records",
     "growth_exponents",
+    "speedups",
+    "arch_choices",
+    "much_slower",
+    "compiled_vs_eager",
+    "compile_summary",
+    "device_timed",
+    "untimed_devices",
     "not_timed",
     "first_calls",
     "runs",
     "audit_frame",
+    "NOT_RUN",
+    "accuracy_statuses",
     "accuracy_matrix",
+    "REFUSALS",
+    "audit_findings",
     "wrong_kinds",
     "merged_wrong_kinds",
 ]
@@ -71,6 +98,14 @@ __all__ = [
 STAT_FIELDS = ("min", "max", "mean", "stddev", "median", "iqr", "rounds")
 #: strategies that only choose and run another one (``auto``): timed, never recommended
 DISPATCHERS = frozenset({"auto"})
+#: the loop most users write first, and the same loop over half the Hessian: whether the
+#: half pays is the question the report answers first
+FULL_LOOP = "full_autograd"
+HALF_LOOP = "symmetric_half"
+#: "much slower": at least this many times the fastest's time (an order of magnitude)
+SLOW_FACTOR = 10.0
+#: the family of a strategy the registry does not know (an older or foreign run)
+OTHER_FAMILY = "other"
 #: the fields of ``recommendations.json`` (docs/DESIGN.md, "recommendations.json")
 RECOMMENDATION_FIELDS = (
     "machine",
@@ -86,6 +121,9 @@ RECOMMENDATION_FIELDS = (
     "leanest",
     "leanest_peak_bytes",
     f"leanest_vs_{BASELINE}",
+    "fastest_single",
+    "fastest_single_s",
+    "cases",
 )
 _CASE_FIELDS = tuple(f.name for f in dataclasses.fields(Case))
 _CASE_DEFAULTS = {
@@ -225,6 +263,52 @@ def family(rows: pd.DataFrame) -> pd.Series:
     return pd.Series(families, index=rows.index, dtype=object, name="family")
 
 
+def strategy_facts(names: Iterable[str]) -> pd.DataFrame:
+    """Each strategy's family and, for a compiled variant, the eager strategy it compiles.
+
+    The one place where the analysis asks the registry (``strategies.get(name).family`` and
+    ``.eager``). A name it does not know (an older or foreign run) is in family
+    :data:`OTHER_FAMILY`, with no eager form. The eager form of each compiled variant among
+    ``names`` gets a row too. Indexed by strategy, in family order (``strategies.FAMILIES``,
+    then "other"), then registration order with each compiled variant right after its eager
+    form, unknown names last by name. Columns: ``family`` (a Categorical whose categories are
+    the families in order) and ``eager`` (name, or None).
+    """
+    # The registry imports torch: only the report's families and compiled pairs need it, so
+    # loading and the recommendation rule stay pandas only.
+    import strategies
+
+    order = {name: i for i, name in enumerate(strategies.names())}
+    facts: dict[str, tuple[str, str | None]] = {}
+    pending = list(dict.fromkeys(names))
+    while pending:
+        name = pending.pop()
+        if name in facts:
+            continue
+        if name in order:
+            strategy = strategies.get(name)
+            facts[name] = (strategy.family, strategy.eager)
+            if strategy.eager:
+                pending.append(strategy.eager)
+        else:
+            facts[name] = (OTHER_FAMILY, None)
+    families = [*strategies.FAMILIES, OTHER_FAMILY]
+
+    def key(name: str) -> tuple:
+        fam, eager = facts[name]
+        base = eager or name
+        return (families.index(fam), order.get(base, len(order)), base, eager is not None, name)
+
+    ordered = sorted(facts, key=key)
+    return pd.DataFrame(
+        {
+            "family": pd.Categorical([facts[n][0] for n in ordered], categories=families),
+            "eager": [facts[n][1] for n in ordered],
+        },
+        index=pd.Index(ordered, name="strategy"),
+    )
+
+
 def _with_case_defaults(rows: pd.DataFrame) -> pd.DataFrame:
     """``rows`` with the case fields that have a default (added after older runs) filled in."""
     return rows.assign(**{k: v for k, v in _CASE_DEFAULTS.items() if k not in rows})
@@ -264,15 +348,21 @@ def summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
 
     ``time_s`` is the geometric mean of the min times, ``spread`` the largest stddev / min,
     ``peak_bytes`` the largest peak; dispatchers are left out (recommending one is circular).
+    ``single_s`` is the geometric mean of the time of one Hessian of a new structure: the
+    first call where it was recorded (strategies that compile), else the min time.
     """
     ok = rows[(rows["status"] == OK) & ~rows["strategy"].isin(DISPATCHERS)]
     if ok.empty:
-        return pd.DataFrame(columns=["time_s", "spread", "peak_bytes", "peer"])
+        return pd.DataFrame(columns=["time_s", "single_s", "spread", "peak_bytes", "peer"])
     complete = ok.groupby("strategy")["case"].agg(lambda c: set(c) == cases)
     ok = ok[ok["strategy"].map(complete)]
-    ok = ok.assign(rel_spread=ok["stddev"] / ok["min"])
+    ok = ok.assign(
+        rel_spread=ok["stddev"] / ok["min"],
+        single=pd.to_numeric(ok.get("first_call_s", pd.Series(np.nan, ok.index))).fillna(ok["min"]),
+    )
     return ok.groupby("strategy").agg(
         time_s=("min", _geomean),
+        single_s=("single", _geomean),
         spread=("rel_spread", "max"),
         peak_bytes=("peak_bytes", "max"),
         peer=("peer", "any"),
@@ -314,6 +404,9 @@ def _recommendation(regime: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any
             name: float(row["time_s"] / best["time_s"])
             for name, row in summary.loc[peer].iterrows()
         }
+        single = candidates["single_s"].astype(float)
+        record["fastest_single"] = single.idxmin()
+        record["fastest_single_s"] = float(single.min())
     if not lean.empty and lean["peak_bytes"].notna().any():
         record["leanest"] = lean.index[0]
         record["leanest_peak_bytes"] = int(lean["peak_bytes"].iloc[0])
@@ -327,7 +420,9 @@ def _recommendation(regime: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any
 def recommend(df: pd.DataFrame) -> pd.DataFrame:
     """The recommendation table: a row per machine, device, dtype and size range of P.
 
-    See the module docstring for the rule. ``fastest_vs_torch_func`` is the baseline's time
+    See the module docstring for the rule. ``cases`` is the number of cases the row rests on;
+    ``fastest_single`` is the fastest for one Hessian of a structure (first call included),
+    ``fastest`` the fastest for many. ``fastest_vs_torch_func`` is the baseline's time
     over the fastest's (a speedup); ``leanest_vs_torch_func`` is the baseline's peak memory
     over the leanest's. Both are null where the baseline did not run every case of the range.
     ``peers`` maps each peer strategy that ran every case to its time over the fastest's.
@@ -337,12 +432,12 @@ def recommend(df: pd.DataFrame) -> pd.DataFrame:
         for regime, rows in regimes(df)
         if rows["status"].isin(TIMED).any()
     ]
-    return pd.DataFrame(records, columns=[*RECOMMENDATION_FIELDS, "peers", "cases"])
+    return pd.DataFrame(records, columns=[*RECOMMENDATION_FIELDS, "peers"])
 
 
 def recommendation_records(table: pd.DataFrame) -> list[dict]:
     """The table as ``recommendations.json`` records: null for missing, ints for sizes."""
-    integral = {"P_min", "P_max", "leanest_peak_bytes"}
+    integral = {"P_min", "P_max", "leanest_peak_bytes", "cases"}
     records = []
     for row in table[list(RECOMMENDATION_FIELDS)].astype(object).to_dict("records"):
         plain = {k: None if v is None or pd.isna(v) else v for k, v in row.items()}
@@ -383,6 +478,178 @@ def growth_exponents(df: pd.DataFrame) -> pd.DataFrame:
         columns = ["exponent_in_P", "fits_in_P", "exponent_in_batch", "fits_in_batch"]
         return pd.DataFrame(columns=keys + columns)
     return pd.concat(parts, axis=1).reset_index()
+
+
+_CELL = ["machine", "device", "dtype", "arch", "case", "P"]
+
+
+def _beside(df: pd.DataFrame, partner: dict[str, str]) -> pd.DataFrame:
+    """Each "ok" row of a strategy in ``partner`` beside its partner's "ok" row on its case.
+
+    Adds ``partner`` (the name) and ``partner_s`` (its min time); cases where either did not
+    run accurately are left out.
+    """
+    ok = _with_case_defaults(df[df["status"] == OK])
+    left = ok[ok["strategy"].isin(partner)]
+    left = left.assign(partner=left["strategy"].map(partner))
+    right = ok[[*_CELL, "strategy", "min"]].rename(
+        columns={"strategy": "partner", "min": "partner_s"}
+    )
+    return left.merge(right, on=[*_CELL, "partner"]).sort_values(["machine", "device", "P", "case"])
+
+
+def speedups(df: pd.DataFrame, strategy: str, other: str) -> pd.DataFrame:
+    """Per case where both ran "ok": ``speedup``, the other's min time over the strategy's.
+
+    Columns: machine, device, dtype, arch, case, P, speedup (above 1: ``strategy`` faster).
+    """
+    pairs = _beside(df, {strategy: other})
+    return pairs[_CELL].assign(speedup=pairs["partner_s"] / pairs["min"]).reset_index(drop=True)
+
+
+def _timed_groups(df: pd.DataFrame, keys: list[str]) -> Iterator[tuple[tuple, pd.DataFrame]]:
+    for key, rows in df.groupby(keys, sort=True):
+        if rows["status"].isin(TIMED).any():
+            yield key, rows
+
+
+def arch_choices(df: pd.DataFrame) -> pd.DataFrame:
+    """The recommendation rule over all the cases of one way of writing the net.
+
+    Per machine, device and ``arch`` (``bench.grid.ARCHS``: the ``nn.Sequential`` MLP, the
+    custom module, the LayerNorm net) with something timed: ``cases``, ``P_lo`` and ``P_hi``
+    (the smallest and largest P), ``fastest`` (None where no strategy ran every case
+    accurately), ``tie``, ``runner_up``, ``fastest_single`` (for one Hessian of a structure,
+    first call included), and the fastest's speedup per case over ``versus``:
+    the baseline where it ran some of those cases, else the full loop. ``speedup_lo`` and
+    ``speedup_hi`` are the range over the ``versus_cases`` both ran.
+    """
+    records = []
+    for (machine, device, arch), rows in _timed_groups(
+        _with_case_defaults(df), ["machine", "device", "arch"]
+    ):
+        rec = _recommendation({}, rows)
+        record = {
+            "machine": machine,
+            "device": device,
+            "arch": arch,
+            "cases": rec["cases"],
+            "P_lo": int(rows["P"].min()),
+            "P_hi": int(rows["P"].max()),
+            **{k: rec[k] for k in ("fastest", "tie", "runner_up", "fastest_single")},
+            **dict.fromkeys(["versus", "versus_cases", "speedup_lo", "speedup_hi"]),
+        }
+        for versus in (BASELINE, FULL_LOOP):
+            ratios = speedups(rows, rec["fastest"], versus)["speedup"] if rec["fastest"] else []
+            if len(ratios) and versus != rec["fastest"]:
+                record.update(
+                    versus=versus,
+                    versus_cases=len(ratios),
+                    speedup_lo=float(ratios.min()),
+                    speedup_hi=float(ratios.max()),
+                )
+                break
+        records.append(record)
+    columns = ["machine", "device", "arch", "cases", "P_lo", "P_hi", "fastest", "tie"]
+    columns += ["runner_up", "fastest_single", "versus", "versus_cases"]
+    columns += ["speedup_lo", "speedup_hi"]
+    return pd.DataFrame(records, columns=columns)
+
+
+def much_slower(df: pd.DataFrame, factor: float = SLOW_FACTOR) -> pd.DataFrame:
+    """Strategies at least ``factor`` times slower than the fastest on the cases they ran.
+
+    Per machine and device: on each case, the fastest min time of the strategies that could
+    be recommended (status "ok", no peer, no dispatcher); each such strategy's
+    ``times_fastest`` is the geometric mean over its "ok" cases of its min over that, with
+    the count of ``cases``. Sorted slowest first.
+    """
+    ok = df[(df["status"] == OK) & ~df["peer"].astype(bool) & ~df["strategy"].isin(DISPATCHERS)]
+    keys = ["machine", "device"]
+    ok = ok.assign(ratio=ok["min"] / ok.groupby([*keys, "case"])["min"].transform("min"))
+    table = (
+        ok.groupby([*keys, "strategy"])
+        .agg(times_fastest=("ratio", _geomean), cases=("case", "nunique"))
+        .reset_index()
+    )
+    table = table[table["times_fastest"] >= factor]
+    return table.sort_values([*keys, "times_fastest"], ascending=[True, True, False]).reset_index(
+        drop=True
+    )
+
+
+def compiled_vs_eager(df: pd.DataFrame) -> pd.DataFrame:
+    """Each compiled variant beside its eager form, per case where both ran "ok".
+
+    Columns: machine, device, dtype, arch, case, P, ``strategy`` (the compiled variant),
+    ``eager``, ``eager_s`` and ``compiled_s`` (min times), ``compiled_over_eager``,
+    ``first_call_s`` (the compiled variant's first call, compile included) and
+    ``break_even``: ``first_call_s / (eager_s - compiled_s)``, about the number of Hessians
+    of one structure after which compiling pays; infinite where the compiled variant is not
+    faster, null where its first call was not recorded.
+    """
+    facts = strategy_facts(df["strategy"].unique())
+    pairs = _beside(df, facts["eager"].dropna().to_dict())
+    saved = pairs["partner_s"] - pairs["min"]
+    first = pd.to_numeric(pairs["first_call_s"])
+    table = pairs[_CELL].assign(
+        strategy=pairs["strategy"],
+        eager=pairs["partner"],
+        eager_s=pairs["partner_s"],
+        compiled_s=pairs["min"],
+        compiled_over_eager=pairs["min"] / pairs["partner_s"],
+        first_call_s=first,
+        break_even=(first / saved).where(saved > 0, np.where(first.notna(), np.inf, np.nan)),
+    )
+    return table.reset_index(drop=True)
+
+
+def compile_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """:func:`compiled_vs_eager` per machine, device and compiled variant, over its cases.
+
+    Columns: machine, device, strategy, eager, cases, ``faster`` (cases where the compiled
+    variant's min time beats the eager one's), ``first_call_lo``/``_hi``, ``eager_lo``/``_hi``
+    (the eager min times) and ``break_even_lo``/``_hi``.
+    """
+    pairs = compiled_vs_eager(df)
+    return (
+        pairs.assign(faster=pairs["compiled_s"] < pairs["eager_s"])
+        .groupby(["machine", "device", "strategy", "eager"], sort=True)
+        .agg(
+            cases=("case", "nunique"),
+            faster=("faster", "sum"),
+            first_call_lo=("first_call_s", "min"),
+            first_call_hi=("first_call_s", "max"),
+            eager_lo=("eager_s", "min"),
+            eager_hi=("eager_s", "max"),
+            break_even_lo=("break_even", "min"),
+            break_even_hi=("break_even", "max"),
+        )
+        .reset_index()
+    )
+
+
+def device_timed(df: pd.DataFrame) -> pd.Series:
+    """Whether anything was timed on each row's machine and device (a bool per row)."""
+    timed = df["status"].isin(TIMED).groupby([df["machine"], df["device"]]).transform("any")
+    return timed.astype(bool)
+
+
+def untimed_devices(df: pd.DataFrame) -> pd.DataFrame:
+    """Machines' devices where nothing was timed, one row per status and reason.
+
+    Columns: machine, device, status, reason, ``cells``, ``cases`` and ``strategies``
+    (counts); e.g. every CUDA cell of a machine without CUDA in one row.
+    """
+    rows = df[~device_timed(df)]
+    columns = ["machine", "device", "status", "reason", "cells", "cases", "strategies"]
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    keys = ["machine", "device", "status", "reason"]
+    table = rows.assign(reason=rows["reason"].fillna("no reason recorded")).groupby(keys)
+    return table.agg(
+        cells=("case", "size"), cases=("case", "nunique"), strategies=("strategy", "nunique")
+    ).reset_index()[columns]
 
 
 def not_timed(df: pd.DataFrame) -> pd.DataFrame:
@@ -454,14 +721,86 @@ def _cell_text(record: pd.Series) -> str:
     return str(status)
 
 
+#: an accuracy-matrix cell where the audit has no record of the pair
+NOT_RUN = "not run"
+
+
+def _audit_pivot(records: pd.DataFrame, values: pd.Series) -> pd.DataFrame:
+    """Strategy x model of ``values`` (one per record), models in the audit's order."""
+    table = records.assign(cell=values).pivot_table(
+        index="strategy", columns="model", values="cell", aggfunc="first"
+    )
+    return table[list(dict.fromkeys(records["model"]))].fillna(NOT_RUN)
+
+
+def accuracy_statuses(records: pd.DataFrame) -> pd.DataFrame:
+    """Strategy x model matrix of audit statuses ("ok", "wrong", ..., "not run")."""
+    if records.empty:
+        return pd.DataFrame()
+    return _audit_pivot(records, records["status"])
+
+
 def accuracy_matrix(records: pd.DataFrame) -> pd.DataFrame:
     """Strategy x model matrix of audit outcomes as text ("ok", "wrong (rel err ..)", ...)."""
     if records.empty:
         return pd.DataFrame()
-    text = records.assign(cell=records.apply(_cell_text, axis=1))
-    return text.pivot_table(
-        index="strategy", columns="model", values="cell", aggfunc="first"
-    ).fillna("not run")
+    return _audit_pivot(records, records.apply(_cell_text, axis=1))
+
+
+#: exceptions by which a strategy refuses a net it does not handle (the strategy contract:
+#: bad input raises ValueError or TypeError naming the problem), not a failure
+REFUSALS = frozenset({"ValueError", "TypeError"})
+
+
+def audit_findings(audits: list[dict[str, Any]]) -> pd.DataFrame:
+    """What the audits found against each strategy: silently wrong, or failing.
+
+    One row per strategy and status, "wrong" (a wrong Hessian, no error raised) or "error"
+    (an exception other than a refusal, :data:`REFUSALS`): ``kinds`` and ``models`` (sorted
+    tuples), ``max_rel_err`` (wrong), ``exceptions`` (error), ``upstream`` (the known bugs'
+    upstream references naming the strategy and one of those models) and ``refused``:
+    whether an audit run that honours ``supports()`` found every one of those pairs
+    "unsupported" (the strategy now refuses them).
+    """
+    records = audit_frame(audits)
+    columns = ["strategy", "status", "kinds", "models", "max_rel_err", "exceptions"]
+    columns += ["upstream", "refused"]
+    if "exception" not in records:
+        records = records.assign(exception=None)
+    refusal = records["exception"].isin(REFUSALS)
+    found = records[(records["status"] == WRONG) | ((records["status"] == ERROR) & ~refusal)]
+    if found.empty:
+        return pd.DataFrame(columns=columns)
+    unsupported = set(
+        zip(*records.loc[records["status"] == UNSUPPORTED, ["strategy", "model"]].T.values)
+    )
+    bugs = [bug for audit in audits for bug in audit.get("known_bugs") or []]
+    rows = []
+    for (strategy, status), part in found.groupby(["strategy", "status"], sort=True):
+        models = tuple(sorted(set(part["model"])))
+        upstream = {
+            bug["upstream"]
+            for bug in bugs
+            if bug.get("upstream")
+            and strategy in (bug.get("strategies") or [])
+            and set(models) & set(bug.get("models") or [])
+        }
+        kinds = {k.strip() for tags in part["model_kind"] for k in str(tags).split(",")}
+        rows.append(
+            {
+                "strategy": strategy,
+                "status": status,
+                "kinds": tuple(sorted(kinds)),
+                "models": models,
+                "max_rel_err": float(part["max_rel_err"].max()) if status == WRONG else None,
+                "exceptions": tuple(sorted(set(part["exception"].dropna())))
+                if status == ERROR
+                else (),
+                "upstream": tuple(sorted(upstream)),
+                "refused": all((strategy, m) in unsupported for m in models),
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)
 
 
 def wrong_kinds(audit: dict[str, Any]) -> dict[str, set[str]]:

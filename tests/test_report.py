@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import html
 import json
+import math
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.colors import rgb_to_hsv, to_rgba
 
+import strategies
 from bench import plots, report, results
 from bench.vocabulary import (
     BASELINE,
@@ -271,15 +277,16 @@ def test_accuracy_matrix_and_audit_marks(inputs, tmp_path):
     assert report.main([*map(str, inputs), "--plots-dir", str(tmp_path), "--html", str(html)]) == 0
     page = html.read_text()
     # the fixture's audit: vmap_jvp wrong on layernorm, torch_func failing on batchnorm-train
-    assert "vmap_jvp (audit: wrong or failing on layernorm)" in page
-    assert "torch_func (audit: wrong or failing on batchnorm-train)" in page
+    assert "vmap_jvp (audit: wrong on layernorm)" in page
+    assert "torch_func (audit: error on batchnorm-train)" in page
 
 
-def test_strategy_colours_are_fixed_by_name():
+def test_strategy_styles_are_fixed_by_name():
     names = [f"s{i:02d}" for i in range(15)]
-    colours = plots.strategy_colours(names)
-    assert colours == plots.strategy_colours(list(reversed(names)) + names[:3])
-    assert len(set(colours.values())) == len(names)
+    styles = plots.strategy_styles(names)
+    assert styles == plots.strategy_styles(list(reversed(names)) + names[:3])
+    assert len({(s.colour, s.marker) for s in styles.values()}) == len(names)
+    assert {s.family for s in styles.values()} == {results.OTHER_FAMILY}
 
 
 def test_main_writes_every_output(tmp_path, inputs):
@@ -292,7 +299,7 @@ def test_main_writes_every_output(tmp_path, inputs):
         assert set(written["machine"]) == {_raw(path)["machine_info"]["machine_label"]}
     matrix = pd.read_csv(inputs[2].with_name("audit_matrix.csv"), index_col=0)
     assert matrix.equals(results.accuracy_matrix(results.audit_frame(audits)))
-    for name in ("headline", "time_vs_P", "memory_vs_P", "speedup", "cost_ratios"):
+    for name in ("headline", "time_vs_P", "memory_vs_P", "speedup", "cost_ratios", "accuracy"):
         assert (plots_dir / f"{name}.png").read_bytes().startswith(b"\x89PNG")
     recommendations = json.loads((plots_dir / "recommendations.json").read_text())
     expected = results.recommend(df)
@@ -307,7 +314,7 @@ def test_main_writes_every_output(tmp_path, inputs):
         assert raw["machine_info"]["machine_label"] in page
         assert raw["hessbench"]["command"] in page
     assert "torch_version" in page and "2.13.0" in page
-    assert "wrong or failing on layernorm" in page and "<pre>" in page
+    assert "audit: wrong on layernorm" in page and "<pre>" in page
 
 
 def test_main_with_an_audit_alone(tmp_path, inputs):
@@ -316,7 +323,9 @@ def test_main_with_an_audit_alone(tmp_path, inputs):
         report.main([str(inputs[2]), "--plots-dir", str(tmp_path / "p"), "--html", str(html)]) == 0
     )
     page = html.read_text()
-    assert "id='accuracy-matrix'" in page and "<img" not in page
+    # the audit's heat map is the one figure: no benchmark, no timing figures
+    assert "id='accuracy-matrix'" in page and page.count("<img") == 1
+    assert sorted(p.name for p in (tmp_path / "p").glob("*.png")) == ["accuracy.png"]
     assert not (tmp_path / "p" / "recommendations.json").exists()
 
 
@@ -329,3 +338,258 @@ def test_a_dispatcher_is_never_recommended(inputs):
     table = results.recommend(pd.concat([df, faster], ignore_index=True))
     assert "auto" not in set(table["fastest"]) | set(table["runner_up"]) | set(table["leanest"])
     assert set(table["fastest"].dropna()) == winners
+
+
+# --- families, compiled variants, the summary -----------------------------------------------
+
+#: compiled variants in tests/data/bench_compiled.json, and the eager strategy each compiles
+COMPILED = {"torch_func_compiled": "torch_func", "vmap_jvp_compiled": "vmap_jvp"}
+
+
+@pytest.fixture
+def compiled(tmp_path: Path, monkeypatch) -> list[Path]:
+    """The compiled-variant run (three archs, a device with nothing run) and the audit.
+
+    Its compiled variants are registered for the test, as strategies/ registers them: the
+    eager strategy's functions, ``compiles=True``, ``eager`` naming it.
+    """
+    for name, eager in COMPILED.items():
+        variant = dataclasses.replace(strategies.get(eager), name=name, compiles=True, eager=eager)
+        monkeypatch.setitem(strategies._REGISTRY, name, variant)
+    return [
+        Path(shutil.copy(DATA / name, tmp_path / name))
+        for name in ("bench_compiled.json", "audit.json")
+    ]
+
+
+def _cell(raw: dict, strategy: str, case: str) -> dict:
+    (bench,) = [b for b in raw["benchmarks"] if b["params"] == {"strategy": strategy, "case": case}]
+    return {**bench["extra_info"], **bench["stats"]}
+
+
+def _summary(page: str) -> str:
+    """The text of the report's opening summary, tags stripped."""
+    found = re.search(r"<div id='summary'>(.*?)</div>", page, re.S)
+    assert found, "the report has no summary"
+    return html.unescape(re.sub(r"<[^>]+>", "", found.group(1)))
+
+
+def test_strategy_facts_come_from_the_registry(compiled):
+    facts = results.strategy_facts(["torch_func_compiled", "full_autograd", "foreign", "auto"])
+    assert facts.loc["full_autograd", "family"] == strategies.get("full_autograd").family
+    assert facts.loc["auto", "family"] == strategies.get("auto").family
+    assert facts.loc["foreign", "family"] == results.OTHER_FAMILY
+    assert facts.loc["torch_func_compiled", "eager"] == "torch_func"
+    # the eager form joins, just before its compiled variant; unknown names come last
+    order = list(facts.index)
+    assert order.index("torch_func") + 1 == order.index("torch_func_compiled")
+    assert order[-1] == "foreign"
+    assert list(facts["family"].cat.categories) == [*strategies.FAMILIES, results.OTHER_FAMILY]
+
+
+def test_styles_by_family_compiled_dashed_in_its_eager_colour(compiled):
+    names = [*strategies.names(), *COMPILED, "foreign"]
+    styles = plots.strategy_styles(names)
+    for name, eager in COMPILED.items():
+        assert styles[name].colour == styles[eager].colour
+        assert styles[name].marker == styles[eager].marker
+        assert styles[name].linestyle == "--" and styles[eager].linestyle != "--"
+    eager_forms = [n for n in names if n not in COMPILED]
+    assert len({(styles[n].colour, styles[n].marker) for n in eager_forms}) == len(eager_forms)
+    # one hue per family: shades of one hue within a family (the dispatcher's greys have
+    # none), different hues across families
+    hues: dict[str, list[float]] = {}
+    for name in eager_forms:
+        hue, saturation, _ = rgb_to_hsv(styles[name].colour[:3])
+        if saturation > 0.05:
+            hues.setdefault(styles[name].family, []).append(float(hue))
+
+    def apart(a: float, b: float) -> float:
+        return min(abs(a - b), 1 - abs(a - b))
+
+    centre = {
+        f: float(np.angle(np.mean(np.exp(2j * np.pi * np.array(h)))) / (2 * np.pi)) % 1
+        for f, h in hues.items()
+    }
+    assert len(hues) == len(set(strategies.FAMILIES) | {results.OTHER_FAMILY}) - 1
+    for fam, values in hues.items():
+        assert max(apart(h, centre[fam]) for h in values) < 0.06, fam
+        for other in hues.keys() - {fam}:
+            assert apart(centre[fam], centre[other]) > 0.03, (fam, other)
+
+
+def test_compiled_vs_eager_and_break_even(compiled):
+    df, _ = results.load(compiled)
+    raw = _raw(compiled[0])
+    table = results.compiled_vs_eager(df)
+    assert set(table["strategy"]) == set(COMPILED)
+    for _, row in table.iterrows():
+        eager = _cell(raw, row["eager"], row["case"])
+        variant = _cell(raw, row["strategy"], row["case"])
+        assert row["eager_s"] == eager["min"] and row["compiled_s"] == variant["min"]
+        assert row["first_call_s"] == variant["first_call_s"]
+        assert row["compiled_over_eager"] == pytest.approx(variant["min"] / eager["min"])
+        if variant["min"] < eager["min"]:
+            expected = variant["first_call_s"] / (eager["min"] - variant["min"])
+            assert row["break_even"] == pytest.approx(expected)
+        else:
+            assert math.isinf(row["break_even"])
+    # the layernorm case: torch_func_compiled refused it, so it has no pair there
+    assert not ((table["arch"] == "layernorm") & (table["strategy"] == "torch_func_compiled")).any()
+    summary = results.compile_summary(df).set_index("strategy")
+    assert summary.loc["vmap_jvp_compiled", "faster"] == 0
+    assert (
+        summary.loc["torch_func_compiled", "faster"] == summary.loc["torch_func_compiled", "cases"]
+    )
+
+
+def test_recommendation_for_one_hessian_and_for_many(compiled, tmp_path):
+    df, _ = results.load(compiled)
+    table = results.recommend(df)
+    for _, row in table.iterrows():
+        rows = df[(df["P"] >= row["P_min"]) & (df["P"] < row["P_max"]) & (df["device"] == "cpu")]
+        assert row["cases"] == rows["case"].nunique()
+        candidates = results.summaries(rows, set(rows["case"]))
+        candidates = candidates[~candidates["peer"].astype(bool)]
+        # one Hessian: the first call where recorded, else the min time
+        assert row["fastest_single"] == candidates["single_s"].idxmin()
+        assert row["fastest"] == candidates["time_s"].idxmin()
+    # in the fixture, a compiled variant is fastest for many Hessians but its compile makes
+    # an eager strategy the choice for one
+    differs = table[table["fastest"] != table["fastest_single"]]
+    assert set(differs["fastest"]) <= set(COMPILED) and not differs.empty
+    assert report.main([*map(str, compiled), "--plots-dir", str(tmp_path / "p")]) == 0
+    written = json.loads((tmp_path / "p" / "recommendations.json").read_text())
+    assert [r["cases"] for r in written] == table["cases"].tolist()
+    assert [r["fastest_single"] for r in written] == table["fastest_single"].tolist()
+    page = (tmp_path / "p" / "report.html").read_text()
+    assert 'id="compiled"' in page
+    for name in table["fastest"]:
+        assert f"<b>{name}</b>" in page
+
+
+def test_a_device_with_nothing_run_collapses_into_one_line_per_reason(compiled):
+    df, _ = results.load(compiled)
+    raw = _raw(compiled[0])
+    skipped = [o for o in raw["hessbench"]["outcomes"] if o["device"] == "cuda"]
+    lines = results.untimed_devices(df)
+    assert len(lines) == 1
+    line = lines.iloc[0]
+    assert (line["device"], line["cells"]) == ("cuda", len(skipped))
+    assert line["reason"] == skipped[0]["reason"]
+    page = report.render_html("T", df, [], {}, results.recommend(df))
+    assert f"cuda on {line['machine']}: {len(skipped)} cells not run" in html.unescape(page)
+    table = page[page.index('id="not-timed"') :]
+    assert "-cuda" not in table
+    # the cpu cells not timed are still listed one by one
+    assert table.count("unsupported") == ((df["device"] == "cpu") & (df["status"] != OK)).sum()
+
+
+def test_figures_leave_out_panels_with_nothing_timed(compiled, tmp_path):
+    df, audits = results.load(compiled)
+    styles = plots.strategy_styles(df["strategy"])
+    for draw in (plots.time_vs_p, plots.memory_vs_p):
+        fig = draw(df, styles)
+        visible = [ax for ax in fig.axes if ax.get_visible()]
+        assert [ax.get_title().splitlines()[-1] for ax in visible] == ["cpu, float32"]
+    nothing = df[df["device"] == "cuda"]
+    assert plots.time_vs_p(nothing, styles) is None
+    assert plots.speedup(nothing, styles) is None
+    written = plots.write_figures(nothing, tmp_path)
+    assert not list(tmp_path.glob("time_vs_P.png")) and "time_vs_P" not in written
+
+
+def test_recommended_strategy_is_drawn_thicker(compiled):
+    df, _ = results.load(compiled)
+    styles = plots.strategy_styles(df["strategy"])
+    recommended = set(results.recommend(df)["fastest"])
+    fig = plots.time_vs_p(df, styles)
+    widths: dict[str, set] = {}
+    for line in fig.axes[0].get_lines():
+        for name, style in styles.items():
+            if line.get_color() == style.colour and line.get_linestyle() == style.linestyle:
+                widths.setdefault(name, set()).add(line.get_linewidth())
+    thick = {name for name, w in widths.items() if max(w) > 2}
+    assert recommended and thick == recommended
+
+
+def test_accuracy_heat_map_colours_follow_statuses(inputs, tmp_path):
+    _, audits = results.load(inputs)
+    fig = plots.accuracy_heatmap(audits)
+    (ax,) = fig.axes[:1]
+    statuses = results.accuracy_statuses(results.audit_frame(audits))
+    rows = [t.get_text() for t in ax.get_yticklabels()]
+    columns = [t.get_text() for t in ax.get_xticklabels()]
+    codes = ax.images[0].get_array()
+    colours = ax.images[0].cmap
+    for i, strategy in enumerate(rows):
+        for j, model in enumerate(columns):
+            status = statuses.loc[strategy, model]
+            rgba = colours(ax.images[0].norm(codes[i, j]))
+            assert np.allclose(rgba, to_rgba(plots.STATUS_COLOURS[status]))
+    assert {t.get_text() for t in fig.legends[0].get_texts()} == set(plots.STATUS_COLOURS)
+    assert plots.accuracy_heatmap([]) is None
+
+
+def test_summary_answers_with_numbers_from_the_run(compiled, tmp_path):
+    df, audits = results.load(compiled)
+    raw = _raw(compiled[0])
+    ratios = [
+        _cell(raw, "full_autograd", b["params"]["case"])["min"] / b["stats"]["min"]
+        for b in raw["benchmarks"]
+        if b["params"]["strategy"] == "symmetric_half"
+    ]
+    text = _summary(report.render_html("T", df, audits, {}, results.recommend(df)))
+    assert text.startswith("Timed on hostC / Intel Xeon / 4 cores (cpu).")
+    assert f"on all {len(ratios)} cases both ran accurately" in text
+    assert f"{min(ratios):.2g}× to {max(ratios):.2g}× faster" in text
+    choices = results.arch_choices(df).set_index("arch")
+    for arch in ("mlp", "custom", "layernorm"):
+        assert f"{choices.loc[arch, 'fastest']} (fastest on its" in text
+    assert "mlp_kron does not run it (unsupported: net must be an nn.Sequential MLP" in text
+    # what to avoid: the audit's wrong strategy, the much slower loop, the costly compile
+    assert "Avoid vmap_jvp on nets with layernorm layers" in text
+    slow = results.much_slower(df)
+    assert set(slow["strategy"]) and all(f"{s} (" in text for s in slow["strategy"])
+    assert "vmap_jvp_compiled is never faster than vmap_jvp" in text
+    pairs = results.compiled_vs_eager(df)
+    tfc = pairs[pairs["strategy"] == "torch_func_compiled"]["break_even"]
+    assert f"pays after {math.ceil(tfc.min())} to {math.ceil(tfc.max())} Hessians" in text
+    assert "for many" in text and "first call included" in text
+    assert "CUDA is not available on this machine" in text
+
+
+def test_summary_says_what_is_missing(inputs, tmp_path):
+    """bench_cpu's symmetric_half is wrong everywhere; no custom or LayerNorm cases; no audit."""
+    df, audits = results.load(inputs[:2])
+    text = _summary(report.render_html("T", df, [], {}, results.recommend(df)))
+    cpu = df.loc[df["device"] == "cpu", "machine"].iloc[0]
+    assert f"On {cpu} (cpu), no case ran both symmetric_half and full_autograd" in text
+    assert "symmetric_half: wrong on 3 cases" in text
+    # the other machine never ran symmetric_half: its own sentence says so
+    assert "On gpuB / NVIDIA H100 (cuda), no case ran both" in text
+    assert "symmetric_half did not run" in text
+    assert "for a custom module" in text and "these runs hold no timed case" in text
+    assert "no audit among these inputs" in text.lower()
+    # two machines: each gets its own sentences
+    assert all(f"On {m} (" in text for m in set(df["machine"]))
+    _, audits = results.load(inputs[2:])
+    only_audit = _summary(
+        report.render_html("T", df.iloc[:0], audits, {}, results.recommend(df.iloc[:0]))
+    )
+    assert only_audit.startswith("No benchmark run among these inputs")
+    assert "Avoid vmap_jvp" in only_audit
+
+
+def test_report_of_the_committed_runs(tmp_path):
+    """The committed reference run and audits (written before the arch axis and the old
+    status words) still make a full report whose summary answers from their numbers."""
+    committed = sorted((Path(__file__).parent.parent / "results").glob("*.json"))
+    inputs = [str(shutil.copy(path, tmp_path / path.name)) for path in committed]
+    assert report.main([*inputs, "--plots-dir", str(tmp_path / "p")]) == 0
+    df, _ = results.load(inputs)
+    ratios = results.speedups(df, results.HALF_LOOP, results.FULL_LOOP)["speedup"]
+    text = _summary((tmp_path / "p" / "report.html").read_text())
+    assert f"{ratios.min():.2g}× to {ratios.max():.2g}×" in text
+    assert "these runs hold no timed case" in text  # no custom or LayerNorm case there
+    assert (tmp_path / "p" / "accuracy.png").exists()

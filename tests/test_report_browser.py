@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import strategies
 from bench import report
 
 DATA = Path(__file__).parent / "data"
@@ -22,19 +24,31 @@ pytestmark = pytest.mark.skipif(
 
 
 class _Page(HTMLParser):
-    """Collects <img> sources and the text of each row of the recommendation table."""
+    """Collects <img> sources and alt texts, the summary's text, the ids of the tables and the
+    text of each row of the recommendation table."""
 
     def __init__(self) -> None:
         super().__init__()
         self.images: list[str] = []
+        self.alts: list[str] = []
         self.rows: list[list[str]] = []
+        self.tables: list[str] = []
+        self.summary = ""
         self._table_depth = 0
         self._in_cell = False
+        self._summary_depth = 0
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
         attrs = dict(attrs)
         if tag == "img":
             self.images.append(attrs.get("src", ""))
+            self.alts.append(attrs.get("alt", ""))
+        if tag == "div" and attrs.get("id") == "summary":
+            self._summary_depth = 1
+        elif self._summary_depth and tag == "div":
+            self._summary_depth += 1
+        if tag == "table":
+            self.tables.append(attrs.get("id", ""))
         if tag == "table" and attrs.get("id") == "recommendations":
             self._table_depth = 1
         elif self._table_depth and tag == "tr":
@@ -48,10 +62,14 @@ class _Page(HTMLParser):
             self._in_cell = False
         if tag == "table":
             self._table_depth = 0
+        if tag == "div" and self._summary_depth:
+            self._summary_depth -= 1
 
     def handle_data(self, data: str) -> None:
         if self._table_depth and self._in_cell:
             self.rows[-1][-1] += data
+        if self._summary_depth:
+            self.summary += data
 
 
 def _chromium(*args: str) -> subprocess.CompletedProcess:
@@ -64,34 +82,66 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+#: the fixtures: two machines, an audit, and a run with compiled variants, three ways of
+#: writing the net and a device where nothing ran
+INPUTS = ("bench_cpu.json", "bench_cuda.json", "audit.json", "bench_compiled.json")
+#: the compiled variants of bench_compiled.json and the eager strategy each compiles
+COMPILED = {"torch_func_compiled": "torch_func", "vmap_jvp_compiled": "vmap_jvp"}
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("report")
-    inputs = [
-        str(shutil.copy(DATA / name, tmp / name))
-        for name in ("bench_cpu.json", "bench_cuda.json", "audit.json")
-    ]
-    assert report.main([*inputs, "--plots-dir", str(tmp / "plots")]) == 0
+    inputs = [str(shutil.copy(DATA / name, tmp / name)) for name in INPUTS]
+    with pytest.MonkeyPatch.context() as patch:
+        # registered as strategies/ registers them: the eager functions, eager naming them
+        for name, eager in COMPILED.items():
+            variant = dataclasses.replace(
+                strategies.get(eager), name=name, compiles=True, eager=eager
+            )
+            patch.setitem(strategies._REGISTRY, name, variant)
+        assert report.main([*inputs, "--plots-dir", str(tmp / "plots")]) == 0
     return tmp
 
 
-def test_rendered_page_has_embedded_figures_and_recommendations(built):
+def _rendered(built: Path) -> _Page:
     page_path = built / "plots" / "report.html"
     dom = _chromium(f"--user-data-dir={built / 'profile'}", "--dump-dom", page_path.as_uri()).stdout
     page = _Page()
     page.feed(dom)
-    assert len(page.images) >= 4
+    return page
+
+
+def test_rendered_page_opens_with_the_summary(built):
+    page = _rendered(built)
+    text = " ".join(page.summary.split())
+    assert text.startswith("Timed on ")
+    questions = ("Is the symmetric-half loop faster than the full loop?", "What to use:")
+    for heading in (*questions, "What to avoid:", "One Hessian or many:", "Not measured:"):
+        assert heading in text
+    assert "CUDA is not available on this machine" in text
+    assert {"recommendations", "compiled", "not-timed", "accuracy-matrix"} <= set(page.tables)
+
+
+def test_rendered_page_has_embedded_figures_and_recommendations(built):
+    page = _rendered(built)
+    assert len(page.images) >= 5
+    assert any("Accuracy audit" in alt for alt in page.alts)
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
     recommendations = json.loads((built / "plots" / "recommendations.json").read_text())
     header, *rows = page.rows
-    assert "fastest" in header and "leanest" in header
+    fastest = header.index("fastest (many Hessians)")
+    single = header.index("fastest for one Hessian (first call included)")
+    assert "leanest" in header
     assert len(rows) == len(recommendations)
     for row, rec in zip(rows, recommendations):
         assert row[header.index("machine")] == rec["machine"]
-        assert row[header.index("fastest")].removeprefix("tie: ").startswith(rec["fastest"])
-        assert row[header.index("fastest")].startswith("tie: ") == rec["tie"]
+        assert row[header.index("cases")] == str(rec["cases"])
+        assert row[fastest].removeprefix("tie: ").startswith(rec["fastest"] or "none ran")
+        assert row[fastest].startswith("tie: ") == rec["tie"]
+        assert row[single].startswith(rec["fastest_single"] or "none ran")
 
 
 def test_screenshot_renders(built):
