@@ -618,10 +618,24 @@ def _check_loss_value(value: Any, outputs: Any) -> None:
         )
 
 
-#: torch's messages for a derivative it does not implement: (pattern, forward mode)
-_MISSING_DERIVATIVE = (
-    (re.compile(r"Trying to use forward AD with (\w+) that does not support it"), True),
-    (re.compile(r"derivative for (?:aten::)?(\w+) is not implemented"), False),
+#: torch's messages for what it does not implement, and what a caller should make of each
+#: ({op}: the op the message names; {others}: the reverse-mode strategies)
+_UNIMPLEMENTED = (
+    (
+        re.compile(r"Trying to use forward AD with (\w+) that does not support it"),
+        "needs the forward-mode derivative of aten::{op}, which torch {version} does not "
+        "implement: use a reverse-mode strategy ({others})",
+    ),
+    (
+        re.compile(r"Batching rule not implemented for (?:aten::)?([\w.]+)"),
+        "needs a vmap batching rule for aten::{op}, which torch {version} does not implement "
+        "on its path: use a reverse-mode strategy ({others})",
+    ),
+    (
+        re.compile(r"derivative for (?:aten::)?(\w+) is not implemented"),
+        "needs the derivative of aten::{op}, which torch {version} does not implement: torch "
+        "cannot differentiate this loss twice",
+    ),
 )
 
 
@@ -629,10 +643,11 @@ def explain_autograd_error(error: BaseException, strategy: str) -> ValueError | 
     """A ValueError that says what ``strategy`` met and what to use instead, or None.
 
     torch 2.13 has no forward-mode derivative for some ops (``huber_loss_backward``,
-    ``soft_margin_loss_backward``, ...), no second derivative for others
-    (``multi_margin_loss_backward``), and forward-over-reverse of ``F.mse_loss`` with mean
-    reduction called from a loss of the caller's own raises "ZeroTensors are immutable".
-    Other errors are not recognised (None): the caller re-raises them as they are.
+    ``soft_margin_loss_backward``, ...), no vmap batching rule for others on some paths
+    (``unsafe_split`` of nn.GRU in ``torch.autograd.functional``), no second derivative for
+    a few (``multi_margin_loss_backward``), and forward-over-reverse of ``F.mse_loss`` with
+    mean reduction called from a loss of the caller's own raises "ZeroTensors are
+    immutable". Other errors are not recognised (None): the caller re-raises them as they are.
     """
     message = str(error)
     version = _torch_version()
@@ -644,20 +659,11 @@ def explain_autograd_error(error: BaseException, strategy: str) -> ValueError | 
             "nn.MSELoss() itself as loss_fn (both are replaced by an exact equivalent), use "
             f"reduction='sum', or a reverse-mode strategy ({others})"
         )
-    for pattern, forward_mode in _MISSING_DERIVATIVE:
+    for pattern, explanation in _UNIMPLEMENTED:
         found = pattern.search(message)
-        if not found:
-            continue
-        op = found.group(1)
-        if forward_mode:
-            return ValueError(
-                f"strategy {strategy!r} needs the forward-mode derivative of aten::{op}, which "
-                f"torch {version} does not implement: use a reverse-mode strategy ({others})"
-            )
-        return ValueError(
-            f"strategy {strategy!r} needs the derivative of aten::{op}, which torch {version} "
-            "does not implement: torch cannot differentiate this loss twice"
-        )
+        if found:
+            what = explanation.format(op=found.group(1), version=version, others=others)
+            return ValueError(f"strategy {strategy!r} {what}")
     return None
 
 

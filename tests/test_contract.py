@@ -585,6 +585,27 @@ def test_nn_mse_loss_instance_exact_everywhere(name: str) -> None:
     assert_close_to(H, loop_hessian(net, list(_params(net)), batch, nn.MSELoss()), 1e-10)
 
 
+class _GRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(3, 4, batch_first=True)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out(self.gru(x)[0][:, -1])
+
+
+def test_missing_batching_rule_named() -> None:
+    """autograd_functional cannot batch through nn.GRU; before, an internal RuntimeError."""
+    torch.manual_seed(0)
+    net = _GRU().double()
+    batch = (torch.randn(4, 2, 3, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="needs a vmap batching rule for aten::unsafe_split"):
+        strategies.compute("autograd_functional", net, _params(net), batch)
+    H = strategies.compute("vmap_vjp", net, _params(net), batch)
+    assert_close_to(H, loop_hessian(net, list(_params(net)), batch), 1e-10)
+
+
 def test_unrecognised_errors_are_left_alone() -> None:
     assert _common.explain_autograd_error(RuntimeError("something else"), "vmap_jvp") is None
     explained = _common.explain_autograd_error(
