@@ -3,7 +3,10 @@
 ``verify`` draws a random vector ``v`` and compares ``H v`` and ``Hᵀ v`` with the product
 computed by plain autograd: reverse over reverse (the gradient's own gradient along ``v``),
 with no torch.func transform, so it shares no differentiation code with the strategies on
-the torch.func paths. A wrong block of ``H`` shows in ``H v`` unless ``v`` happens to be
+the torch.func paths (it shares the loss closure of ``prepare``, tested on its own against
+the float64 references). Where torch's double backward is wrong through the forward
+(``hazard(problem, DOUBLE_BACKWARD)``) the product is forward over reverse with autograd's
+dual tensors instead. A wrong block of ``H`` shows in ``H v`` unless ``v`` happens to be
 orthogonal to the error, which a Gaussian ``v`` is with probability zero. It costs one
 Hessian-vector product (about two gradients) and one pass over ``H``.
 """
