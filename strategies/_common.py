@@ -627,7 +627,7 @@ _UNIMPLEMENTED = (
         "implement: use a reverse-mode strategy ({others})",
     ),
     (
-        re.compile(r"Batching rule not implemented for (?:aten::)?([\w.]+)"),
+        re.compile(r"Batching rule not implemented for (?:aten::)?(\w+(?:\.\w+)?)"),
         "needs a vmap batching rule for aten::{op}, which torch {version} does not implement "
         "on its path: use a reverse-mode strategy ({others})",
     ),
