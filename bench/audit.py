@@ -115,7 +115,7 @@ KNOWN_BUGS: tuple[dict[str, Any], ...] = (
         "title": (
             "forward-over-reverse of F.mse_loss with its default mean reduction raises "
             "'RuntimeError: ZeroTensors are immutable' (reduction='sum' works; "
-            "strategies._common.mse_loss is the workaround)"
+            "strategies.mse_loss is the workaround)"
         ),
         "strategies": ["vmap_jvp", "block_symmetric", "autograd_functional"],
         "models": [],

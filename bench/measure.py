@@ -14,8 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
-from strategies._common import mse_loss
-from strategies._memory import available_bytes
+from strategies import available_bytes, mse_loss
 
 __all__ = [
     "TOLERANCES",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from strategies._kinds import kinds_of
+from strategies import kinds_of
 
 __all__ = ["ZooModel", "ZOO", "names", "get", "build", "kinds_of", "LayerNormMLP"]
 

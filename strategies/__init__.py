@@ -1,8 +1,17 @@
-"""Registry of strategies that compute the dense Hessian of a loss w.r.t. a net's weights."""
+"""Registry of strategies that compute the dense Hessian of a loss w.r.t. a net's weights.
+
+``compute(name, net, params, batch, loss_fn=None, **options)`` is the one way in: it checks
+the inputs (``check_inputs``), the options the strategy takes, its ``supports``, and that
+the Hessian fits in the memory of the params' device, then runs the strategy with autograd
+on (whatever the caller turned off) and turns torch's errors for derivatives it lacks into
+ValueErrors that name the op and what to use instead. ``verify`` checks any Hessian against
+an independent Hessian-vector product.
+"""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -10,28 +19,56 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._common import LossFn, check_inputs, flatten, from_blocks, prepare, to_blocks, unflatten
+from ._common import (
+    REVERSE_MODE,
+    LossFn,
+    Problem,
+    autograd_enabled,
+    check_inputs,
+    explain_autograd_error,
+    flatten,
+    from_blocks,
+    mse_loss,
+    prepare,
+    to_blocks,
+    unflatten,
+)
+from ._kinds import kinds_of
+from ._memory import available_bytes, check_fits
+from ._verify import default_rtol, verify
 
 __all__ = [
     "ComputeFn",
     "SupportsFn",
     "FAMILIES",
+    "LossFn",
+    "Problem",
     "Strategy",
+    "REVERSE_MODE",
     "names",
     "get",
     "compute",
     "register",
+    "verify",
+    "default_rtol",
+    "check_inputs",
     "prepare",
     "flatten",
     "unflatten",
     "to_blocks",
     "from_blocks",
+    "mse_loss",
+    "kinds_of",
+    "available_bytes",
 ]
 
-#: ``compute(net, params, batch, loss_fn=None) -> dense P x P Hessian``
+#: ``compute(net, params, batch, loss_fn=None, **options) -> dense P x P Hessian``
 ComputeFn = Callable[..., Tensor]
 #: ``supports(net, loss_fn) -> (ok, reason)``
 SupportsFn = Callable[[nn.Module, "LossFn | None"], "tuple[bool, str]"]
+
+#: the positional arguments every ``ComputeFn`` takes before its options
+_PROBLEM_ARGUMENTS = 4
 
 
 #: how a strategy computes the Hessian, for grouping in reports: plain autograd loops,
@@ -74,19 +111,64 @@ class Strategy:
         """Whether this strategy handles ``net`` with ``loss_fn``, and if not, why."""
         return self.supports_fn(net, loss_fn)
 
+    @property
+    def options(self) -> tuple[str, ...] | None:
+        """The keyword options ``compute`` accepts (e.g. ``chunk_size``); None: any."""
+        parameters = list(inspect.signature(self.compute_fn).parameters.values())
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return None
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        problem = [p for p in parameters if p.kind in positional][:_PROBLEM_ARGUMENTS]
+        return tuple(
+            p.name
+            for p in parameters
+            if p not in problem
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        )
+
     def compute(
         self,
         net: nn.Module,
         params: Mapping[str, Tensor],
         batch: tuple[Tensor, Tensor],
         loss_fn: LossFn | None = None,
+        **options: Any,
     ) -> Tensor:
-        """The dense ``P x P`` Hessian; raises ValueError where ``supports`` says no."""
+        """The dense ``P x P`` Hessian.
+
+        Args:
+            options: passed to the strategy, e.g. ``chunk_size`` or ``memory_budget``
+                (``options`` lists those it accepts).
+
+        Raises:
+            TypeError: a bad input (see ``check_inputs``), or an option the strategy does
+                not accept.
+            ValueError: a bad input, a problem ``supports`` says no to, or one the strategy
+                finds at run time it cannot differentiate exactly (a derivative torch does
+                not implement, an op torch differentiates wrongly on its path).
+            MemoryError: the Hessian alone does not fit in the memory of the params' device.
+        """
         check_inputs(net, params, batch, loss_fn)
+        accepted = self.options
+        if accepted is not None:
+            for option in options:
+                if option not in accepted:
+                    takes = ", ".join(accepted) or "none"
+                    raise TypeError(
+                        f"strategy {self.name!r} takes no option {option!r} (its options: {takes})"
+                    )
         ok, reason = self.supports(net, loss_fn)
         if not ok:
             raise ValueError(f"strategy {self.name!r} does not support this problem: {reason}")
-        return self.compute_fn(net, params, batch, loss_fn)
+        check_fits(params)
+        with autograd_enabled():
+            try:
+                return self.compute_fn(net, params, batch, loss_fn, **options)
+            except (NotImplementedError, RuntimeError) as error:
+                explained = explain_autograd_error(error, self.name)
+                if explained is None:
+                    raise
+                raise explained from error
 
 
 _REGISTRY: dict[str, Strategy] = {}
@@ -157,13 +239,15 @@ def compute(
     params: Mapping[str, Tensor],
     batch: tuple[Tensor, Tensor],
     loss_fn: LossFn | None = None,
+    **options: Any,
 ) -> Tensor:
-    """``get(name).compute(net, params, batch, loss_fn)``."""
-    return get(name).compute(net, params, batch, loss_fn)
+    """``get(name).compute(net, params, batch, loss_fn, **options)``."""
+    return get(name).compute(net, params, batch, loss_fn, **options)
 
 
-# One module per strategy; each defines NAME, FAMILY, DESCRIPTION, compute and optionally
-# supports, PEER, COMPILES and EAGER. Registration order is the order of names().
+# One module per strategy; each defines NAME, FAMILY, DESCRIPTION, compute (its keyword
+# arguments after the first four are its options) and optionally supports, PEER, COMPILES and
+# EAGER. Registration order is the order of names().
 _MODULES = [
     "full_autograd",
     "symmetric_half",
@@ -177,7 +261,6 @@ _MODULES = [
     "vmap_jvp_chunked",
     "block_symmetric_chunked",
     "jax_hessian",
-    "mlp_kron",
     "kron",
     "auto",
 ]

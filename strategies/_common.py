@@ -1,25 +1,48 @@
-"""Shared pieces of every strategy: input checks, the loss closure, flatten/unflatten, blocks."""
+"""Shared pieces of every strategy: the input contract, the loss closure, flatten/unflatten, blocks.
+
+The contract lives here, in ``check_inputs`` (what can be checked without running the net)
+and ``prepare`` (one probe forward of the loss, which checks what the net and loss return and
+records the normalisation ops the forward calls). ``Strategy.compute`` in the registry runs
+``check_inputs``, then the strategy, which runs ``prepare``; ``explain_autograd_error`` turns
+torch's own errors for derivatives it lacks into ValueErrors that say what to use instead.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Mapping
+import functools
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     "LossFn",
+    "NormCall",
     "Problem",
+    "REVERSE_MODE",
+    "JACREV_PATH",
+    "DOUBLE_BACKWARD",
+    "LEGACY_VMAP_FORWARD",
+    "autograd_enabled",
     "check_inputs",
     "prepare",
+    "hazard",
+    "refuse_hazard",
+    "explain_autograd_error",
     "jacrev_normalisation_hazard",
     "jacrev_path_supports",
     "flatten",
     "unflatten",
+    "flat_or_zeros",
     "to_blocks",
     "from_blocks",
     "mirror_upper",
@@ -28,16 +51,54 @@ __all__ = [
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
+#: strategies that differentiate twice in reverse mode, and so never need a forward-mode
+#: derivative; where torch lacks one, these are what a user should turn to
+REVERSE_MODE = ("full_autograd", "symmetric_half", "vmap_vjp")
+
 
 def mse_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean squared error, the default loss: the same value as ``F.mse_loss(outputs, targets)``.
+    """Mean squared error: the value of ``F.mse_loss(outputs, targets)``, broadcasting included.
 
     Written through ``reduction="sum"`` because in torch 2.13 forward-over-reverse of
     ``F.mse_loss`` with its default mean reduction raises "ZeroTensors are immutable"
     (``jvp(grad(f))`` with ``f`` ending in ``F.mse_loss(out, y)``); the sum reduction works.
-    ``prepare`` puts this in place of ``F.mse_loss`` so every strategy can use it.
+    The sum is divided by the size of the broadcast ``outputs - targets``, as torch's mean
+    does, so that where the shapes differ this is still exactly the loss the caller passed.
+    ``check_inputs`` puts this in place of ``F.mse_loss`` and ``nn.MSELoss()`` (mean).
     """
-    return F.mse_loss(outputs, targets, reduction="sum") / outputs.numel()
+    size = math.prod(torch.broadcast_shapes(outputs.shape, targets.shape))
+    return F.mse_loss(outputs, targets, reduction="sum") / size
+
+
+@contextlib.contextmanager
+def autograd_enabled() -> Iterator[None]:
+    """Autograd on, whatever the caller turned off (``torch.no_grad``, ``torch.inference_mode``).
+
+    A Hessian is made of derivatives: under ``inference_mode`` the double-backward loop
+    fails and ``torch.autograd.functional`` returns zeros, so every strategy runs inside this.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+@dataclass(frozen=True)
+class NormCall:
+    """One normalisation op the loss's forward called, as the probe forward saw it.
+
+    Attributes:
+        op: the aten op, e.g. ``"native_layer_norm"``.
+        batch_statistics: it normalises with statistics of the batch (batch or instance
+            norm in training mode, or without running statistics).
+        weight, bias: it was given an affine weight, a bias.
+        weight_grad, bias_grad: that weight, that bias depends on the chosen params.
+    """
+
+    op: str
+    batch_statistics: bool
+    weight: bool
+    bias: bool
+    weight_grad: bool
+    bias_grad: bool
 
 
 @dataclass(frozen=True)
@@ -50,9 +111,10 @@ class Problem:
         primals: detached copies of their values (the point the Hessian is taken at).
         loss: ``loss(dict name -> tensor) -> scalar``; every other parameter and buffer of
             the net is held fixed at its value, and running statistics are never updated.
-        inputs, targets, loss_fn: the batch and loss, as given.
+        inputs, targets, loss_fn: the batch, and the loss in use (the default filled in).
         module: the module the loss evaluates (the net, or a copy that does not update
             BatchNorm running statistics).
+        norm_calls: the normalisation ops the forward called (see ``hazard``).
     """
 
     names: tuple[str, ...]
@@ -63,6 +125,7 @@ class Problem:
     targets: Tensor
     loss_fn: LossFn
     module: nn.Module
+    norm_calls: tuple[NormCall, ...] = ()
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -127,19 +190,47 @@ def _stateless(net: nn.Module) -> nn.Module:
     return clone
 
 
+#: modules whose forward in training mode draws random numbers
+_STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.RReLU)
+
+
+def _stochastic_module(net: nn.Module) -> str:
+    """A description of the first module that makes the loss random, or ""."""
+    for name, m in net.named_modules():
+        if not m.training or not isinstance(m, _STOCHASTIC):
+            continue
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p == 0:
+            continue  # p = 0 draws nothing: the identity
+        return f"module {name or 'net'!r} is {m!r} in training mode"
+    return ""
+
+
+def _non_finite(tensor: Tensor) -> bool:
+    return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+
+
+def _is_default_mse(loss_fn: Any) -> bool:
+    """``F.mse_loss`` itself or ``nn.MSELoss()`` with mean reduction: replaced by ``mse_loss``."""
+    return loss_fn is F.mse_loss or (type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean")
+
+
 def check_inputs(
     net: nn.Module,
     params: Mapping[str, Tensor],
     batch: tuple[Tensor, Tensor],
     loss_fn: LossFn | None = None,
 ) -> LossFn:
-    """Check a strategy's inputs; return the loss function to use (the default filled in).
+    """Check a strategy's inputs without running the net; return the loss function to use.
+
+    The default loss (``None``), ``F.mse_loss`` and ``nn.MSELoss()`` become ``mse_loss``.
 
     Raises:
         TypeError: ``net`` is not a Module, ``params`` not a mapping or not floating,
             ``batch`` not an ``(inputs, targets)`` pair of tensors, ``loss_fn`` not callable.
         ValueError: ``params`` empty, naming something that is not the net's parameter of
-            that name, or on mixed devices or dtypes.
+            that name, on mixed devices or dtypes, or not finite; the batch empty or not
+            finite, or integer targets with the default loss; a stochastic module (dropout,
+            RReLU) in training mode.
     """
     if not isinstance(net, nn.Module):
         raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
@@ -180,11 +271,33 @@ def check_inputs(
             "batch must be an (inputs, targets) pair of tensors, got "
             f"({type(inputs).__name__}, {type(targets).__name__})"
         )
-    if loss_fn is None or loss_fn is F.mse_loss:
-        loss_fn = mse_loss
+    for what, tensor in (("inputs", inputs), ("targets", targets)):
+        if tensor.numel() == 0 or (tensor.dim() > 0 and tensor.shape[0] == 0):
+            raise ValueError(
+                f"the batch is empty ({what} of shape {tuple(tensor.shape)}): the loss of no "
+                "samples has no Hessian"
+            )
+    # Skipped on the meta device: it holds no values (the check that follows names it).
+    named = [("inputs", inputs), ("targets", targets)]
+    named += [(f"params[{name!r}]", tensor) for name, tensor in params.items()]
+    for what, tensor in named:
+        if tensor.device.type != "meta" and _non_finite(tensor):
+            raise ValueError(f"{what} holds NaN or infinite values: the Hessian there is undefined")
+    stochastic = _stochastic_module(net)
+    if stochastic:
+        raise ValueError(
+            f"{stochastic}: the loss is random, so it has no Hessian; call net.eval() "
+            "(or set the module's p to 0) to take the Hessian of the deterministic loss"
+        )
+    if loss_fn is None and not targets.is_floating_point():
+        raise ValueError(
+            f"the default loss (mean squared error) needs floating-point targets, got "
+            f"{targets.dtype}; for class labels pass loss_fn=F.cross_entropy"
+        )
+    if loss_fn is None or _is_default_mse(loss_fn):
+        return mse_loss
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable(outputs, targets), got {type(loss_fn).__name__}")
-
     return loss_fn
 
 
@@ -195,7 +308,9 @@ def jacrev_normalisation_hazard(net: nn.Module) -> str:
     error, through BatchNorm that normalises with batch statistics and through LayerNorm and
     InstanceNorm with an affine weight (relative errors of 5% to 33% on small nets): vmap's
     batching rules for normalisation backward (pytorch/functorch issue 534). Strategies on
-    that path refuse such nets rather than return a wrong matrix.
+    that path refuse such nets rather than return a wrong matrix. This looks at the modules
+    only; ``hazard(problem, JACREV_PATH)`` also finds the functional calls
+    (``F.layer_norm`` ...) in a custom forward, from the probe forward of ``prepare``.
     """
     for name, m in net.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
@@ -215,42 +330,341 @@ def jacrev_path_supports(net: nn.Module, loss_fn: LossFn | None = None) -> tuple
     return (False, f"wrong Hessian upstream: {reason}") if reason else (True, "")
 
 
+# --- normalisation ops through which some differentiation paths of torch 2.13 go wrong ---
+
+_BATCH_NORM_OPS = frozenset(
+    {
+        "native_batch_norm",
+        "_native_batch_norm_legit",
+        "_native_batch_norm_legit_no_training",
+        "_batch_norm_with_update",
+        "cudnn_batch_norm",
+        "miopen_batch_norm",
+    }
+)
+_NORM_OPS = _BATCH_NORM_OPS | {"native_layer_norm", "native_group_norm"}
+
+#: a path of differentiation: torch.func's jacfwd(jacrev(f)) (torch_func, functorch,
+#: jacfwd_jacrev); reverse-over-reverse (full_autograd, symmetric_half, vmap_vjp); the
+#: legacy vmap over forward-mode jacobians (autograd_functional)
+JACREV_PATH = "jacfwd(jacrev) of torch.func"
+DOUBLE_BACKWARD = "double backward"
+LEGACY_VMAP_FORWARD = "torch.autograd.functional's vectorized forward-mode jacobian"
+#: every path: torch 2.13 cannot take even the gradient
+_ANY_PATH = "any differentiation"
+
+
+def _wrong_on(call: NormCall) -> dict[str, str]:
+    """The paths on which torch 2.13 is wrong or fails through ``call``, each with why.
+
+    Measured against central finite differences of the gradient on small float64 nets, for
+    every op with no affine parameter, a weight, a bias, or both (tests/test_contract.py): a
+    Hessian along a path not listed here matched them.
+    """
+    out: dict[str, str] = {}
+    is_batch = call.op in _BATCH_NORM_OPS
+    if call.weight_grad and (
+        call.op == "native_layer_norm" or (is_batch and call.batch_statistics)
+    ):
+        out[JACREV_PATH] = (
+            "returns a wrong Hessian (3% to 80% off) through it with a differentiated affine "
+            "weight: vmap's batching rule of the normalisation backward (functorch#534)"
+        )
+    if (call.op == "native_layer_norm" or is_batch) and call.bias_grad and not call.weight:
+        out[DOUBLE_BACKWARD] = (
+            "fails or returns a wrong Hessian (20% to 80% off) through it with a "
+            "differentiated bias and no weight"
+        )
+    if call.op == "native_group_norm":
+        out[LEGACY_VMAP_FORWARD] = "fails through it (a tangent of the wrong shape)"
+        if call.bias_grad and not call.weight:
+            out[_ANY_PATH] = "cannot differentiate it w.r.t. a bias given without a weight"
+    return out
+
+
+def hazard(problem: Problem, path: str) -> str:
+    """Why torch 2.13 differentiates ``problem``'s forward wrongly along ``path``, or ""."""
+    for call in problem.norm_calls:
+        why = _wrong_on(call).get(path)
+        if why:
+            return f"the forward calls aten.{call.op}; torch {_torch_version()}'s {path} {why}"
+    return ""
+
+
+def refuse_hazard(problem: Problem, path: str, strategy: str) -> None:
+    """Raise ValueError where ``hazard(problem, path)`` finds one, naming ``strategy``."""
+    reason = hazard(problem, path)
+    if reason:
+        raise ValueError(f"strategy {strategy!r} refuses this problem: {reason}")
+
+
+def _torch_version() -> str:
+    return torch.__version__.split("+")[0]
+
+
+class _ForwardRecorder(TorchDispatchMode):
+    """Records, below autograd, the normalisation and random ops a forward calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm_calls: list[NormCall] = []
+        self.random_ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op = func.overloadpacket.__name__
+        schema = func._schema.arguments
+        bound = {a.name: a.default_value for a in schema if a.has_default_value()}
+        bound |= dict(zip((a.name for a in schema), args)) | kwargs
+        # seeded ops with a training flag (rrelu_with_noise, native_dropout) draw only in training
+        if torch.Tag.nondeterministic_seeded in func.tags and bound.get(
+            "training", bound.get("train", True)
+        ):
+            self.random_ops.append(op)
+        if op in _NORM_OPS:
+            weight, bias = bound.get("weight"), bound.get("bias")
+            training = bound.get("training", op == "_batch_norm_with_update")
+            self.norm_calls.append(
+                NormCall(
+                    op=op,
+                    batch_statistics=op in _BATCH_NORM_OPS and bool(training),
+                    weight=weight is not None,
+                    bias=bias is not None,
+                    weight_grad=weight is not None and weight.requires_grad,
+                    bias_grad=bias is not None and bias.requires_grad,
+                )
+            )
+        return func(*args, **kwargs)
+
+
+def _normal(tensor: Tensor) -> Tensor:
+    """``tensor``, or a normal copy of an inference tensor (autograd cannot save those)."""
+    return tensor.clone() if tensor.is_inference() else tensor
+
+
 def prepare(
     net: nn.Module,
     params: Mapping[str, Tensor],
     batch: tuple[Tensor, Tensor],
     loss_fn: LossFn | None = None,
 ) -> Problem:
-    """Check a strategy's inputs and build the loss as a pure function of ``params``.
+    """Check a strategy's inputs, build the loss as a pure function of ``params`` and probe it.
 
-    Raises the errors of ``check_inputs``; the loss raises ValueError when ``loss_fn`` does
-    not return a scalar.
+    One probe forward of the loss at the params checks what only running the net shows, and
+    records the normalisation ops it calls (``Problem.norm_calls``, for ``hazard``).
+
+    Raises:
+        TypeError: the errors of ``check_inputs``; the net returns something other than a
+            tensor with the default loss; ``loss_fn`` returns something other than a
+            floating-point tensor.
+        ValueError: the errors of ``check_inputs``; outputs and targets of different shapes
+            with the default loss (``F.mse_loss`` passed explicitly broadcasts them as torch
+            does); ``loss_fn`` returns a tensor that is not 0-d, not finite, or detached from
+            the outputs; the forward draws random numbers; it calls an op that torch cannot
+            differentiate along any path (``hazard``).
     """
-    loss_fn = check_inputs(net, params, batch, loss_fn)
-    inputs, targets = batch
+    with autograd_enabled():
+        return _prepare(net, params, batch, loss_fn)
+
+
+def _prepare(
+    net: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: tuple[Tensor, Tensor],
+    given_loss_fn: LossFn | None,
+) -> Problem:
+    loss_fn = check_inputs(net, params, batch, given_loss_fn)
+    inputs, targets = (_normal(t) for t in batch)
     module = _stateless(net)
     names = tuple(params)
-    fixed = {n: t.detach() for n, t in module.named_parameters() if n not in params}
-    fixed.update(module.named_buffers())
+    fixed = {n: _normal(t.detach()) for n, t in module.named_parameters() if n not in params}
+    fixed.update((n, _normal(t)) for n, t in module.named_buffers())
+
+    def outputs_at(p: Mapping[str, Tensor]) -> Any:
+        return functional_call(module, {**fixed, **p}, (inputs,))
+
+    primals = tuple(_normal(params[n].detach()) for n in names)
+    recorder = _ForwardRecorder()
+    leaves = {n: p.detach().requires_grad_(True) for n, p in zip(names, primals)}
+    with recorder:
+        try:
+            outputs = outputs_at(leaves)
+            if given_loss_fn is None:
+                _check_default_loss_outputs(outputs, targets)
+            _check_class_targets(loss_fn, outputs, targets)
+            value = loss_fn(outputs, targets)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, IndexError) as error:
+            # the first run of the caller's net and loss: what fails here is the input
+            failure = f"{type(error).__name__}: {error}"
+            if inputs.is_floating_point() and inputs.dtype != primals[0].dtype:
+                raise ValueError(
+                    f"inputs must be in the params' dtype {primals[0].dtype}, got "
+                    f"{inputs.dtype}: the loss fails with {failure}"
+                ) from error
+            raise ValueError(f"the loss fails at these params and batch: {failure}") from error
+    _check_loss_value(value, outputs)
+    if recorder.random_ops:
+        raise ValueError(
+            f"the forward calls aten.{recorder.random_ops[0]}, which draws random numbers: "
+            "the loss is random, so it has no Hessian (a dropout in training mode? call "
+            "net.eval())"
+        )
+    # A loss that none of the chosen params reaches has a zero Hessian; tied to them by a
+    # zero term it stays in the graph, so that every strategy finds zero derivatives rather
+    # than autograd's "element 0 of tensors does not require grad".
+    constant = not value.requires_grad
 
     def loss(p: Mapping[str, Tensor]) -> Tensor:
-        outputs = functional_call(module, {**fixed, **p}, (inputs,))
-        value = loss_fn(outputs, targets)
-        if not isinstance(value, Tensor) or value.dim() != 0:
-            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(f"loss_fn must return a scalar tensor, got {shape}")
-        return value
+        value = loss_fn(outputs_at(p), targets)
+        return value + 0 * sum(t.sum() for t in p.values()) if constant else value
 
-    return Problem(
+    problem = Problem(
         names=names,
-        shapes=tuple(params[n].shape for n in names),
-        primals=tuple(params[n].detach() for n in names),
+        shapes=tuple(p.shape for p in primals),
+        primals=primals,
         loss=loss,
         inputs=inputs,
         targets=targets,
         loss_fn=loss_fn,
         module=module,
+        norm_calls=tuple(recorder.norm_calls),
     )
+    reason = hazard(problem, _ANY_PATH)
+    if reason:
+        raise ValueError(f"no strategy can differentiate this loss: {reason}")
+    return problem
+
+
+def _check_default_loss_outputs(outputs: Any, targets: Tensor) -> None:
+    if not isinstance(outputs, Tensor):
+        raise TypeError(
+            f"the default loss (mean squared error) needs the net to return a tensor, got "
+            f"{type(outputs).__name__}: pass a loss_fn(outputs, targets) that takes what the "
+            "net returns"
+        )
+    if outputs.shape != targets.shape:
+        raise ValueError(
+            f"outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} must match in "
+            f"shape for the default loss (mean squared error): reshape the targets "
+            f"(targets.view{tuple(outputs.shape)}), or pass loss_fn=F.mse_loss to broadcast "
+            "them as torch does"
+        )
+
+
+def _cross_entropy_options(loss_fn: Any) -> dict[str, Any] | None:
+    """``ignore_index`` and ``reduction`` of a torch cross-entropy loss, or None for another loss."""
+    if type(loss_fn) is nn.CrossEntropyLoss:
+        return {"ignore_index": loss_fn.ignore_index, "reduction": loss_fn.reduction}
+    keywords: dict[str, Any] = {}
+    if isinstance(loss_fn, functools.partial) and not loss_fn.args:
+        loss_fn, keywords = loss_fn.func, loss_fn.keywords
+    if loss_fn is not F.cross_entropy:
+        return None
+    return {"ignore_index": -100, "reduction": "mean"} | {
+        k: v for k, v in keywords.items() if k in ("ignore_index", "reduction")
+    }
+
+
+def _check_class_targets(loss_fn: Any, outputs: Any, targets: Tensor) -> None:
+    """Class-index targets of torch's cross-entropy lie among the classes (or are ignored).
+
+    Torch itself raises an IndexError deep inside the loss for one out of range, and returns
+    NaN where the mean reduction meets only ignored targets.
+    """
+    options = _cross_entropy_options(loss_fn)
+    if options is None or targets.is_floating_point() or not isinstance(outputs, Tensor):
+        return
+    classes = outputs.shape[1] if outputs.dim() > 1 else outputs.shape[0]
+    ignored = targets == options["ignore_index"]
+    valid = ((targets >= 0) & (targets < classes)) | ignored
+    if not bool(valid.all()):
+        bad = targets[~valid]
+        raise ValueError(
+            f"cross-entropy targets must lie in [0, {classes}) or equal ignore_index "
+            f"{options['ignore_index']}, got {bad.min().item()}..{bad.max().item()}"
+        )
+    if options["reduction"] == "mean" and bool(ignored.all()):
+        raise ValueError(
+            f"cross-entropy targets must lie in [0, {classes}): every one equals ignore_index "
+            f"{options['ignore_index']}, and the mean over no targets is undefined"
+        )
+
+
+def _check_loss_value(value: Any, outputs: Any) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"loss_fn must return a 0-d floating-point tensor, got {type(value).__name__}"
+        )
+    if value.dim() != 0:
+        raise ValueError(
+            f"loss_fn must return a scalar (0-d) tensor, got shape {tuple(value.shape)}"
+        )
+    if not value.is_floating_point():
+        raise TypeError(
+            f"loss_fn returned a {value.dtype} tensor; a Hessian needs a floating-point loss"
+        )
+    if not bool(torch.isfinite(value)):
+        raise ValueError(
+            f"the loss is {value.item()} at these params and batch: its Hessian is undefined"
+        )
+    # Only for a single output: of several, the loss may rightly use some that the chosen
+    # params do not reach, and its Hessian is then zero.
+    if isinstance(outputs, Tensor) and outputs.requires_grad and not value.requires_grad:
+        raise ValueError(
+            "loss_fn returned a value that does not depend on the net's outputs (detached, "
+            "e.g. through .item(), .detach() or torch.tensor()): its Hessian would be zero"
+        )
+
+
+#: torch's messages for what it does not implement, and what a caller should make of each
+#: ({op}: the op the message names; {others}: the reverse-mode strategies)
+_UNIMPLEMENTED = (
+    (
+        re.compile(r"Trying to use forward AD with (\w+) that does not support it"),
+        "needs the forward-mode derivative of aten::{op}, which torch {version} does not "
+        "implement: use a reverse-mode strategy ({others})",
+    ),
+    (
+        re.compile(r"Batching rule not implemented for (?:aten::)?(\w+(?:\.\w+)?)"),
+        "needs a vmap batching rule for aten::{op}, which torch {version} does not implement "
+        "on its path: use a reverse-mode strategy ({others})",
+    ),
+    (
+        re.compile(r"derivative for (?:aten::)?(\w+) is not implemented"),
+        "needs the derivative of aten::{op}, which torch {version} does not implement: torch "
+        "cannot differentiate this loss twice",
+    ),
+)
+
+
+def explain_autograd_error(error: BaseException, strategy: str) -> ValueError | None:
+    """A ValueError that says what ``strategy`` met and what to use instead, or None.
+
+    torch 2.13 has no forward-mode derivative for some ops (``huber_loss_backward``,
+    ``soft_margin_loss_backward``, ...), no vmap batching rule for others on some paths
+    (``unsafe_split`` of nn.GRU in ``torch.autograd.functional``), no second derivative for
+    a few (``multi_margin_loss_backward``), and forward-over-reverse of ``F.mse_loss`` with
+    mean reduction called from a loss of the caller's own raises "ZeroTensors are
+    immutable". Other errors are not recognised (None): the caller re-raises them as they are.
+    """
+    message = str(error)
+    version = _torch_version()
+    others = ", ".join(n for n in REVERSE_MODE if n != strategy)
+    if "ZeroTensors are immutable" in message:
+        return ValueError(
+            f"strategy {strategy!r} met torch {version}'s forward-over-reverse bug of "
+            "F.mse_loss with mean reduction ('ZeroTensors are immutable'): pass F.mse_loss or "
+            "nn.MSELoss() itself as loss_fn (both are replaced by an exact equivalent), use "
+            f"reduction='sum', or a reverse-mode strategy ({others})"
+        )
+    for pattern, explanation in _UNIMPLEMENTED:
+        found = pattern.search(message)
+        if found:
+            what = explanation.format(op=found.group(1), version=version, others=others)
+            return ValueError(f"strategy {strategy!r} {what}")
+    return None
 
 
 def flatten(tensors: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
@@ -263,6 +677,13 @@ def unflatten(flat: Tensor, shapes: tuple[torch.Size, ...]) -> tuple[Tensor, ...
     sizes = [s.numel() for s in shapes]
     parts = torch.split(flat, sizes, dim=-1)
     return tuple(p.reshape(*flat.shape[:-1], *s) for p, s in zip(parts, shapes))
+
+
+def flat_or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
+    """``grad`` as a vector; None (``allow_unused``: the output does not depend on ``like``) is 0."""
+    if grad is None:
+        return torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
+    return grad.reshape(-1)
 
 
 def to_blocks(H: Tensor, params: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:

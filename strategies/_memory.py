@@ -1,19 +1,21 @@
-"""Memory budgets for the chunked strategies: free memory, per-direction cost, chunk size."""
+"""Memory: free memory, the registry's check that a Hessian fits, and the chunked strategies' budgets."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor
 
-from ._common import Problem
+from ._common import Problem, autograd_enabled
 
 __all__ = [
     "HEADROOM",
     "MIN_EXTRA_BYTES",
     "available_bytes",
+    "check_fits",
+    "check_positive",
     "direction_bytes",
     "choose_chunk",
     "problem_chunk",
@@ -51,6 +53,24 @@ def available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def check_fits(params: Mapping[str, Tensor]) -> None:
+    """Raise MemoryError where the dense Hessian alone needs more than the params' device has free.
+
+    Called by the registry before any strategy allocates anything, so that an impossible
+    request is answered at once rather than by the host killing the process.
+    """
+    first = next(iter(params.values()))
+    P = sum(t.numel() for t in params.values())
+    needed = P * P * first.element_size()
+    available = available_bytes(first.device)
+    if needed > available:
+        raise MemoryError(
+            f"the {P:,} x {P:,} Hessian alone needs {needed / 2**30:,.1f} GiB, but "
+            f"{available / 2**30:,.1f} GiB are available on {first.device}: choose fewer "
+            "params (any subset of net.named_parameters()) or a device with more memory"
+        )
+
+
 def direction_bytes(problem: Problem) -> int:
     """An upper estimate of the memory one more direction adds to a vmapped Hessian-vector product.
 
@@ -70,7 +90,7 @@ def direction_bytes(problem: Problem) -> int:
         saved += t.numel() * t.element_size()
         return t
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with autograd_enabled(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         problem.loss(dict(zip(problem.names, leaves)))
     itemsize = torch.empty((), dtype=problem.dtype).element_size()
     return 2 * saved + 3 * problem.P * itemsize
@@ -98,24 +118,43 @@ def choose_chunk(directions: int, per_direction: int, hessian_bytes: int, availa
     return int(max(1, min(directions, extra // per_direction)))
 
 
-def problem_chunk(problem: Problem, directions: int, chunk_size: int | None = None) -> int:
+def check_positive(**options: int | None) -> None:
+    """Raise ValueError naming each option given (not None) that is not a positive integer."""
+    for name, value in options.items():
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def problem_chunk(
+    problem: Problem,
+    directions: int,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+) -> int:
     """``choose_chunk`` for ``problem``'s Hessian on its device, ``directions`` rows to compute;
     or ``chunk_size`` itself where the caller gives one.
 
+    Args:
+        memory_budget: bytes the computation may use, Hessian included, in place of the
+            memory available on the device now.
+
     Raises:
-        ValueError: ``chunk_size`` is given and not a positive integer.
+        ValueError: ``chunk_size`` or ``memory_budget`` is given and not a positive integer,
+            or ``memory_budget`` is below the Hessian's own size.
     """
-    if chunk_size is not None:
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        return chunk_size
+    check_positive(chunk_size=chunk_size, memory_budget=memory_budget)
     itemsize = torch.empty((), dtype=problem.dtype).element_size()
-    return choose_chunk(
-        directions,
-        direction_bytes(problem),
-        problem.P * problem.P * itemsize,
-        available_bytes(problem.device),
-    )
+    hessian_bytes = problem.P * problem.P * itemsize
+    if memory_budget is not None and memory_budget < hessian_bytes:
+        raise ValueError(
+            f"memory_budget {memory_budget:,} B is below the Hessian's own {hessian_bytes:,} B"
+        )
+    if chunk_size is not None:
+        return chunk_size
+    available = available_bytes(problem.device) if memory_budget is None else memory_budget
+    return choose_chunk(directions, direction_bytes(problem), hessian_bytes, available)
 
 
 def unit_chunks(

@@ -7,13 +7,22 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ._common import LossFn, prepare
+from ._common import LEGACY_VMAP_FORWARD, LossFn, prepare, refuse_hazard
 
 NAME = "autograd_functional"
 FAMILY = "forward-over-reverse"
 DESCRIPTION = (
     "torch.autograd.functional.hessian(vectorize=True, outer_jacobian_strategy='forward-mode')"
 )
+
+
+def supports(net: nn.Module, loss_fn: LossFn | None = None) -> tuple[bool, str]:
+    """No GroupNorm: through it torch 2.13's vectorized forward-mode Jacobian raises
+    "Trying to set a forward gradient that has a different size" (affine or not)."""
+    for name, m in net.named_modules():
+        if isinstance(m, nn.GroupNorm):
+            return False, f"module {name!r} is a GroupNorm: {LEGACY_VMAP_FORWARD} fails through it"
+    return True, ""
 
 
 def compute(
@@ -23,6 +32,8 @@ def compute(
     loss_fn: LossFn | None = None,
 ) -> Tensor:
     problem = prepare(net, params, batch, loss_fn)
+    # supports checked the modules; a functional F.group_norm only shows here
+    refuse_hazard(problem, LEGACY_VMAP_FORWARD, NAME)
     return torch.autograd.functional.hessian(
         problem.flat_loss,
         problem.flat_primal(),

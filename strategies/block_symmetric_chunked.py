@@ -31,15 +31,22 @@ def compute(
     batch: tuple[Tensor, Tensor],
     loss_fn: LossFn | None = None,
     chunk_size: int | None = None,
+    memory_budget: int | None = None,
 ) -> Tensor:
-    """The dense Hessian, ``chunk_size`` rows at a time (default: chosen from free memory).
+    """The dense Hessian, ``chunk_size`` rows at a time.
+
+    Args:
+        chunk_size: rows per chunk; default: the most that fit ``memory_budget``.
+        memory_budget: bytes the computation may use, Hessian included; default: the
+            memory available on the params' device now.
 
     Raises:
-        ValueError: ``chunk_size`` is given and not a positive integer.
+        ValueError: ``chunk_size`` or ``memory_budget`` is not a positive integer, or the
+            budget is below the Hessian's own size.
     """
     problem = prepare(net, params, batch, loss_fn)
     P, offsets, sizes = problem.P, problem.offsets, problem.sizes
-    chunk_size = problem_chunk(problem, P, chunk_size)
+    chunk_size = problem_chunk(problem, P, chunk_size, memory_budget)
     H = torch.empty(P, P, dtype=problem.dtype, device=problem.device)
     for k, (offset, size) in enumerate(zip(offsets, sizes)):
         batched = vmap(tail_hvp(problem, k))

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ._common import LossFn, prepare
+from ._common import DOUBLE_BACKWARD, LossFn, flat_or_zeros, prepare, refuse_hazard
 
 NAME = "full_autograd"
 FAMILY = "loops"
@@ -21,24 +21,16 @@ def compute(
     loss_fn: LossFn | None = None,
 ) -> Tensor:
     problem = prepare(net, params, batch, loss_fn)
+    refuse_hazard(problem, DOUBLE_BACKWARD, NAME)
     leaves = [p.clone().requires_grad_(True) for p in problem.primals]
     with torch.enable_grad():
         loss = problem.loss(dict(zip(problem.names, leaves)))
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        g = torch.cat([_flat_or_zeros(gi, p) for gi, p in zip(grads, leaves)])
+        g = torch.cat([flat_or_zeros(gi, p) for gi, p in zip(grads, leaves)])
         H = torch.zeros(problem.P, problem.P, dtype=problem.dtype, device=problem.device)
         for i in range(problem.P):
             if not g[i].requires_grad:  # the loss is linear (or constant) in this entry
                 continue
             row = torch.autograd.grad(g[i], leaves, retain_graph=True, allow_unused=True)
-            H[i] = torch.cat([_flat_or_zeros(r, p) for r, p in zip(row, leaves)])
+            H[i] = torch.cat([flat_or_zeros(r, p) for r, p in zip(row, leaves)])
     return H
-
-
-def _flat_or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
-    """``allow_unused`` yields None for a tensor the output does not depend on: that is zero."""
-    return (
-        torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
-        if grad is None
-        else (grad.reshape(-1))
-    )

@@ -8,14 +8,14 @@ from collections.abc import Mapping
 import functorch
 from torch import Tensor, nn
 
-from ._common import LossFn, from_blocks, jacrev_path_supports, prepare
+from ._common import JACREV_PATH, LossFn, from_blocks, jacrev_path_supports, prepare, refuse_hazard
 
 NAME = "functorch"
 FAMILY = "transforms"
 DESCRIPTION = "functorch.hessian (the legacy API shipped inside torch) over the params dict"
 
 
-#: refuses nets through which torch.func's jacrev path returns a wrong Hessian
+#: refuses nets whose modules take torch.func's jacrev path to a wrong Hessian
 supports = jacrev_path_supports
 
 
@@ -26,6 +26,8 @@ def compute(
     loss_fn: LossFn | None = None,
 ) -> Tensor:
     problem = prepare(net, params, batch, loss_fn)
+    # the modules were checked by supports; functional calls (F.layer_norm ...) only show here
+    refuse_hazard(problem, JACREV_PATH, NAME)
     point = problem.primal_dict()
     with warnings.catch_warnings():
         # Measuring the legacy API is the point; its deprecation notice is not news here.

@@ -7,14 +7,14 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 from torch.func import jacfwd, jacrev
 
-from ._common import LossFn, jacrev_path_supports, prepare
+from ._common import JACREV_PATH, LossFn, jacrev_path_supports, prepare, refuse_hazard
 
 NAME = "jacfwd_jacrev"
 FAMILY = "transforms"
 DESCRIPTION = "jacfwd(jacrev(f)) with f the loss of one flat parameter vector"
 
 
-#: refuses nets through which torch.func's jacrev path returns a wrong Hessian
+#: refuses nets whose modules take torch.func's jacrev path to a wrong Hessian
 supports = jacrev_path_supports
 
 
@@ -25,4 +25,6 @@ def compute(
     loss_fn: LossFn | None = None,
 ) -> Tensor:
     problem = prepare(net, params, batch, loss_fn)
+    # the modules were checked by supports; functional calls (F.layer_norm ...) only show here
+    refuse_hazard(problem, JACREV_PATH, NAME)
     return jacfwd(jacrev(problem.flat_loss))(problem.flat_primal())

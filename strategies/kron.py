@@ -361,8 +361,7 @@ def _loss_surrogate(problem: Problem, outputs: Tensor) -> Callable[[Tensor], Ten
         )
     o0 = outputs.detach()
     o = o0.clone().requires_grad_(True)
-    value = problem.loss_fn(o, problem.targets)
-    _check_scalar(value)
+    value = problem.loss_fn(o, problem.targets)  # prepare checked that it is a scalar
     (g,) = torch.autograd.grad(value, o, create_graph=True)
     flat_g = g.reshape(B, -1)
     C = flat_g.shape[1]
@@ -396,12 +395,6 @@ def _loss_surrogate(problem: Problem, outputs: Tensor) -> Callable[[Tensor], Ten
         return (g0 * flat).sum() + 0.5 * torch.einsum("bc,bcd,bd->", d, A, d)
 
     return surrogate
-
-
-def _check_scalar(value: object) -> None:
-    if not isinstance(value, Tensor) or value.dim() != 0:
-        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(f"loss_fn must return a scalar tensor, got {shape}")
 
 
 # ---------------------------------------------------------------- Kronecker rows

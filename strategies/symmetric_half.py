@@ -16,8 +16,14 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ._common import LossFn, mirror_upper, prepare
-from .full_autograd import _flat_or_zeros
+from ._common import (
+    DOUBLE_BACKWARD,
+    LossFn,
+    flat_or_zeros,
+    mirror_upper,
+    prepare,
+    refuse_hazard,
+)
 
 NAME = "symmetric_half"
 FAMILY = "loops"
@@ -33,6 +39,7 @@ def compute(
     loss_fn: LossFn | None = None,
 ) -> Tensor:
     problem = prepare(net, params, batch, loss_fn)
+    refuse_hazard(problem, DOUBLE_BACKWARD, NAME)
     leaves = [p.clone().requires_grad_(True) for p in problem.primals]
     offsets, sizes = problem.offsets, problem.sizes
     H = torch.zeros(problem.P, problem.P, dtype=problem.dtype, device=problem.device)
@@ -40,13 +47,13 @@ def compute(
         loss = problem.loss(dict(zip(problem.names, leaves)))
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         for k, (gk, leaf) in enumerate(zip(grads, leaves)):
-            gk = _flat_or_zeros(gk, leaf)
+            gk = flat_or_zeros(gk, leaf)
             tail = leaves[k:]
             for i in range(sizes[k]):
                 if not gk[i].requires_grad:
                     continue
                 row = torch.autograd.grad(gk[i], tail, retain_graph=True, allow_unused=True)
                 H[offsets[k] + i, offsets[k] :] = torch.cat(
-                    [_flat_or_zeros(r, p) for r, p in zip(row, tail)]
+                    [flat_or_zeros(r, p) for r, p in zip(row, tail)]
                 )
     return mirror_upper(H, offsets, sizes)

@@ -7,14 +7,14 @@ from collections.abc import Mapping
 import torch.func
 from torch import Tensor, nn
 
-from ._common import LossFn, from_blocks, jacrev_path_supports, prepare
+from ._common import JACREV_PATH, LossFn, from_blocks, jacrev_path_supports, prepare, refuse_hazard
 
 NAME = "torch_func"
 FAMILY = "transforms"
 DESCRIPTION = "torch.func.hessian of the loss as a function of the params dict"
 
 
-#: refuses nets through which torch.func's jacrev path returns a wrong Hessian
+#: refuses nets whose modules take torch.func's jacrev path to a wrong Hessian
 supports = jacrev_path_supports
 
 
@@ -25,5 +25,7 @@ def compute(
     loss_fn: LossFn | None = None,
 ) -> Tensor:
     problem = prepare(net, params, batch, loss_fn)
+    # the modules were checked by supports; functional calls (F.layer_norm ...) only show here
+    refuse_hazard(problem, JACREV_PATH, NAME)
     point = problem.primal_dict()
     return from_blocks(torch.func.hessian(problem.loss)(point), point)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
-from ._common import LossFn, prepare
+from ._common import DOUBLE_BACKWARD, LossFn, prepare, refuse_hazard
 
 NAME = "vmap_vjp"
 FAMILY = "transforms"
@@ -22,6 +22,7 @@ def compute(
     loss_fn: LossFn | None = None,
 ) -> Tensor:
     problem = prepare(net, params, batch, loss_fn)
+    refuse_hazard(problem, DOUBLE_BACKWARD, NAME)
     _, vjp_fn = vjp(grad(problem.flat_loss), problem.flat_primal())
     basis = torch.eye(problem.P, dtype=problem.dtype, device=problem.device)
     # Row i is e_i^T H; H is symmetric, so the rows are the Hessian as it stands.

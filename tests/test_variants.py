@@ -9,9 +9,9 @@ from torch import nn
 
 import strategies
 from bench.reference import loop_hessian
-from strategies import _memory, block_symmetric_chunked, vmap_jvp_chunked
+from strategies import _memory
 
-CHUNKED = [vmap_jvp_chunked, block_symmetric_chunked]
+CHUNKED = ["vmap_jvp_chunked", "block_symmetric_chunked"]
 
 
 def _mlp(activation: type[nn.Module], sizes=(3, 5, 4, 2)) -> nn.Sequential:
@@ -74,34 +74,34 @@ def _assert_same_state(before: dict, after: dict) -> None:
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 3])
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("module", CHUNKED, ids=lambda m: m.NAME)
-def test_chunked_matches_loop(module, case, chunk_size):
+@pytest.mark.parametrize("name", CHUNKED)
+def test_chunked_matches_loop(name, case, chunk_size):
     net, batch, loss_fn = _case(case)
     params = dict(net.named_parameters())
     before = _state(net)
-    H = module.compute(net, params, batch, loss_fn, chunk_size=chunk_size)
+    H = strategies.compute(name, net, params, batch, loss_fn, chunk_size=chunk_size)
     _assert_same_state(before, _state(net))
     expected = loop_hessian(net, list(params), batch, loss_fn)
     assert H.dtype == torch.float64 and H.shape == expected.shape
     torch.testing.assert_close(H, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("module", CHUNKED, ids=lambda m: m.NAME)
-def test_chunked_subset_of_params_in_given_order(module):
+@pytest.mark.parametrize("name", CHUNKED)
+def test_chunked_subset_of_params_in_given_order(name):
     net, batch, loss_fn = _case("tanh-mse")
     own = dict(net.named_parameters())
     params = {"2.bias": own["2.bias"], "0.weight": own["0.weight"]}
-    H = module.compute(net, params, batch, loss_fn, chunk_size=2)
+    H = strategies.compute(name, net, params, batch, loss_fn, chunk_size=2)
     expected = loop_hessian(net, list(params), batch, loss_fn)
     torch.testing.assert_close(H, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5])
-@pytest.mark.parametrize("module", CHUNKED, ids=lambda m: m.NAME)
-def test_chunked_rejects_bad_chunk_size(module, bad):
+@pytest.mark.parametrize("name", CHUNKED)
+def test_chunked_rejects_bad_chunk_size(name, bad):
     net, batch, loss_fn = _case("tanh-mse")
     with pytest.raises(ValueError, match="chunk_size"):
-        module.compute(net, dict(net.named_parameters()), batch, loss_fn, chunk_size=bad)
+        strategies.compute(name, net, dict(net.named_parameters()), batch, loss_fn, chunk_size=bad)
 
 
 @pytest.mark.parametrize(
@@ -155,7 +155,7 @@ def _batch(n: int):
 
 
 def test_available_bytes_positive():
-    assert _memory.available_bytes(torch.device("cpu")) > 0
+    assert strategies.available_bytes(torch.device("cpu")) > 0
 
 
 def test_direction_bytes_leaves_net_unchanged():
@@ -165,7 +165,7 @@ def test_direction_bytes_leaves_net_unchanged():
     _assert_same_state(before, _state(net))
 
 
-@pytest.mark.parametrize("name", ["vmap_jvp_chunked", "block_symmetric_chunked"])
+@pytest.mark.parametrize("name", CHUNKED)
 def test_chunked_registered_and_generic(name):
     s = strategies.get(name)
     assert s.supports(_conv(), None) == (True, "")
@@ -229,7 +229,8 @@ def test_jax_hessian_rejects_out_of_range_class():
     pytest.importorskip("jax")
     net = nn.Sequential(nn.Linear(2, 3))
     batch = (torch.randn(4, 2), torch.tensor([0, 1, 2, 3]))
-    with pytest.raises(ValueError, match="class indices"):
+    # the probe forward of the contract meets it first, through torch's own cross-entropy
+    with pytest.raises(ValueError, match="class indices|must lie"):
         strategies.compute("jax_hessian", net, dict(net.named_parameters()), batch, F.cross_entropy)
 
 
