@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_strategies import assert_close_to
+from cases import assert_close_to
 from torch import nn
 
 import strategies

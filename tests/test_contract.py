@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_strategies import assert_close_to, assert_unchanged, snapshot
+from cases import assert_close_to, assert_unchanged, mlp, snapshot
 from torch import nn
 
 import strategies
@@ -31,7 +31,7 @@ NAMES = strategies.names()
 
 
 def _mlp(out: int = 2, dtype=torch.float64) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, out)).to(dtype)
+    return mlp(sizes=(3, 4, out)).to(dtype)
 
 
 def _batch(n: int = 5, out: int = 2, dtype=torch.float64):
@@ -482,7 +482,10 @@ def test_normalisation_net_never_gives_a_wrong_matrix(name: str, op: str, affine
     try:
         H = strategies.compute(name, net, params, batch)
     except ValueError as error:
-        assert "refuses this problem: the forward calls aten." in str(error)
+        # a refusal naming the op; batch statistics also mix samples, which kron refuses
+        assert "refuses this problem: the forward calls aten." in str(error) or (
+            op == "batch_norm" and "mixes samples" in str(error)
+        )
         return
     reference, rel = _norm_reference(op, affine)
     assert_close_to(H, reference, rel)

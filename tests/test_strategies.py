@@ -2,172 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import CASES, assert_close_to, assert_unchanged, build, mlp, snapshot
 from torch import nn
 
 import strategies
 from bench.reference import loop_hessian
-
-
-def _mlp(act: type[nn.Module] = nn.Tanh, sizes=(3, 5, 4, 2), bias: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b, bias=bias))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
-
-
-def _regression(net: nn.Module, n_in: int, n_out: int, n: int = 7):
-    return net, (torch.randn(n, n_in), torch.randn(n, n_out)), None
-
-
-def tanh_mse():
-    return _regression(_mlp(), 3, 2)
-
-
-def ce_several_outputs():
-    net = _mlp(sizes=(4, 6, 5))
-    return net, (torch.randn(9, 4), torch.randint(0, 5, (9,))), F.cross_entropy
-
-
-def relu_mse():
-    return _regression(_mlp(nn.ReLU, sizes=(3, 6, 6, 2)), 3, 2)
-
-
-def conv_net():
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
-    return net, (torch.randn(4, 1, 5, 5), torch.randint(0, 3, (4,))), F.cross_entropy
-
-
-def _batchnorm_net(train: bool):
-    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
-    with torch.no_grad():  # non-trivial running statistics
-        for _ in range(3):
-            net(torch.randn(16, 3) * 2 + 1)
-    net.train(train)
-    return _regression(net, 3, 2, n=8)
-
-
-def batchnorm_eval():
-    return _batchnorm_net(train=False)
-
-
-def batchnorm_train():
-    return _batchnorm_net(train=True)
-
-
-def bias_free():
-    return _regression(_mlp(sizes=(3, 4, 2), bias=False), 3, 2)
-
-
-class _Unused(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = _mlp(sizes=(3, 4, 2))
-        self.spare = nn.Parameter(torch.randn(3))
-
-    def forward(self, x):
-        return self.body(x)
-
-
-def unused_parameter():
-    return _regression(_Unused(), 3, 2)
-
-
-class _Tied(nn.Module):
-    """Applies the same square Linear twice."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(3, 4)
-        self.shared = nn.Linear(4, 4)
-        self.out = nn.Linear(4, 1)
-
-    def forward(self, x):
-        h = torch.tanh(self.shared(torch.tanh(self.inp(x))))
-        return self.out(torch.tanh(self.shared(h)))
-
-
-def weight_used_twice():
-    return _regression(_Tied(), 3, 1)
-
-
-def _subset(builder: Callable, names: list[str]) -> Callable:
-    def build():
-        net, batch, loss_fn = builder()
-        own = dict(net.named_parameters())
-        return net, batch, loss_fn, {n: own[n] for n in names}
-
-    return build
-
-
-def _frozen():
-    net, batch, loss_fn = tanh_mse()
-    for p in net[0].parameters():
-        p.requires_grad_(False)
-    return net, batch, loss_fn
-
-
-CASES: dict[str, Callable] = {
-    "tanh_mse": tanh_mse,
-    "ce_several_outputs": ce_several_outputs,
-    "relu_mse": relu_mse,
-    "conv_net": conv_net,
-    "batchnorm_eval": batchnorm_eval,
-    "batchnorm_train": batchnorm_train,
-    # shuffled order: the output must follow the mapping, not the net
-    "subset": _subset(tanh_mse, ["4.bias", "2.weight", "0.bias"]),
-    "frozen_layer": _subset(_frozen, ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight"]),
-    "bias_free": bias_free,
-    "unused_parameter": unused_parameter,
-    "weight_used_twice": weight_used_twice,
-}
-
-
-def build(case: str, dtype: torch.dtype = torch.float64):
-    torch.manual_seed(0)
-    made = CASES[case]()
-    net, batch, loss_fn = made[:3]
-    net = net.to(dtype)
-    names = list(made[3]) if len(made) == 4 else [n for n, _ in net.named_parameters()]
-    own = dict(net.named_parameters())
-    inputs, targets = batch
-    inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
-    targets = targets.to(dtype) if targets.is_floating_point() else targets
-    return net, {n: own[n] for n in names}, (inputs, targets), loss_fn
-
-
-def snapshot(net: nn.Module) -> dict:
-    return {
-        "state": {k: v.clone() for k, v in net.state_dict().items()},
-        "requires_grad": {n: p.requires_grad for n, p in net.named_parameters()},
-        "grad": {n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()},
-        "training": [m.training for m in net.modules()],
-    }
-
-
-def assert_unchanged(net: nn.Module, before: dict) -> None:
-    after = snapshot(net)
-    assert after["state"].keys() == before["state"].keys()
-    for k, v in before["state"].items():
-        assert torch.equal(after["state"][k], v), f"{k} changed"
-    assert after["requires_grad"] == before["requires_grad"]
-    for n, g in before["grad"].items():
-        assert (g is None) == (after["grad"][n] is None), f"{n}.grad changed"
-        if g is not None:
-            assert torch.equal(g, after["grad"][n]), f"{n}.grad changed"
-    assert after["training"] == before["training"]
-
-
-def assert_close_to(H: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
-    scale = ref.abs().max().clamp_min(1e-30)
-    err = (H.double() - ref).abs().max() / scale
-    assert err <= rel, f"max error {err:.3e} relative to the largest entry (allowed {rel:.0e})"
 
 
 @pytest.fixture(params=list(CASES))
@@ -284,14 +126,14 @@ def test_symmetric_half_naive_slice_is_not_a_leaf() -> None:
 
 def _bad_inputs():
     torch.manual_seed(0)
-    net = _mlp()
+    net = mlp()
     params = dict(net.named_parameters())
     x, y = torch.randn(4, 3), torch.randn(4, 2)
-    int_net = _mlp()
+    int_net = mlp()
     int_net.register_parameter("counts", nn.Parameter(torch.arange(3), requires_grad=False))
-    mixed = _mlp()
+    mixed = mlp()
     mixed[0].double()
-    meta = _mlp()
+    meta = mlp()
     meta[0].to("meta")
     return {
         "empty params": (ValueError, "empty", net, {}, (x, y), None),

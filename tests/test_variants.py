@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import assert_unchanged, mlp, snapshot
 from torch import nn
 
 import strategies
@@ -15,12 +16,7 @@ CHUNKED = ["vmap_jvp_chunked", "block_symmetric_chunked"]
 
 
 def _mlp(activation: type[nn.Module], sizes=(3, 5, 4, 2)) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        if k:
-            layers.append(activation())
-        layers.append(nn.Linear(a, b))
-    return nn.Sequential(*layers).double()
+    return mlp(activation, sizes).double()
 
 
 def _conv() -> nn.Sequential:
@@ -54,33 +50,15 @@ def _case(name: str):
 CASES = ["tanh-mse", "gelu-ce", "conv-bn-train"]
 
 
-def _state(net: nn.Module) -> dict:
-    return {
-        "tensors": {k: v.clone() for k, v in net.state_dict().items()},
-        "requires_grad": [p.requires_grad for p in net.parameters()],
-        "grad": [p.grad for p in net.parameters()],
-        "training": [m.training for m in net.modules()],
-    }
-
-
-def _assert_same_state(before: dict, after: dict) -> None:
-    assert before["tensors"].keys() == after["tensors"].keys()
-    for k in before["tensors"]:
-        assert torch.equal(before["tensors"][k], after["tensors"][k]), k
-    assert before["requires_grad"] == after["requires_grad"]
-    assert before["grad"] == after["grad"]
-    assert before["training"] == after["training"]
-
-
 @pytest.mark.parametrize("chunk_size", [None, 1, 3])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("name", CHUNKED)
 def test_chunked_matches_loop(name, case, chunk_size):
     net, batch, loss_fn = _case(case)
     params = dict(net.named_parameters())
-    before = _state(net)
+    before = snapshot(net)
     H = strategies.compute(name, net, params, batch, loss_fn, chunk_size=chunk_size)
-    _assert_same_state(before, _state(net))
+    assert_unchanged(net, before)
     expected = loop_hessian(net, list(params), batch, loss_fn)
     assert H.dtype == torch.float64 and H.shape == expected.shape
     torch.testing.assert_close(H, expected, rtol=1e-10, atol=1e-12)
@@ -160,9 +138,9 @@ def test_available_bytes_positive():
 
 def test_direction_bytes_leaves_net_unchanged():
     net, batch, loss_fn = _case("conv-bn-train")
-    before = _state(net)
+    before = snapshot(net)
     _memory.direction_bytes(strategies.prepare(net, dict(net.named_parameters()), batch, loss_fn))
-    _assert_same_state(before, _state(net))
+    assert_unchanged(net, before)
 
 
 @pytest.mark.parametrize("name", CHUNKED)
@@ -180,9 +158,9 @@ def test_jax_hessian_matches_loop(case):
     pytest.importorskip("jax")
     net, batch, loss_fn = _case(case)
     params = dict(net.named_parameters())
-    before = _state(net)
+    before = snapshot(net)
     H = strategies.compute("jax_hessian", net, params, batch, loss_fn)
-    _assert_same_state(before, _state(net))
+    assert_unchanged(net, before)
     expected = loop_hessian(net, list(params), batch, loss_fn)
     assert H.dtype == torch.float64
     torch.testing.assert_close(H, expected, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,420 @@
+"""Test cases held as data, shared by the test modules: the nets users write, builders, checks.
+
+``CASES`` are the problems every registered strategy is checked on (``test_strategies``);
+``USER_CASES`` are the nets and losses users write (custom modules, lambdas, LayerNorm,
+subsets of parameters), on which the structured strategy is checked (``test_kron``) and
+the first three of which every strategy is checked on too.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp(act: type[nn.Module] = nn.Tanh, sizes=(3, 5, 4, 2), bias: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def _regression(net: nn.Module, n_in: int, n_out: int, n: int = 7):
+    return net, (torch.randn(n, n_in), torch.randn(n, n_out)), None
+
+
+def tanh_mse():
+    return _regression(mlp(), 3, 2)
+
+
+def ce_several_outputs():
+    net = mlp(sizes=(4, 6, 5))
+    return net, (torch.randn(9, 4), torch.randint(0, 5, (9,))), F.cross_entropy
+
+
+def relu_mse():
+    return _regression(mlp(nn.ReLU, sizes=(3, 6, 6, 2)), 3, 2)
+
+
+def conv_net():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
+    return net, (torch.randn(4, 1, 5, 5), torch.randint(0, 3, (4,))), F.cross_entropy
+
+
+def _batchnorm_net(train: bool):
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+    with torch.no_grad():  # non-trivial running statistics
+        for _ in range(3):
+            net(torch.randn(16, 3) * 2 + 1)
+    net.train(train)
+    return _regression(net, 3, 2, n=8)
+
+
+def batchnorm_eval():
+    return _batchnorm_net(train=False)
+
+
+def batchnorm_train():
+    return _batchnorm_net(train=True)
+
+
+def bias_free():
+    return _regression(mlp(sizes=(3, 4, 2), bias=False), 3, 2)
+
+
+class _Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp(sizes=(3, 4, 2))
+        self.spare = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def unused_parameter():
+    return _regression(_Unused(), 3, 2)
+
+
+class _Tied(nn.Module):
+    """Applies the same square Linear twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.shared = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(torch.tanh(self.inp(x))))
+        return self.out(torch.tanh(self.shared(h)))
+
+
+def weight_used_twice():
+    return _regression(_Tied(), 3, 1)
+
+
+def _subset(builder: Callable, names: list[str]) -> Callable:
+    def build():
+        net, batch, loss_fn = builder()
+        own = dict(net.named_parameters())
+        return net, batch, loss_fn, {n: own[n] for n in names}
+
+    return build
+
+
+def _frozen():
+    net, batch, loss_fn = tanh_mse()
+    for p in net[0].parameters():
+        p.requires_grad_(False)
+    return net, batch, loss_fn
+
+
+CASES: dict[str, Callable] = {
+    "tanh_mse": tanh_mse,
+    "ce_several_outputs": ce_several_outputs,
+    "relu_mse": relu_mse,
+    "conv_net": conv_net,
+    "batchnorm_eval": batchnorm_eval,
+    "batchnorm_train": batchnorm_train,
+    # shuffled order: the output must follow the mapping, not the net
+    "subset": _subset(tanh_mse, ["4.bias", "2.weight", "0.bias"]),
+    "frozen_layer": _subset(_frozen, ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight"]),
+    "bias_free": bias_free,
+    "unused_parameter": unused_parameter,
+    "weight_used_twice": weight_used_twice,
+}
+
+
+def build(case: str, dtype: torch.dtype = torch.float64):
+    """``(net, params, batch, loss_fn)`` of ``CASES[case]`` in ``dtype``, deterministic."""
+    torch.manual_seed(0)
+    made = CASES[case]()
+    net, batch, loss_fn = made[:3]
+    net = net.to(dtype)
+    names = list(made[3]) if len(made) == 4 else [n for n, _ in net.named_parameters()]
+    own = dict(net.named_parameters())
+    inputs, targets = batch
+    inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
+    targets = targets.to(dtype) if targets.is_floating_point() else targets
+    return net, {n: own[n] for n in names}, (inputs, targets), loss_fn
+
+
+def snapshot(net: nn.Module) -> dict:
+    return {
+        "state": {k: v.clone() for k, v in net.state_dict().items()},
+        "requires_grad": {n: p.requires_grad for n, p in net.named_parameters()},
+        "grad": {n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()},
+        "training": [m.training for m in net.modules()],
+    }
+
+
+def assert_unchanged(net: nn.Module, before: dict) -> None:
+    after = snapshot(net)
+    assert after["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), f"{k} changed"
+    assert after["requires_grad"] == before["requires_grad"]
+    for n, g in before["grad"].items():
+        assert (g is None) == (after["grad"][n] is None), f"{n}.grad changed"
+        if g is not None:
+            assert torch.equal(g, after["grad"][n]), f"{n}.grad changed"
+    assert after["training"] == before["training"]
+
+
+def assert_close_to(H: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
+    scale = ref.abs().max().clamp_min(1e-30)
+    err = (H.double() - ref).abs().max() / scale
+    assert err <= rel, f"max error {err:.3e} relative to the largest entry (allowed {rel:.0e})"
+
+
+# --- the nets users write ---
+
+
+class Model(nn.Module):
+    """The form of the question this project answers: two Linear layers, a squeezed output."""
+
+    def __init__(self, input_dim: int = 8, hidden_dim: int = 16):
+        super().__init__()
+        self.fc1 = nn.Linear(input_dim, hidden_dim)
+        self.act = nn.Tanh()
+        self.fc2 = nn.Linear(hidden_dim, 1)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x))).squeeze(-1)
+
+
+def mean_over_batch_mse(outputs, targets):
+    return torch.mean((outputs - targets) ** 2, dim=0)
+
+
+class Residual(nn.Module):
+    """Functional activations and a skip connection around a wide Linear (the GEMM path)."""
+
+    def __init__(self, width: int = 40):
+        super().__init__()
+        self.inp = nn.Linear(5, width)
+        self.hidden = nn.Linear(width, width)
+        self.out = nn.Linear(width, 3)
+
+    def forward(self, x):
+        h = F.silu(self.inp(x))
+        h = h + F.gelu(self.hidden(h))
+        return self.out(h)
+
+
+class LayerNormMLP(nn.Module):
+    """LayerNorm after each hidden Linear: its affine parameters get Hessian-vector rows."""
+
+    def __init__(self, dims=(6, 12, 12, 2)):
+        super().__init__()
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.norms = nn.ModuleList(nn.LayerNorm(b) for b in dims[1:-1])
+
+    def forward(self, x):
+        for linear, norm in zip(self.linears[:-1], self.norms):
+            x = torch.tanh(norm(linear(x)))
+        return self.linears[-1](x)
+
+
+class FunctionalNorm(nn.Module):
+    """F.layer_norm called in the forward with weights of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.w = nn.Parameter(torch.rand(6) + 0.5)
+        self.b = nn.Linear(6, 2, bias=False)
+
+    def forward(self, x):
+        return self.b(torch.tanh(F.layer_norm(self.a(x), (6,), self.w)))
+
+
+class Tied(nn.Module):
+    """One Linear applied twice, and a weight also used outside its layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(torch.tanh(self.a(x)))
+        return self.b(torch.tanh(h)) + 0.1 * (self.b.weight**2).sum()
+
+
+class Sequence(nn.Module):
+    """A Linear on a (batch, time, features) input: its rows come from Hessian-vector products."""
+
+    def __init__(self):
+        super().__init__()
+        self.step = nn.Linear(3, 4)
+        self.head = nn.Linear(4 * 5, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.step(x)).flatten(1))
+
+
+class Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.emb(x)))
+
+
+class Recurrent(nn.Module):
+    """A GRU has no forward-mode batching rule: every row comes from reverse-over-reverse."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
+
+
+class MeanOverBatch(nn.Module):
+    """Subtracts the batch mean: samples are not independent."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0))
+
+
+def seq(*dims, act=nn.Tanh):
+    layers: list[nn.Module] = []
+    for k, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers += [act()] if k else []
+        layers.append(nn.Linear(a, b))
+    return nn.Sequential(*layers)
+
+
+def _x(n: int, d: int):
+    return torch.randn(n, d)
+
+
+#: name -> (net builder, batch builder, loss, parameter names or None for all)
+USER_CASES = {
+    "thread_model": (Model, lambda: (_x(16, 8), torch.randn(16)), mean_over_batch_mse, None),
+    "residual_silu_gelu": (Residual, lambda: (_x(12, 5), torch.randn(12, 3)), None, None),
+    "layernorm_mlp": (LayerNormMLP, lambda: (_x(10, 6), torch.randn(10, 2)), None, None),
+    "functional_layer_norm": (FunctionalNorm, lambda: (_x(9, 4), torch.randn(9, 2)), None, None),
+    "huber": (Residual, lambda: (_x(12, 5), 3 * torch.randn(12, 3)), F.huber_loss, None),
+    "smooth_l1_sum": (
+        Model,
+        lambda: (_x(10, 8), 2 * torch.randn(10)),
+        functools.partial(F.smooth_l1_loss, reduction="sum", beta=0.5),
+        None,
+    ),
+    "bce_with_logits": (
+        lambda: seq(4, 9, 3),
+        lambda: (_x(11, 4), torch.rand(11, 3)),
+        F.binary_cross_entropy_with_logits,
+        None,
+    ),
+    "ce_label_smoothing": (
+        lambda: seq(4, 9, 5, act=nn.GELU),
+        lambda: (_x(11, 4), torch.randint(0, 5, (11,))),
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        None,
+    ),
+    "ce_weight_ignore_index": (
+        lambda: seq(4, 9, 5),
+        lambda: (_x(11, 4), torch.tensor([0, 1, 2, 3, 4, -100, 1, 2, 3, 0, 4])),
+        nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 1.5, 1.0]), ignore_index=-100),
+        None,
+    ),
+    "gaussian_nll": (
+        lambda: seq(4, 8, 2),
+        lambda: (_x(10, 4), torch.randn(10, 1)),
+        lambda out, y: F.gaussian_nll_loss(out[:, :1], y, F.softplus(out[:, 1:]) + 0.1),
+        None,
+    ),
+    "mse_module": (Residual, lambda: (_x(12, 5), torch.randn(12, 3)), nn.MSELoss(), None),
+    "weights_only": (
+        lambda: seq(4, 40, 6, 2),
+        lambda: (_x(9, 4), torch.randn(9, 2)),
+        None,
+        ["0.weight", "2.weight", "4.weight"],
+    ),
+    "last_layer_only": (
+        lambda: seq(4, 6, 6, 2),
+        lambda: (_x(9, 4), torch.randn(9, 2)),
+        None,
+        ["4.weight", "4.bias"],
+    ),
+    "shuffled_order": (
+        LayerNormMLP,
+        lambda: (_x(10, 6), torch.randn(10, 2)),
+        None,
+        [
+            "linears.2.bias",
+            "norms.0.weight",
+            "linears.0.weight",
+            "linears.1.bias",
+            "linears.2.weight",
+            "norms.1.bias",
+            "linears.1.weight",
+        ],
+    ),  # fmt: skip
+    "bias_without_weight": (
+        lambda: seq(3, 40, 2),
+        lambda: (_x(9, 3), torch.randn(9, 2)),
+        None,
+        ["0.bias", "2.weight"],
+    ),
+    "tied_linear": (Tied, lambda: (_x(8, 4), torch.randn(8, 2)), None, None),
+    "linear_on_sequence": (Sequence, lambda: (torch.randn(6, 5, 3), torch.randn(6, 2)), None, None),
+    "embedding_inputs": (
+        Embed,
+        lambda: (torch.randint(0, 7, (10,)), torch.randint(0, 2, (10,))),
+        F.cross_entropy,
+        None,
+    ),
+    "gru_then_linear": (Recurrent, lambda: (torch.randn(5, 4, 3), torch.randn(5, 2)), None, None),
+    "conv_then_linear": (
+        lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)),
+        lambda: (torch.randn(5, 1, 5, 5), torch.randint(0, 3, (5,))),
+        F.cross_entropy,
+        None,
+    ),
+}
+
+
+def build_user(case: str, dtype: torch.dtype = torch.float64):
+    """``(net, params, batch, loss_fn)`` of ``USER_CASES[case]`` in ``dtype``, deterministic."""
+    make_net, make_batch, loss, names = USER_CASES[case]
+    torch.manual_seed(0)
+    net = make_net().to(dtype)
+    if isinstance(loss, nn.Module):
+        loss = loss.to(dtype)
+    batch = tuple(t.to(dtype) if t.is_floating_point() else t for t in make_batch())
+    own = dict(net.named_parameters())
+    params = own if names is None else {n: own[n] for n in names}
+    return net, params, batch, loss
+
+
+def _user_case(name: str):
+    make_net, make_batch, loss, names = USER_CASES[name]
+    made = (make_net(), make_batch(), loss)
+    return made if names is None else (*made, names)
+
+
+# every strategy is checked on the first nets users write, too
+for _name in ("thread_model", "residual_silu_gelu", "layernorm_mlp"):
+    CASES[_name] = functools.partial(_user_case, _name)
