@@ -151,6 +151,7 @@ _MODULES = [
     "vmap_jvp_chunked",
     "block_symmetric_chunked",
     "jax_hessian",
+    "curvlinops_hessian",
     "mlp_kron",
     "auto",
 ]
