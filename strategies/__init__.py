@@ -261,6 +261,7 @@ _MODULES = [
     "vmap_jvp_chunked",
     "block_symmetric_chunked",
     "jax_hessian",
+    "curvlinops_hessian",
     "kron",
     "auto",
 ]
