@@ -482,10 +482,14 @@ def test_normalisation_net_never_gives_a_wrong_matrix(name: str, op: str, affine
     try:
         H = strategies.compute(name, net, params, batch)
     except ValueError as error:
-        # a refusal naming the op; batch statistics also mix samples, which kron refuses
-        assert "refuses this problem: the forward calls aten." in str(error) or (
-            op == "batch_norm" and "mixes samples" in str(error)
-        )
+        # a refusal naming the op, or a formula torch lacks on this path; batch statistics
+        # also mix samples, which kron refuses
+        message = str(error)
+        assert (
+            "refuses this problem: the forward calls aten." in message
+            or ("which torch" in message and "does not implement" in message)
+            or (op == "batch_norm" and "mixes samples" in message)
+        ), message
         return
     reference, rel = _norm_reference(op, affine)
     assert_close_to(H, reference, rel)

@@ -160,7 +160,8 @@ def test_curvlinops_needs_a_sample(inputs: torch.Tensor) -> None:
     pytest.importorskip("curvlinops")
     net = _mlp()
     targets = torch.randn(*inputs.shape[:1], 2)
-    with pytest.raises(ValueError, match="at least one sample"):
+    # the input contract answers first: an empty batch, or inputs the net cannot take
+    with pytest.raises(ValueError, match="the batch is empty|the loss fails at these params"):
         strategies.compute("curvlinops", net, dict(net.named_parameters()), (inputs, targets))
 
 
