@@ -622,7 +622,7 @@ def _check_loss_value(value: Any, outputs: Any) -> None:
 #: ({op}: the op the message names; {others}: the reverse-mode strategies)
 _UNIMPLEMENTED = (
     (
-        re.compile(r"Trying to use forward AD with (\w+) that does not support it"),
+        re.compile(r"Trying to use forward AD with (?:aten::)?(\w+) that does not support it"),
         "needs the forward-mode derivative of aten::{op}, which torch {version} does not "
         "implement: use a reverse-mode strategy ({others})",
     ),
