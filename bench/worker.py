@@ -139,6 +139,9 @@ class Worker:
                     **os.environ,
                     "PYTHONPATH": path,
                     "PYTHONUNBUFFERED": "1",
+                    # JAX on a GPU takes 75% of its memory on first use: the pytest process
+                    # (a peer's timed calls) needs that memory after the worker's pass
+                    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
                     "HESSBENCH_WORKER": f"{theirs.fileno()} {self.threads}",
                 },
             )
