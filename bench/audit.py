@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 import strategies
-from bench import zoo
+from bench import cli, zoo
 from bench.measure import machine_label
 from bench.reference import fd_hessian, loop_hessian
 from bench.vocabulary import AUDIT_KIND, ERROR, OK, UNSUPPORTED, WRONG
@@ -439,11 +439,8 @@ def format_matrix(audit: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point; returns 1 if a reference check failed, else 0."""
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.audit", description=__doc__.splitlines()[0]
-    )
+def _parser() -> argparse.ArgumentParser:
+    parser = cli.Parser(prog="python -m bench.audit", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--json",
         type=Path,
@@ -457,16 +454,36 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="compute where a strategy's supports() says no too (is the guard still needed?)",
     )
+    return parser
+
+
+def _names(text: str | None, option: str, valid: list[str]) -> list[str] | None:
+    """The names an option lists (None: all); ValueError for an empty list or unknown names."""
+    if text is None:
+        return None
+    names = cli.split_list(text, option)
+    cli.check_names(names, valid, option.removeprefix("--"))
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns 1 if a reference check failed, 2 for a bad argument
+    (one line on stderr), else 0."""
+    parser = _parser()
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    split = lambda s: [x for x in s.split(",") if x] if s else None  # noqa: E731
+    try:
+        strategy_names = _names(args.strategies, "--strategies", strategies.names())
+        models = _names(args.models, "--models", zoo.names())
+        cli.output_file(args.json, "--json")
+    except ValueError as exc:
+        return cli.fail(parser.prog, str(exc))
     audit = run_audit(
-        split(args.strategies),
-        split(args.models),
+        strategy_names,
+        models,
         ignore_supports=args.ignore_supports,
         command=shlex.join(["python", "-m", "bench.audit", *argv]),
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(audit, indent=1) + "\n")
     print(format_matrix(audit))
     print(f"\n{len(audit['records'])} cells in {audit['wall_s']:.1f} s; wrote {args.json}")

@@ -7,6 +7,7 @@ The session's state is ``bench.session.Run``; what happens in one cell is ``benc
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import traceback
@@ -17,9 +18,11 @@ import torch
 
 import strategies
 from bench import measure
+from bench.cli import check_names, output_file, split_list
 from bench.grid import DEVICES, GRIDS, cases
 from bench.session import Run
 from bench.vocabulary import BASELINE
+from bench.worker import Worker
 
 __all__ = [
     "pytest_addoption",
@@ -29,9 +32,11 @@ __all__ = [
     "pytest_benchmark_update_machine_info",
     "pytest_benchmark_update_json",
     "partial_path",
+    "kept_partial_path",
     "pytest_runtest_logfinish",
     "pytest_terminal_summary",
     "pytest_sessionfinish",
+    "pytest_unconfigure",
 ]
 
 
@@ -60,6 +65,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(default 0.4: the host kills the whole run, losing it, where a prediction falls short)",
     )
     group.addoption(
+        "--cell-timeout",
+        type=float,
+        default=None,
+        help="longest a cell's isolated pass in the worker may take before the cell is "
+        "recorded as crashed (default: 10 x --time-budget, at least 600)",
+    )
+    group.addoption(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)"
     )
     group.addoption(
@@ -77,35 +89,47 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+def _positive(config: pytest.Config, option: str) -> float | None:
+    """The option's value; a usage error unless positive (``inf`` allowed: no limit)."""
+    value = config.getoption(option)
+    if value is not None and not value > 0:  # also refuses nan
+        raise pytest.UsageError(f"{option} must be a positive number of seconds, got {value}")
+    return value
+
+
+def _benchmark_json(config: pytest.Config) -> None:
+    """``--benchmark-json`` checked and its folder made now: pytest-benchmark opens it only at
+    the end, and a run that cannot write its JSON loses every cell."""
+    path = config.getoption("benchmark_json", default=None)
+    if path is not None:
+        try:
+            output_file(path, "--benchmark-json")
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--grid", default=None) is None:
         return
     valid = strategies.names()
-    chosen = _csv(config.getoption("--strategies")) if config.getoption("--strategies") else valid
-    unknown = [s for s in chosen if s not in valid]
-    if unknown:
-        raise pytest.UsageError(f"unknown strategies {unknown}; valid strategies: {valid}")
-    devices = _csv(config.getoption("--devices"))
-    bad = [d for d in devices if d not in DEVICES]
-    if bad:
-        raise pytest.UsageError(f"unknown devices {bad}; valid devices: {list(DEVICES)}")
+    try:
+        listed = config.getoption("--strategies")
+        chosen = valid if listed is None else split_list(listed, "--strategies")
+        check_names(chosen, valid, "strategies")
+        devices = split_list(config.getoption("--devices"), "--devices")
+        check_names(devices, DEVICES, "devices")
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
     if not 0 < config.getoption("--memory-fraction") <= 1:
         raise pytest.UsageError("--memory-fraction must be in (0, 1]")
-    if config.getoption("--time-budget") <= 0:
-        raise pytest.UsageError("--time-budget must be positive")
+    time_budget = _positive(config, "--time-budget")
+    cell_timeout = _positive(config, "--cell-timeout") or max(600.0, 10 * time_budget)
     threads = config.getoption("--threads")
     if threads is not None:
         if threads < 1:
             raise pytest.UsageError("--threads must be >= 1")
         torch.set_num_threads(threads)
-    json_path = config.getoption("benchmark_json", default=None)
-    if json_path is not None:
-        # pytest-benchmark opens the file at the very end; a missing folder would lose the run.
-        json_path.parent.mkdir(parents=True, exist_ok=True)
+    _benchmark_json(config)
     _CONFIG.clear()
     _CONFIG["config"] = config
     grid = config.getoption("--grid")
@@ -113,10 +137,13 @@ def pytest_configure(config: pytest.Config) -> None:
         grid=grid,
         strategy_names=chosen,
         devices=devices,
-        time_budget=config.getoption("--time-budget"),
+        time_budget=time_budget,
         memory_fraction=config.getoption("--memory-fraction"),
         command=shlex.join(["pytest", *config.invocation_params.args]),
         cases={c.id: c for c in cases(grid, tuple(devices))},
+        worker=Worker(
+            torch.get_num_threads(), cell_timeout if math.isfinite(cell_timeout) else None
+        ),
     )
 
 
@@ -164,19 +191,21 @@ def partial_path(benchmark_json: str | os.PathLike) -> str:
     return f"{os.fspath(benchmark_json)}.partial"
 
 
-def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
-    """After every cell, rewrite ``<json>.partial`` with everything measured so far.
+def kept_partial_path(benchmark_json: str | os.PathLike) -> str:
+    """Where an earlier run's unfinished ``<json>.partial`` is kept: ``<json>.<N>.partial``.
 
-    pytest-benchmark writes its JSON once, at the end; a run the host kills (out of memory,
-    a wall-clock limit) would lose every cell. The partial file is the same JSON, made by
-    pytest-benchmark's own hooks, so ``python -m bench.report results/<run>.json.partial``
-    reads it.
+    N is the smallest positive integer whose file does not exist yet, so nothing is ever
+    overwritten.
     """
-    config = _CONFIG.get("config")
-    path = config.getoption("benchmark_json", default=None) if config else None
-    session = getattr(config, "_benchmarksession", None)
-    if path is None or session is None or not session.benchmarks:
-        return
+    n = 1
+    while os.path.exists(f"{os.fspath(benchmark_json)}.{n}.partial"):
+        n += 1
+    return f"{os.fspath(benchmark_json)}.{n}.partial"
+
+
+def _output_json(config: pytest.Config) -> dict:
+    """The benchmark JSON of everything measured so far, made by pytest-benchmark's own hooks."""
+    session = config._benchmarksession
     if "machine_info" not in _CONFIG:  # slow to gather (cpuinfo, git): once per run
         _CONFIG["machine_info"] = session.get_machine_info()
         commit_info = config.hook.pytest_benchmark_generate_commit_info(config=config)
@@ -192,10 +221,44 @@ def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
     config.hook.pytest_benchmark_update_json(
         config=config, benchmarks=session.benchmarks, output_json=output
     )
-    target = partial_path(path)
-    with open(f"{target}.tmp", "w") as f:
+    return output
+
+
+def _write_json(output: dict, target: str | os.PathLike) -> None:
+    with open(f"{os.fspath(target)}.tmp", "w") as f:
         json.dump(output, f)
-    os.replace(f"{target}.tmp", target)  # atomic: a kill never leaves half a file
+    os.replace(f"{os.fspath(target)}.tmp", target)  # atomic: a kill never leaves half a file
+
+
+def _note(message: str) -> None:
+    """A line for the terminal summary's hessbench section."""
+    _CONFIG.setdefault("notes", []).append(message)
+
+
+def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
+    """After every cell, rewrite ``<json>.partial`` with everything measured so far.
+
+    pytest-benchmark writes its JSON once, at the end; a run the host kills (out of memory,
+    a wall-clock limit) would lose every cell. The partial file is the same JSON, made by
+    pytest-benchmark's own hooks, so ``python -m bench.report results/<run>.json.partial``
+    reads it. An earlier run's ``<json>.partial`` (a run that never reached its end) is
+    moved to ``kept_partial_path`` before this run first writes its own, never overwritten.
+    """
+    config = _CONFIG.get("config")
+    path = config.getoption("benchmark_json", default=None) if config else None
+    run: Run | None = getattr(config, "_hessbench", None)
+    session = getattr(config, "_benchmarksession", None)
+    if path is None or run is None or session is None:
+        return
+    if not (session.benchmarks or run.outcomes):
+        return
+    target = partial_path(path)
+    if not _CONFIG.get("partial_written") and os.path.exists(target):
+        kept = kept_partial_path(path)
+        os.rename(target, kept)
+        _note(f"an earlier run left {target} unfinished: kept as {kept}")
+    _write_json(_output_json(config), target)
+    _CONFIG["partial_written"] = True
 
 
 #: the pytest config, for hooks that pytest calls without it
@@ -225,7 +288,11 @@ def _summary_lines(run: Run) -> list[str]:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     run: Run | None = getattr(config, "_hessbench", None)
-    if run is None or not run.timed:
+    if run is None:
+        return
+    for note in _CONFIG.get("notes", []):
+        terminalreporter.write_line(f"hessbench: {note}")
+    if not run.timed:
         return
     terminalreporter.section("hessbench: fastest accurate strategy per case")
     for line in _summary_lines(run):
@@ -248,13 +315,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # pytest-benchmark writes its JSON in a hookwrapper, i.e. before this runs.
     config = session.config
     path = config.getoption("benchmark_json", default=None)
-    if path is None or getattr(config, "_hessbench", None) is None:
+    run: Run | None = getattr(config, "_hessbench", None)
+    if run is not None:
+        run.worker.close()  # its memory is the report's now
+    if path is None or run is None:
         return
-    if not os.path.exists(path):
-        print(f"\nhessbench: no benchmark JSON at {path} (nothing was timed); no report")
-        return
-    if os.path.exists(partial_path(path)):  # the run reached its end: the JSON holds it all
-        os.remove(partial_path(path))
+    if not config._benchmarksession.benchmarks:
+        if not run.outcomes:  # no cell ran (e.g. --collect-only): an earlier JSON stays as is
+            print(f"\nhessbench: no cell ran; {path} not written, no report")
+            return
+        # pytest-benchmark writes no JSON where nothing was timed: the outcomes would be lost
+        _write_json(_output_json(config), path)
+    if _CONFIG.get("partial_written") and os.path.exists(partial_path(path)):
+        os.remove(partial_path(path))  # this run's own: it reached its end, the JSON holds it all
     inputs = [str(path)]
     try:
         if config.getoption("--audit"):
@@ -275,3 +348,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = (
             pytest.ExitCode.TESTS_FAILED if session.exitstatus == 0 else session.exitstatus
         )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    run: Run | None = getattr(config, "_hessbench", None)
+    if run is not None:
+        run.worker.close()

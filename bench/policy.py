@@ -1,4 +1,4 @@
-"""The benchmark's per-cell policy: skip rules, first call, memory pass, rounds, failures, the row.
+"""The per-cell policy: skip rules, isolated pass, first call, memory, rounds, failures, the row.
 
 A cell is one strategy on one case. ``bench/test_hessian.py`` applies these rules in order;
 docs/DESIGN.md, "The benchmark's per-cell policy", says why each is what it is.
@@ -17,6 +17,7 @@ from bench import measure
 from bench.grid import Case
 from bench.session import CaseData, History, Run
 from bench.vocabulary import (
+    CRASHED,
     ERROR,
     OK,
     OOM,
@@ -26,6 +27,7 @@ from bench.vocabulary import (
     UNSUPPORTED,
     WRONG,
 )
+from bench.worker import Crashed, Request, Worker
 from strategies import Strategy
 
 __all__ = [
@@ -37,7 +39,9 @@ __all__ = [
     "skip",
     "over_limits",
     "record",
-    "hessian_call",
+    "memory_note",
+    "Isolated",
+    "isolated_pass",
     "first_call",
     "memory_pass",
     "rounds",
@@ -148,57 +152,81 @@ def record(run: Run, case: Case, strategy: str, outcome: Outcome) -> None:
     run.outcomes.append({**_cell_fields(case, strategy, outcome.status), "reason": outcome.reason})
 
 
-def hessian_call(strategy: Strategy, data: CaseData) -> Callable[[], torch.Tensor]:
-    """One Hessian of the case by the strategy; returns once the device has finished it."""
-    params = dict(data.net.named_parameters())
-    device = torch.device(data.case.device)
+def memory_note(strategy: Strategy, case: Case, history: History) -> str | None:
+    """Why the cell's memory pass does not run (None: it runs).
 
-    def call() -> torch.Tensor:
-        H = strategy.compute(data.net, params, data.batch, data.loss_fn)
-        measure.sync(device)
-        return H
+    Not for a peer: another framework's allocations never pass through torch's allocator or
+    profiler. Not on CPU where the profiler's records are predicted to outgrow host memory
+    (a call with millions of small ops): their number is extrapolated log-log in P, like
+    time.
+    """
+    if strategy.peer:
+        return "not measured: the peer allocates outside torch's allocator"
+    events_expected = measure.extrapolate(history.events, case.P)
+    if case.device == "cuda" or (events_expected or 0) <= measure.MAX_PROFILED_EVENTS:
+        return None
+    return (
+        f"memory pass skipped: about {events_expected:.3g} profiler events predicted "
+        f"> {measure.MAX_PROFILED_EVENTS:.3g}"
+    )
 
-    return call
+
+@dataclass(frozen=True)
+class Isolated:
+    """What the cell's isolated pass in the worker measured, and what is left to do here."""
+
+    peak_bytes: int | None
+    #: why ``peak_bytes`` is None (null where it was measured)
+    note: str | None
+    #: seconds of a worker call that estimates a warm call (none where it compiled)
+    warm_s: float | None
+    #: whether the cell still makes its own first call in this process
+    first_call_here: bool
+
+
+def isolated_pass(worker: Worker, strategy: Strategy, case: Case, history: History) -> Isolated:
+    """Run the cell first in the worker, so that a crash there ends only this cell.
+
+    The worker runs the memory pass where there is one (a first call's peak equals a warm
+    call's, so none is added), else a first call. A strategy that compiles (or a peer, which
+    compiles too) makes its first call in the worker before the memory pass, and again here,
+    where its compile time is measured. A plain strategy whose memory pass is skipped makes
+    no first call here: the worker's stands in for it (these are the multi-second loops).
+    Appends the memory pass's profiler events to ``history.events``.
+
+    Raises:
+        worker.Crashed: the worker died or hung (``failure`` records it as crashed).
+        Exception: what the strategy raised in the worker.
+    """
+    note = memory_note(strategy, case, history)
+    compiles = strategy.compiles or strategy.peer
+    if case.device == "cuda":
+        torch.cuda.empty_cache()  # this process's cached blocks would starve the worker
+    request = Request.of(
+        case, strategy, first_call=compiles or note is not None, memory=note is None
+    )
+    reply = worker.run(request)
+    if reply.events is not None:
+        history.events.append((case.P, reply.events))
+    warm_s = reply.memory_s if note is None else None if compiles else reply.first_call_s
+    return Isolated(reply.peak_bytes, note, warm_s, first_call_here=compiles or note is None)
 
 
 def first_call(call: Callable[[], torch.Tensor]) -> float:
-    """Seconds of the cell's first call (compiles, warms caches); its result is discarded."""
+    """Seconds of the cell's first call here (compiles, warms caches); its result is discarded."""
     start = time.perf_counter()
     call()
     return time.perf_counter() - start
 
 
-def memory_pass(
-    strategy: Strategy,
-    call: Callable[[], torch.Tensor],
-    case: Case,
-    history: History,
-    first_call_s: float,
-) -> MemoryPass:
-    """Peak memory of one call, in a pass of its own (not timed), where it can be measured.
+def memory_pass(isolated: Isolated, first_call_s: float | None) -> MemoryPass:
+    """The cell's memory pass (from the worker) with the best estimate of one warm call.
 
-    Not for a peer: another framework's allocations never pass through torch's allocator or
-    profiler. Not on CPU where the profiler's records are predicted to outgrow host memory
-    (a call with millions of small ops): their number is extrapolated log-log in P, like
-    time. Appends the pass's event count to ``history.events``.
+    Both the first call and the memory pass overestimate a warm call (first-call costs;
+    profiler overhead): the smaller is taken.
     """
-    if strategy.peer:
-        note = "not measured: the peer allocates outside torch's allocator"
-        return MemoryPass(None, note, first_call_s)
-    device = torch.device(case.device)
-    events_expected = measure.extrapolate(history.events, case.P)
-    if device.type == "cuda" or (events_expected or 0) <= measure.MAX_PROFILED_EVENTS:
-        start = time.perf_counter()
-        _, peak, events = measure.peak_and_events(call, device)
-        # Both calls overestimate a warm call (first-call costs; profiler overhead).
-        warm_s = min(first_call_s, time.perf_counter() - start)
-        history.events.append((case.P, events))
-        return MemoryPass(peak, None, warm_s)
-    note = (
-        f"memory pass skipped: about {events_expected:.3g} profiler events predicted "
-        f"> {measure.MAX_PROFILED_EVENTS:.3g}"
-    )
-    return MemoryPass(None, note, first_call_s)
+    estimates = [s for s in (first_call_s, isolated.warm_s) if s is not None]
+    return MemoryPass(isolated.peak_bytes, isolated.note, min(estimates))
 
 
 def rounds(warm_s: float) -> tuple[int, int]:
@@ -213,13 +241,16 @@ def rounds(warm_s: float) -> tuple[int, int]:
 
 
 def failure(exc: BaseException) -> Outcome:
-    """What a cell whose measurement raised is recorded as: skipped, oom or error.
+    """What a cell whose measurement raised is recorded as: skipped, crashed, oom or error.
 
-    An interrupt (Ctrl-C) is "skipped"; running out of memory is "oom" (the run goes on); any
-    other exception is "error".
+    An interrupt (Ctrl-C) is "skipped"; the worker dying or hanging in the isolated pass is
+    "crashed" (its reason says how, with the worker's last stderr lines); running out of
+    memory is "oom" (the run goes on); any other exception is "error".
     """
     if isinstance(exc, KeyboardInterrupt):
         return Outcome(SKIPPED, "interrupted (KeyboardInterrupt)")
+    if isinstance(exc, Crashed):
+        return Outcome(CRASHED, str(exc))
     return Outcome(OOM if measure.is_oom(exc) else ERROR, f"{type(exc).__name__}: {exc}")
 
 
@@ -235,7 +266,7 @@ def timed_row(
     data: CaseData,
     checked: Accuracy,
     memory: MemoryPass,
-    first_call_s: float,
+    first_call_s: float | None,
     seconds: float,
 ) -> dict[str, Any]:
     """The ``extra_info`` of a timed cell (docs/DESIGN.md, "Benchmark JSON")."""

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench import plots, results
+from bench import cli, plots, results
 from bench.grid import ARCHS
 from bench.vocabulary import BASELINE, TIMED, WRONG
 
@@ -599,7 +599,7 @@ def render_html(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
+    parser = cli.Parser(prog="python -m bench.report", description=__doc__)
     parser.add_argument("files", nargs="+", type=Path, help="benchmark and audit JSON files")
     parser.add_argument("--plots-dir", type=Path, default=Path("plots"))
     parser.add_argument("--html", type=Path, default=None, help="default: PLOTS_DIR/report.html")
@@ -607,31 +607,67 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Build the report; returns 0, or 2 where an input file is not of a known kind."""
-    args = _parser().parse_args(argv)
-    try:
-        df, audits = results.load(args.files)
-    except results.InputFileError as exc:
-        print(f"bench.report: error: {exc}", file=sys.stderr)
-        return 2
-    args.plots_dir.mkdir(parents=True, exist_ok=True)
-    html_path = args.html or args.plots_dir / "report.html"
-    for source, rows in df.groupby("source"):
-        rows.drop(columns="source").to_csv(Path(source).with_suffix(".csv"), index=False)
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` unless the file already holds exactly it (left untouched)."""
+    if not (path.is_file() and path.read_text() == text):
+        path.write_text(text)
+
+
+def _csv_paths(runs: dict[str, pd.DataFrame], audits: list[dict]) -> dict[str, Path]:
+    """Each input's CSV: ``<run>.csv`` beside a benchmark JSON, ``<audit>_matrix.csv`` beside
+    an audit JSON.
+
+    Raises:
+        results.InputFileError: two inputs would write one CSV, or a CSV would be an input.
+    """
+    paths = {source: Path(source).with_suffix(".csv") for source in runs}
+    for source in (Path(a["source"]) for a in audits):
+        paths[str(source)] = source.with_name(f"{source.stem}_matrix.csv")
+    taken = {Path(source): source for source in paths}
+    for source, path in paths.items():
+        if path in taken and taken[path] != source:
+            raise results.InputFileError(f"{taken[path]} and {source} would both be {path}")
+        taken[path] = source
+    return paths
+
+
+def _write_csvs(runs: dict[str, pd.DataFrame], audits: list[dict]) -> None:
+    """Each input's own CSV, with all of its cells; a file already holding it is not rewritten.
+
+    One CSV per input, never the merged frame: two runs of one machine share cells, and the
+    merged frame keeps only the later run's.
+    """
+    paths = _csv_paths(runs, audits)
+    for source, frame in runs.items():
+        _write_if_changed(paths[source], frame.drop(columns="source").to_csv(index=False))
     for source, rows in results.audit_frame(audits).groupby("source"):
-        results.accuracy_matrix(rows).to_csv(
-            Path(source).with_name(Path(source).stem + "_matrix.csv")
-        )
-    recommendations = results.recommend(df)
-    benchmark_files = [p for p in args.files if str(p) in set(df.get("source", []))]
-    if benchmark_files:
-        # beside the figures, not the inputs: `results/*.json` must stay inputs only
-        out = args.plots_dir / "recommendations.json"
-        out.write_text(json.dumps(results.recommendation_records(recommendations), indent=1))
-    figures = plots.write_figures(df, args.plots_dir, audits)
-    html_path.parent.mkdir(parents=True, exist_ok=True)
-    html_path.write_text(render_html(args.title, df, audits, figures, recommendations))
+        _write_if_changed(paths[source], results.accuracy_matrix(rows).to_csv())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the report; returns 0, or 2 (one line on stderr) for a bad argument or input."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    prog = parser.prog
+    try:
+        runs, audits = results.load_runs(args.files)
+        df = results.merge(runs.values())
+        _write_csvs(runs, audits)
+        recommendations = results.recommend(df)
+        args.plots_dir.mkdir(parents=True, exist_ok=True)
+        if runs:
+            # beside the figures, not the inputs: `results/*.json` must stay inputs only
+            out = args.plots_dir / "recommendations.json"
+            out.write_text(json.dumps(results.recommendation_records(recommendations), indent=1))
+        figures = plots.write_figures(df, args.plots_dir, audits)
+        html_path = args.html or args.plots_dir / "report.html"
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+        html_path.write_text(render_html(args.title, df, audits, figures, recommendations))
+    except results.InputFileError as exc:
+        return cli.fail(prog, str(exc))
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        return cli.fail(prog, f"cannot write{where}: {exc.strerror or exc}")
     print(f"bench.report: wrote {html_path} ({len(df)} cells; {shlex.join(map(str, args.files))})")
     return 0
 

@@ -65,6 +65,8 @@ __all__ = [
     "OTHER_FAMILY",
     "RECOMMENDATION_FIELDS",
     "load",
+    "load_runs",
+    "merge",
     "family",
     "strategy_facts",
     "size_range",
@@ -132,23 +134,72 @@ _CASE_DEFAULTS = {
 
 
 class InputFileError(ValueError):
-    """An input file is neither a pytest-benchmark JSON nor an audit JSON."""
+    """An input file is missing, not JSON, or neither a hessbench benchmark JSON nor an audit JSON."""
 
 
 def _read(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
+    except FileNotFoundError:
+        # an unquoted shell pattern that matched nothing arrives as itself
+        hint = " (a shell pattern that matched nothing?)" if set("*?[") & set(str(path)) else ""
+        raise InputFileError(f"{path}: no such file{hint}") from None
+    except IsADirectoryError:
+        raise InputFileError(f"{path}: a directory, not a JSON file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputFileError(f"{path}: cannot read as JSON ({exc})") from exc
     if isinstance(data, dict) and data.get("kind") == AUDIT_KIND:
+        _check_audit(path, data)
         return data
     if isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
         if isinstance(data.get("machine_info"), dict):
+            _check_benchmark(path, data)
             return data
     raise InputFileError(
         f"{path}: not a pytest-benchmark JSON (needs 'benchmarks' and 'machine_info') "
         f'nor an audit JSON (needs "kind": "{AUDIT_KIND}")'
     )
+
+
+#: what every cell of a benchmark JSON names, timed or not: the analysis keys on these
+_CELL_KEYS = ("strategy", "case", "P", *(f for f in _CASE_FIELDS if f not in _CASE_DEFAULTS))
+
+
+def _check_benchmark(path: Path, data: dict) -> None:
+    """Refuse a pytest-benchmark JSON that is not a hessbench run, naming what is missing."""
+    meta = data.get("hessbench", {})
+    outcomes = meta.get("outcomes", []) if isinstance(meta, dict) else None
+    if not isinstance(outcomes, list):
+        raise InputFileError(f"{path}: 'hessbench' must hold a list of 'outcomes'")
+    if not data["benchmarks"] and "hessbench" not in data:
+        raise InputFileError(f"{path}: a pytest-benchmark JSON with no cells and no 'hessbench'")
+    for i, bench in enumerate(data["benchmarks"]):
+        extra = bench.get("extra_info") if isinstance(bench, dict) else None
+        missing = [k for k in _CELL_KEYS if not isinstance(extra, dict) or k not in extra]
+        if missing:
+            name = bench.get("fullname", bench.get("name")) if isinstance(bench, dict) else bench
+            raise InputFileError(
+                f"{path}: benchmark {i} ({name}) is not a hessbench cell: its extra_info lacks "
+                f"{missing} (another suite's pytest-benchmark JSON?)"
+            )
+    for i, outcome in enumerate(outcomes):
+        missing = [
+            k for k in (*_CELL_KEYS, "status") if not isinstance(outcome, dict) or k not in outcome
+        ]
+        if missing:
+            raise InputFileError(f"{path}: hessbench outcome {i} lacks {missing}")
+
+
+def _check_audit(path: Path, data: dict) -> None:
+    """Refuse an audit JSON whose records do not name their strategy, model and status."""
+    records = data.get("records", [])
+    if not isinstance(records, list):
+        raise InputFileError(f"{path}: an audit JSON's 'records' must be a list")
+    for i, record in enumerate(records):
+        keys = ("strategy", "model", "status")
+        missing = [k for k in keys if not isinstance(record, dict) or k not in record]
+        if missing:
+            raise InputFileError(f"{path}: audit record {i} lacks {missing}")
 
 
 def _machine_label(info: dict) -> str:
@@ -195,7 +246,8 @@ def _benchmark_rows(path: Path, data: dict) -> pd.DataFrame:
     for outcome in meta.get("outcomes") or []:
         rows.append({**run, **outcome, "status": _status(path, outcome["status"])})
     frame = pd.DataFrame(rows)
-    for column in ("reason", "peer", "first_call_s", "peak_bytes", "grad_s", "gemm_s"):
+    # a run where nothing was timed has outcomes only: the timed rows' columns are empty
+    for column in _TIMED_COLUMNS:
         if column not in frame:
             frame[column] = None
     # case fields added after a run was made take their default (e.g. arch "mlp")
@@ -207,9 +259,64 @@ def _benchmark_rows(path: Path, data: dict) -> pd.DataFrame:
     return frame
 
 
+#: columns of timed rows that the analysis reads, present (empty) in every frame
+_TIMED_COLUMNS = (
+    "reason",
+    "peer",
+    "hessian_bytes",
+    "peak_bytes",
+    "peak_note",
+    "max_abs_err",
+    "max_rel_err",
+    "accurate",
+    "tolerance",
+    "grad_s",
+    "gemm_s",
+    "cost_vs_grad",
+    "vs_gemm",
+    "first_call_s",
+    "threads",
+)
+
+
 def _audit(path: Path, data: dict) -> dict:
     records = [{**r, "status": _status(path, r["status"])} for r in data.get("records") or []]
     return {**data, "records": records, "source": str(path)}
+
+
+def load_runs(paths: Sequence[str | Path]) -> tuple[dict[str, pd.DataFrame], list[dict]]:
+    """Each benchmark file's own tidy frame, by its path (``source``), and the audits.
+
+    A file's frame holds all of its cells, whatever other files hold: it is what the file's
+    CSV is made from (``bench.report``). ``load`` merges them.
+
+    Raises:
+        InputFileError: as ``load``.
+    """
+    runs, audits = {}, []
+    for path in map(Path, paths):
+        data = _read(path)
+        if data.get("kind") == AUDIT_KIND:
+            audits.append(_audit(path, data))
+        else:
+            runs[str(path)] = merge([_benchmark_rows(path, data)])
+    return runs, audits
+
+
+def merge(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    """One tidy frame of runs' frames; where two hold the same cell of one machine, the later wins."""
+    frames = list(frames)
+    if not frames:
+        empty = ["machine", "source", "strategy", "case", "status", "P", "peer"]
+        return pd.DataFrame(columns=empty)
+    df = pd.concat([f for f in frames if not f.empty] or frames, ignore_index=True)
+    df = df.drop_duplicates(["machine", "strategy", "case"], keep="last").reset_index(drop=True)
+    # Outcomes carry no "peer" flag: borrow it from the strategy's timed rows.
+    peers = df.dropna(subset=["peer"]).groupby("strategy")["peer"].any()
+    df["peer"] = df["strategy"].map(peers).eq(True)
+    for column in ("P", "hessian_bytes"):
+        df[column] = pd.to_numeric(df[column])
+    return df
 
 
 def load(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
@@ -223,27 +330,11 @@ def load(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
     both kinds are in ``bench.vocabulary``'s words, whichever words the file used.
 
     Raises:
-        InputFileError: a file is not JSON of either kind, or holds an unknown status; the
-            message names it.
+        InputFileError: a file is missing, not JSON of either kind (e.g. another suite's
+            pytest-benchmark JSON), or holds an unknown status; the message names it.
     """
-    frames, audits = [], []
-    for path in map(Path, paths):
-        data = _read(path)
-        if data.get("kind") == AUDIT_KIND:
-            audits.append(_audit(path, data))
-        else:
-            frames.append(_benchmark_rows(path, data))
-    if not frames:
-        empty = ["machine", "source", "strategy", "case", "status", "P", "peer"]
-        return pd.DataFrame(columns=empty), audits
-    df = pd.concat([f for f in frames if not f.empty] or frames, ignore_index=True)
-    df = df.drop_duplicates(["machine", "strategy", "case"], keep="last").reset_index(drop=True)
-    # Outcomes carry no "peer" flag: borrow it from the strategy's timed rows.
-    peers = df.dropna(subset=["peer"]).groupby("strategy")["peer"].any()
-    df["peer"] = df["strategy"].map(peers).fillna(False).astype(bool)
-    for column in ("P", "hessian_bytes"):
-        df[column] = pd.to_numeric(df[column])
-    return df, audits
+    runs, audits = load_runs(paths)
+    return merge(runs.values()), audits
 
 
 def _plain(value: Any) -> Any:

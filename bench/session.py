@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -11,8 +12,12 @@ from bench import measure
 from bench.grid import Case
 from bench.models import make_problem
 from bench.reference import batched_loop_hessian
+from strategies import Strategy
 
-__all__ = ["CaseData", "History", "Timed", "Run"]
+if TYPE_CHECKING:
+    from bench.worker import Worker
+
+__all__ = ["CaseData", "hessian_call", "History", "Timed", "Run"]
 
 
 @dataclass
@@ -26,6 +31,28 @@ class CaseData:
     reference: torch.Tensor | None = None
     grad_s: float | None = None
     gemm_s: float | None = None
+
+    @classmethod
+    def of(cls, case: Case) -> CaseData:
+        """The case's seeded net, batch and loss (``bench.models.make_problem``), no baselines."""
+        net, batch, loss_fn = make_problem(case)
+        return cls(case, net, batch, loss_fn)
+
+
+def hessian_call(strategy: Strategy, data: CaseData) -> Callable[[], torch.Tensor]:
+    """One Hessian of the case by the strategy; returns once the device has finished it.
+
+    The same call runs in the worker's isolated pass and in the timed rounds.
+    """
+    params = dict(data.net.named_parameters())
+    device = torch.device(data.case.device)
+
+    def call() -> torch.Tensor:
+        H = strategy.compute(data.net, params, data.batch, data.loss_fn)
+        measure.sync(device)
+        return H
+
+    return call
 
 
 @dataclass
@@ -64,6 +91,8 @@ class Run:
     memory_fraction: float
     command: str
     cases: dict[str, Case]
+    #: the child process that runs each cell's isolated pass (``bench.worker``)
+    worker: Worker
     #: rows of the cells that were not timed: the JSON's ``hessbench.outcomes``
     outcomes: list[dict] = field(default_factory=list)
     #: (case id, strategy) -> the timed cell
@@ -76,8 +105,7 @@ class Run:
         """The case's model and batch; only the latest case is kept (its reference is P^2 x 8 B)."""
         if self._current is None or self._current.case != case:
             self._current = None
-            net, batch, loss_fn = make_problem(case)
-            self._current = CaseData(case, net, batch, loss_fn)
+            self._current = CaseData.of(case)
         return self._current
 
     def baselines(self, data: CaseData) -> CaseData:

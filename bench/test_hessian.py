@@ -6,28 +6,29 @@ import pytest
 
 import strategies
 from bench import policy
-from bench.session import Run, Timed
+from bench.session import Run, Timed, hessian_call
 from bench.vocabulary import OOM
 
 __all__ = ["test_hessian"]
 
 
 def test_hessian(benchmark, hessbench: Run, case: str, strategy: str) -> None:
-    """One cell, by ``bench.policy``: skip, or first call, memory pass, timed rounds, check."""
+    """One cell, by ``bench.policy``: skip, or isolated pass, first call, timed rounds, check."""
     grid_case, chosen = hessbench.cases[case], strategies.get(strategy)
     skipped = policy.skip(hessbench, grid_case, chosen)
     if skipped is not None:
         policy.record(hessbench, grid_case, strategy, skipped)
         pytest.skip(skipped.message)
 
+    hessbench.worker.start()  # it imports while the case's baselines are computed here
     data = hessbench.baselines(hessbench.case_data(grid_case))
-    call = policy.hessian_call(chosen, data)
+    call = hessian_call(chosen, data)
     benchmark.group = case
+    history = hessbench.history(strategy, grid_case)
     try:
-        first_call_s = policy.first_call(call)
-        memory = policy.memory_pass(
-            chosen, call, grid_case, hessbench.history(strategy, grid_case), first_call_s
-        )
+        isolated = policy.isolated_pass(hessbench.worker, chosen, grid_case, history)
+        first_call_s = policy.first_call(call) if isolated.first_call_here else None
+        memory = policy.memory_pass(isolated, first_call_s)
         rounds, warmup = policy.rounds(memory.warm_s)
         H = benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)
     except (KeyboardInterrupt, Exception) as exc:

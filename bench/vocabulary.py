@@ -16,6 +16,7 @@ __all__ = [
     "SKIPPED",
     "OVER_BUDGET",
     "OVER_MEMORY",
+    "CRASHED",
     "STATUSES",
     "TIMED",
     "FAILED",
@@ -42,8 +43,11 @@ SKIPPED = "skipped"
 OVER_BUDGET = "over_budget"
 #: predicted peak memory above ``--memory-fraction`` of the available memory (benchmark)
 OVER_MEMORY = "over_memory"
+#: the process computing it died (a signal: SIGSEGV, SIGABRT, SIGKILL from the out-of-memory
+#: killer) or hung past ``--cell-timeout`` (benchmark: in the worker's isolated pass)
+CRASHED = "crashed"
 
-STATUSES = (OK, WRONG, ERROR, OOM, UNSUPPORTED, SKIPPED, OVER_BUDGET, OVER_MEMORY)
+STATUSES = (OK, WRONG, ERROR, OOM, UNSUPPORTED, SKIPPED, OVER_BUDGET, OVER_MEMORY, CRASHED)
 #: benchmark cells that were timed (pytest-benchmark statistics exist); only OK is trusted
 TIMED = (OK, WRONG)
 #: cells that count against a strategy in the audit: "wrong or failing"

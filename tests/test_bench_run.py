@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.vocabulary import BASELINE, ERROR, OK, OOM, OVER_BUDGET, SKIPPED, WRONG
+from bench import report, results
+from bench.vocabulary import BASELINE, CRASHED, ERROR, OK, OOM, OVER_BUDGET, SKIPPED, WRONG
 
 pytest_plugins = ["pytester"]
 
@@ -76,10 +77,28 @@ def test_smoke_grid_writes_every_field(pytester, monkeypatch):
     result.stdout.fnmatch_lines(["*fastest accurate strategy per case*", f"*x vs {BASELINE}*"])
 
 
-def test_unknown_strategy_is_a_usage_error_listing_valid_names(pytester, monkeypatch):
-    result, _ = _run(pytester, monkeypatch, "", "--strategies", "nope")
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--grid", "nope"), "*argument --grid: invalid choice: 'nope'*"),
+        (("--strategies", "nope"), "*unknown strategies*nope*valid strategies*torch_func*"),
+        (("--strategies", " , "), "*--strategies names nothing*"),
+        (("--devices", "gpu"), "*unknown devices*gpu*valid devices*"),
+        (("--time-budget", "abc"), "*argument --time-budget: invalid float value: 'abc'*"),
+        (("--time-budget", "nan"), "*--time-budget must be a positive number of seconds, got nan*"),
+        (("--cell-timeout", "0"), "*--cell-timeout must be a positive number of seconds*"),
+        (
+            ("--benchmark-json", "/dev/null/run.json"),
+            "*--benchmark-json /dev/null/run.json: /dev/null is not a folder*",
+        ),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, tuple) else "says",
+)
+def test_a_bad_option_is_a_usage_error_with_a_clear_message(pytester, monkeypatch, args, message):
+    result, _ = _run(pytester, monkeypatch, "", *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*unknown strategies*nope*valid strategies*torch_func*"])
+    result.stderr.fnmatch_lines([message])
+    assert "Traceback" not in result.stderr.str()
 
 
 def test_predicted_over_budget_is_skipped_with_the_reason(pytester, monkeypatch):
@@ -145,32 +164,124 @@ def test_oom_error_and_interrupt_are_recorded_and_keep_what_was_measured(pyteste
     assert "shapes do not match" in outcomes["fake_error"]["reason"]
 
 
-def test_a_killed_run_keeps_what_it_measured(pytester, monkeypatch):
-    """A run the host kills (SIGKILL: no session end) still leaves every finished cell."""
+def test_a_killed_run_keeps_what_it_measured_and_a_rerun_keeps_that(pytester, monkeypatch):
+    """A run the host kills (SIGKILL: no session end) still leaves every finished cell, and
+    running the command again keeps that file under a new name instead of overwriting it."""
     setup = """
         import os, signal
         GRIDS["smoke"] = GRIDS["smoke"][:1]
+        # the pytest process, whose id the worker inherits: killing it is the host killing the run
+        RUN_PID = int(os.environ.setdefault("HESSBENCH_TEST_RUN_PID", str(os.getpid())))
 
         def killed(net, params, batch, loss_fn=None):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(RUN_PID, signal.SIGKILL)
 
         strategies.register("zz_killed", killed, "test only: the host kills the run")
     """
     result, data = _run(
-        pytester, monkeypatch, setup,
-        "--grid", "smoke", "--strategies", "torch_func,mlp_kron,zz_killed", "-p", "no:randomly",
-    )  # fmt: skip
+        pytester, monkeypatch, setup, "--grid", "smoke", "--strategies", "torch_func,kron,zz_killed"
+    )
     assert result.ret != 0 and data is None, "SIGKILL skips pytest-benchmark's own JSON"
-    partial = json.loads((pytester.path / "run.json.partial").read_text())
-    assert {r["params"]["strategy"] for r in partial["benchmarks"]} == {"torch_func", "mlp_kron"}
+    killed = (pytester.path / "run.json.partial").read_bytes()
+    partial = json.loads(killed)
+    assert {r["params"]["strategy"] for r in partial["benchmarks"]} == {"torch_func", "kron"}
     assert all(r["extra_info"]["accurate"] for r in partial["benchmarks"])
     assert partial["hessbench"]["grid"] == "smoke"
+
+    rerun, data = _run(pytester, monkeypatch, setup, "--grid", "smoke", "--strategies", "kron")
+    assert rerun.ret == 0 and data["benchmarks"]
+    assert (pytester.path / "run.json.1.partial").read_bytes() == killed
+    assert not (pytester.path / "run.json.partial").exists(), "the rerun's own is removed"
+    rerun.stdout.fnmatch_lines(["*earlier run left*run.json.partial unfinished*kept as*1.partial*"])
 
 
 def test_a_finished_run_removes_its_partial_file(pytester, monkeypatch):
     result, data = _run(
         pytester, monkeypatch, 'GRIDS["smoke"] = GRIDS["smoke"][:1]',
-        "--grid", "smoke", "--strategies", "mlp_kron",
+        "--grid", "smoke", "--strategies", "kron",
     )  # fmt: skip
     assert result.ret == 0 and data["benchmarks"]
     assert not (pytester.path / "run.json.partial").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_run_that_timed_nothing_still_writes_every_outcome(pytester, monkeypatch, tmp_path):
+    result, data = _run(
+        pytester, monkeypatch, 'GRIDS["smoke"] = GRIDS["smoke"][:2]',
+        "--grid", "smoke", "--devices", "cuda", "--strategies", "torch_func,kron",
+    )  # fmt: skip
+    assert result.ret == 0, result.stdout.str()
+    assert data["benchmarks"] == [] and MACHINE_KEYS <= set(data["machine_info"])
+    outcomes = data["hessbench"]["outcomes"]
+    assert len(outcomes) == 4
+    assert all(o["status"] == SKIPPED and "CUDA" in o["reason"] for o in outcomes)
+    assert report.main([str(pytester.path / "run.json"), "--plots-dir", str(tmp_path)]) == 0
+
+
+CRASHING = """
+    import os, signal, sys
+    GRIDS["smoke"] = [dict(TINY, width=2, depth=[1, 2])]
+
+    def aborts(net, params, batch, loss_fn=None):
+        print("zz_abort: about to abort", file=sys.stderr, flush=True)
+        os.abort()
+
+    def killed(net, params, batch, loss_fn=None):
+        print("zz_sigkill: about to be killed", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    strategies.register("zz_abort", aborts, "test only: aborts its process (SIGABRT)")
+    strategies.register("zz_sigkill", killed, "test only: its process is killed, as by the OOM killer")
+"""
+
+
+def test_a_crash_ends_only_its_cell(pytester, monkeypatch):
+    result, data = _run(
+        pytester, monkeypatch, CRASHING, "--grid", "smoke", "--devices", "cpu",
+        "--strategies", "zz_abort, torch_func, zz_sigkill, kron",
+    )  # fmt: skip
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
+    timed = {(r["params"]["strategy"], r["extra_info"]["depth"]) for r in data["benchmarks"]}
+    assert timed == {(s, depth) for s in ("torch_func", "kron") for depth in (1, 2)}
+    assert all(r["extra_info"]["status"] == OK for r in data["benchmarks"])
+    crashed = {(o["strategy"], o["depth"]): o for o in data["hessbench"]["outcomes"]}
+    assert set(crashed) == {(s, depth) for s in ("zz_abort", "zz_sigkill") for depth in (1, 2)}
+    assert {o["status"] for o in crashed.values()} == {CRASHED}
+    for depth in (1, 2):
+        aborted = crashed[("zz_abort", depth)]["reason"]
+        assert "killed by SIGABRT" in aborted
+        # the worker's stderr: what the strategy printed, and faulthandler's stack
+        assert "zz_abort: about to abort" in aborted
+        assert "Fatal Python error: Aborted" in aborted and "in aborts" in aborted
+        killed = crashed[("zz_sigkill", depth)]["reason"]
+        assert "killed by SIGKILL" in killed and "zz_sigkill: about to be killed" in killed
+    result.stdout.fnmatch_lines(["*Crashed: the worker was killed by SIGABRT*"])
+    df, _ = results.load([pytester.path / "run.json"])
+    not_timed = results.not_timed(df)
+    assert set(not_timed.loc[not_timed["status"] == CRASHED, "strategy"]) == {
+        "zz_abort",
+        "zz_sigkill",
+    }
+
+
+def test_threads_apply_in_the_worker_too(pytester, monkeypatch):
+    calls = pytester.path / "threads.txt"
+    setup = f"""
+        import os
+        GRIDS["smoke"] = [dict(TINY, width=2, depth=1)]
+
+        def counts_threads(net, params, batch, loss_fn=None):
+            with open({str(calls)!r}, "a") as f:
+                f.write(f"{{os.getpid()}} {{torch.get_num_threads()}}\\n")
+            return strategies.compute("torch_func", net, params, batch, loss_fn)
+
+        strategies.register("zz_threads", counts_threads, "test only: notes its process's threads")
+    """
+    result, _ = _run(
+        pytester, monkeypatch, setup, "--grid", "smoke", "--devices", "cpu",
+        "--strategies", "zz_threads", "--threads", "3",
+    )  # fmt: skip
+    assert result.ret == 0, result.stdout.str()
+    pids, threads = zip(*(line.split() for line in calls.read_text().splitlines()))
+    assert len(set(pids)) == 2, "called in the worker and in the pytest process"
+    assert set(threads) == {"3"}

@@ -6,10 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import strategies
 from bench import measure
 from bench.grid import Case
 from bench.models import make_problem
 from bench.reference import batched_loop_hessian, loop_hessian
+from bench.session import CaseData, hessian_call
+from bench.worker import Request, Worker
 
 MiB = 2**20
 
@@ -126,3 +129,25 @@ def test_batched_reference_rejects_a_bad_chunk():
     net, batch, _ = make_problem(Case(3, 4, 1, 1, "tanh", "mse", 5, "float32", "cpu"))
     with pytest.raises(ValueError, match="chunk"):
         batched_loop_hessian(net, ["0.weight"], batch, F.mse_loss, chunk=0)
+
+
+@pytest.fixture(scope="module")
+def worker():
+    started = Worker(threads=torch.get_num_threads(), timeout_s=120)
+    yield started
+    started.close()
+
+
+@pytest.mark.parametrize("strategy", ["full_autograd", "vmap_jvp", "kron"])
+def test_the_workers_memory_pass_measures_what_this_process_measures(worker, strategy):
+    """The benchmark's memory pass runs in the worker, as the first call there: its peak is
+    the peak of a warm call here (baseline excluded in both)."""
+    case = Case(3, 6, 2, 1, "tanh", "mse", 7, "float32", "cpu")
+    chosen = strategies.get(strategy)
+    data = CaseData.of(case)
+    call = hessian_call(chosen, data)
+    call()
+    _, here = measure.peak_bytes(call, case.device)
+    there = worker.run(Request.of(case, chosen, first_call=False, memory=True)).peak_bytes
+    assert there == here
+    assert there >= case.hessian_bytes

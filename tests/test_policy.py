@@ -1,0 +1,92 @@
+"""What each cell runs in the worker first, and what is left to do in the pytest process."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import measure, policy
+from bench.grid import Case
+from bench.session import History
+from bench.vocabulary import CRASHED, ERROR, OOM, SKIPPED
+from bench.worker import Crashed, Reply, Request
+from strategies import Strategy
+
+CASE = Case(3, 4, 1, 1, "tanh", "mse", 5, "float32", "cpu")
+
+
+def _compute(net, params, batch, loss_fn=None):
+    raise AssertionError("never called: the worker is a stand-in")
+
+
+class StandIn:
+    """A worker that records its requests and answers as the real one would."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+
+    def run(self, request: Request) -> Reply:
+        self.requests.append(request)
+        return Reply(
+            first_call_s=0.5 if request.first_call else None,
+            memory_s=0.3 if request.memory else None,
+            peak_bytes=1234 if request.memory else None,
+            events=99 if request.memory else None,
+        )
+
+
+@pytest.mark.parametrize(
+    "flags, first_call, memory, first_call_here, warm_s",
+    [
+        ({}, False, True, True, 0.3),
+        ({"compiles": True}, True, True, True, 0.3),
+        ({"peer": True}, True, False, True, None),
+        ({"peer": True, "compiles": True}, True, False, True, None),
+    ],
+    ids=["plain", "compiles", "peer", "compiling peer"],
+)
+def test_every_cell_goes_through_the_worker_first(
+    flags, first_call, memory, first_call_here, warm_s
+):
+    worker, history = StandIn(), History()
+    strategy = Strategy("planted", "test only", _compute, **flags)
+    isolated = policy.isolated_pass(worker, strategy, CASE, history)
+    [request] = worker.requests
+    assert (request.strategy, request.case, request.modules) == ("planted", CASE, (__name__,))
+    assert (request.first_call, request.memory) == (first_call, memory)
+    assert isolated.first_call_here is first_call_here and isolated.warm_s == warm_s
+    assert (isolated.peak_bytes is None) is (not memory) and (isolated.note is None) is memory
+    assert history.events == ([(CASE.P, 99)] if memory else [])
+
+
+def test_a_skipped_memory_pass_makes_the_workers_first_call_stand_in():
+    worker = StandIn()
+    history = History(events=[(CASE.P // 4, measure.MAX_PROFILED_EVENTS)])
+    isolated = policy.isolated_pass(worker, Strategy("loop", "", _compute), CASE, history)
+    [request] = worker.requests
+    assert request.first_call and not request.memory
+    assert not isolated.first_call_here and isolated.warm_s == 0.5
+    assert isolated.note.startswith("memory pass skipped") and isolated.peak_bytes is None
+
+
+@pytest.mark.parametrize(
+    "first_call_s, warm_s, expected", [(0.2, 0.3, 0.2), (None, 0.5, 0.5), (0.7, None, 0.7)]
+)
+def test_rounds_come_from_the_fastest_call_without_a_compile(first_call_s, warm_s, expected):
+    isolated = policy.Isolated(None, "why", warm_s, first_call_here=first_call_s is not None)
+    assert policy.memory_pass(isolated, first_call_s).warm_s == expected
+
+
+@pytest.mark.parametrize(
+    "exc, status",
+    [
+        (Crashed("the worker was killed by SIGSEGV"), CRASHED),
+        (KeyboardInterrupt(), SKIPPED),
+        (MemoryError(), OOM),
+        (ValueError("no"), ERROR),
+    ],
+)
+def test_failures_are_recorded_by_kind(exc, status):
+    outcome = policy.failure(exc)
+    assert outcome.status == status
+    if status == CRASHED:
+        assert outcome.reason == "the worker was killed by SIGSEGV"
