@@ -103,10 +103,10 @@ def test_a_crash_keeps_the_last_lines_of_the_workers_stderr(worker):
 
 
 def test_a_hung_worker_is_killed_at_the_timeout(planted):
-    hung = Worker(threads=1, timeout_s=1)
+    hung = Worker(threads=1, timeout_s=5)  # generous: a shared machine is slow to warm up
     try:
         hung.run(_registered("full_autograd", memory=False))  # started: the import is not timed
-        with pytest.raises(Crashed, match="timed out: no answer in the isolated pass.*within 1 s"):
+        with pytest.raises(Crashed, match="timed out: no answer in the isolated pass.*within 5 s"):
             hung.run(_planted("hangs"))
         assert hung.run(_registered("full_autograd", memory=False)).first_call_s > 0
     finally:
