@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
+from bench.reference import ProbeReference
 from strategies import available_bytes, mse_loss
 
 __all__ = [
@@ -111,12 +112,24 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def errors(H: Tensor, reference: Tensor, rows: int = 1024) -> tuple[float, float]:
+def errors(H: Tensor, reference: Tensor | ProbeReference, rows: int = 1024) -> tuple[float, float]:
     """``(max_abs_err, max_rel_err)`` of ``H`` against a float64 reference.
 
     ``max_rel_err`` is the max absolute error over the max absolute entry of the reference.
     Compared ``rows`` rows at a time so that a float64 copy of a large ``H`` is never made.
+    Against a ``ProbeReference`` both are those of ``H @ vectors`` against its products.
     """
+    if isinstance(reference, ProbeReference):
+        vectors, expected = reference.vectors, reference.products
+        if H.shape != (vectors.shape[0],) * 2:
+            raise ValueError(f"H has shape {tuple(H.shape)}, the reference P = {vectors.shape[0]}")
+        products = torch.cat(
+            [
+                H[start : start + rows].to(device=vectors.device, dtype=torch.float64) @ vectors
+                for start in range(0, H.shape[0], rows)
+            ]
+        )
+        H, reference, rows = products, expected, products.shape[0]
     if H.shape != reference.shape:
         raise ValueError(f"H has shape {tuple(H.shape)}, the reference {tuple(reference.shape)}")
     max_abs = 0.0

@@ -15,6 +15,7 @@ import torch
 
 from bench import measure
 from bench.grid import Case
+from bench.reference import ProbeReference
 from bench.session import CaseData, History, Run
 from bench.vocabulary import (
     CRASHED,
@@ -46,6 +47,7 @@ __all__ = [
     "memory_pass",
     "rounds",
     "failure",
+    "reference_kind",
     "accuracy",
     "timed_row",
 ]
@@ -254,7 +256,14 @@ def failure(exc: BaseException) -> Outcome:
     return Outcome(OOM if measure.is_oom(exc) else ERROR, f"{type(exc).__name__}: {exc}")
 
 
-def accuracy(H: torch.Tensor, reference: torch.Tensor, dtype: str) -> Accuracy:
+def reference_kind(reference: torch.Tensor | ProbeReference) -> str:
+    """What a cell's errors were measured against, in words (the JSON's ``reference``)."""
+    if isinstance(reference, ProbeReference):
+        return reference.kind
+    return "dense float64 Hessian"
+
+
+def accuracy(H: torch.Tensor, reference: torch.Tensor | ProbeReference, dtype: str) -> Accuracy:
     """The errors of ``H`` against the float64 reference, with the tolerance of ``dtype``."""
     max_abs, max_rel = measure.errors(H, reference)
     return Accuracy(max_abs, max_rel, measure.TOLERANCES[getattr(torch, dtype)])
@@ -278,6 +287,7 @@ def timed_row(
         "max_rel_err": checked.max_rel_err,
         "accurate": checked.accurate,
         "tolerance": checked.tolerance,
+        "reference": reference_kind(data.reference),
         "grad_s": data.grad_s,
         "gemm_s": data.gemm_s,
         "cost_vs_grad": seconds / (case.P * data.grad_s),

@@ -17,6 +17,8 @@ __all__ = [
     "float64_copy",
     "loop_hessian",
     "batched_loop_hessian",
+    "ProbeReference",
+    "probe_reference",
     "fd_hessian",
     "reference_loss",
 ]
@@ -139,6 +141,46 @@ def batched_loop_hessian(
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     return _double_backward(net, names, batch, loss_fn, chunk)
+
+
+class ProbeReference:
+    """A float64 reference of ``H`` along a few random vectors: ``products = H_ref @ vectors``.
+
+    For Hessians whose dense float64 reference would not fit beside them (P^2 x 8 bytes) or
+    take too long: a strategy's ``H @ vectors`` is compared with ``products``, computed by
+    double backward on the float64 copy like ``loop_hessian``. A wrong block shows in the
+    products along random vectors with probability 1.
+    """
+
+    def __init__(self, vectors: Tensor, products: Tensor):
+        self.vectors = vectors  # P x k, float64
+        self.products = products  # P x k, float64
+
+    @property
+    def kind(self) -> str:
+        return f"{self.vectors.shape[1]} float64 Hessian-vector products"
+
+
+def probe_reference(
+    net: nn.Module,
+    names: Sequence[str],
+    batch: tuple[Tensor, Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    probes: int = 4,
+    seed: int = 0,
+) -> ProbeReference:
+    """``ProbeReference`` along ``probes`` Gaussian vectors drawn from ``seed``."""
+    leaves, g = _gradient_graph(net, names, batch, loss_fn)
+    P = g.numel()
+    generator = torch.Generator().manual_seed(seed)
+    vectors = torch.randn(P, probes, generator=generator, dtype=torch.float64).to(g.device)
+    if not g.requires_grad:
+        return ProbeReference(vectors, torch.zeros_like(vectors))
+    with torch.enable_grad():
+        columns = torch.autograd.grad(
+            g, leaves, vectors.T.contiguous(), allow_unused=True, is_grads_batched=True
+        )
+    return ProbeReference(vectors, _flat(columns, leaves, (probes,)).T.contiguous())
 
 
 def fd_hessian(

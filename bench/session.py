@@ -11,13 +11,17 @@ import torch
 from bench import measure
 from bench.grid import Case
 from bench.models import make_problem
-from bench.reference import batched_loop_hessian
+from bench.reference import ProbeReference, batched_loop_hessian, probe_reference
 from strategies import Strategy
 
 if TYPE_CHECKING:
     from bench.worker import Worker
 
-__all__ = ["CaseData", "hessian_call", "History", "Timed", "Run"]
+__all__ = ["DENSE_REFERENCE_MAX_P", "CaseData", "hessian_call", "History", "Timed", "Run"]
+
+
+#: the largest P whose benchmark reference is the dense float64 Hessian (1.7 GiB at 15,000)
+DENSE_REFERENCE_MAX_P = 15_000
 
 
 @dataclass
@@ -28,7 +32,7 @@ class CaseData:
     net: torch.nn.Module
     batch: tuple[torch.Tensor, torch.Tensor]
     loss_fn: Any
-    reference: torch.Tensor | None = None
+    reference: torch.Tensor | ProbeReference | None = None
     grad_s: float | None = None
     gemm_s: float | None = None
 
@@ -113,7 +117,12 @@ class Run:
         if data.reference is None:
             case = data.case
             names = [n for n, _ in data.net.named_parameters()]
-            data.reference = batched_loop_hessian(data.net, names, data.batch, data.loss_fn)
+            # a dense float64 reference up to DENSE_REFERENCE_MAX_P; above, H_ref along a few
+            # random vectors (the dense one would need P^2 x 8 bytes beside the strategy's H)
+            if case.P <= DENSE_REFERENCE_MAX_P:
+                data.reference = batched_loop_hessian(data.net, names, data.batch, data.loss_fn)
+            else:
+                data.reference = probe_reference(data.net, names, data.batch, data.loss_fn)
             data.grad_s = measure.grad_seconds(data.net, data.batch, data.loss_fn)
             data.gemm_s = measure.gemm_seconds(
                 case.P, case.batch, getattr(torch, case.dtype), case.device

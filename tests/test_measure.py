@@ -151,3 +151,22 @@ def test_the_workers_memory_pass_measures_what_this_process_measures(worker, str
     there = worker.run(Request.of(case, chosen, first_call=False, memory=True)).peak_bytes
     assert there == here
     assert there >= case.hessian_bytes
+
+
+def test_probe_reference_measures_like_the_dense_one_and_catches_a_wrong_entry():
+    from bench.grid import Case
+    from bench.models import make_problem
+    from bench.reference import batched_loop_hessian, probe_reference
+
+    net, batch, loss_fn = make_problem(Case(8, 6, 2, 1, "tanh", "mse", 16, "float64", "cpu"))
+    names = [n for n, _ in net.named_parameters()]
+    dense = batched_loop_hessian(net, names, batch, loss_fn)
+    probe = probe_reference(net, names, batch, loss_fn)
+    assert probe.vectors.shape == (dense.shape[0], 4)
+    torch.testing.assert_close(probe.products, dense @ probe.vectors, rtol=1e-10, atol=1e-12)
+    assert measure.errors(dense, probe)[1] < 1e-12
+    wrong = dense.clone()
+    wrong[3, 5] += 1e-3 * dense.abs().max()
+    assert measure.errors(wrong, probe)[1] > 1e-5
+    with pytest.raises(ValueError, match="the reference P"):
+        measure.errors(dense[:-1, :-1], probe)
