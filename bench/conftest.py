@@ -46,7 +46,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--strategies",
         default=None,
-        help="comma-separated strategy names (default: all registered)",
+        help="comma-separated strategy names, or 'all' (default: every registered strategy "
+        "that does not compile: a compile per cell would double a run)",
     )
     group.addoption(
         "--devices", default=",".join(DEVICES), help="comma-separated devices (default: cpu,cuda)"
@@ -114,7 +115,12 @@ def pytest_configure(config: pytest.Config) -> None:
     valid = strategies.names()
     try:
         listed = config.getoption("--strategies")
-        chosen = valid if listed is None else split_list(listed, "--strategies")
+        if listed is None:
+            chosen = [n for n in valid if not strategies.get(n).compiles]
+        elif listed.strip() == "all":
+            chosen = valid
+        else:
+            chosen = split_list(listed, "--strategies")
         check_names(chosen, valid, "strategies")
         devices = split_list(config.getoption("--devices"), "--devices")
         check_names(devices, DEVICES, "devices")

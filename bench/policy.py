@@ -192,8 +192,9 @@ def isolated_pass(worker: Worker, strategy: Strategy, case: Case, history: Histo
     The worker runs the memory pass where there is one (a first call's peak equals a warm
     call's, so none is added), else a first call. A strategy that compiles (or a peer, which
     compiles too) makes its first call in the worker before the memory pass, and again here,
-    where its compile time is measured. A plain strategy whose memory pass is skipped makes
-    no first call here: the worker's stands in for it (these are the multi-second loops).
+    where its compile time is measured. A plain strategy makes no first call here: the
+    worker's memory pass or first call stands in for it (and sets the number of rounds; a
+    call under a second gets a warm-up round here), which saves one call per cell.
     Appends the memory pass's profiler events to ``history.events``.
 
     Raises:
@@ -211,7 +212,7 @@ def isolated_pass(worker: Worker, strategy: Strategy, case: Case, history: Histo
     if reply.events is not None:
         history.events.append((case.P, reply.events))
     warm_s = reply.memory_s if note is None else None if compiles else reply.first_call_s
-    return Isolated(reply.peak_bytes, note, warm_s, first_call_here=compiles or note is None)
+    return Isolated(reply.peak_bytes, note, warm_s, first_call_here=compiles)
 
 
 def first_call(call: Callable[[], torch.Tensor]) -> float:

@@ -37,7 +37,7 @@ class StandIn:
 @pytest.mark.parametrize(
     "flags, first_call, memory, first_call_here, warm_s",
     [
-        ({}, False, True, True, 0.3),
+        ({}, False, True, False, 0.3),  # the memory pass stands in for a first call here
         ({"compiles": True}, True, True, True, 0.3),
         ({"peer": True}, True, False, True, None),
         ({"peer": True, "compiles": True}, True, False, True, None),
