@@ -4,27 +4,64 @@ A compiled strategy is an eager one (``hessian(problem) -> P x P``) run through
 ``torch.compile(fullgraph=True, dynamic=False)``. The compiled function takes everything
 that changes from call to call as arguments (the chosen parameters' values, the other
 parameters and buffers, inputs, targets) and rebuilds the ``Problem`` from them inside the
-graph, so a second call with new values and the same structure reuses the compiled code.
+graph, so a second call with new values and the same structure reuses the compiled code;
+a new structure (another batch size, dtype, net, loss function, parameter subset) compiles
+again, and at most ``MAX_ENTRIES`` structures are kept per strategy.
 
-What torch 2.13 does here, found on CPU (see the strategy modules for the table):
+What torch 2.13 does here, found on CPU (inductor, fullgraph, static shapes; each probe in
+a subprocess; float64 reference ``bench.reference.loop_hessian``):
+
+==========================================  ===================  ===========================
+configuration                               torch_func_compiled  vmap_jvp_compiled
+==========================================  ===================  ===========================
+MSE, the default (``F.mse_loss`` summed)    exact                SIGSEGV without the zero-
+                                                                 tensor pass below; exact
+                                                                 with it
+``F.mse_loss`` mean reduction (a lambda)    exact                as the default (eager
+                                                                 ``vmap_jvp`` raises
+                                                                 "ZeroTensors are immutable")
+MSE written out, ``((o - t) ** 2).mean()``  exact                exact
+float64; GELU (both); ReLU                  exact                exact (with the pass)
+cross-entropy                               exact                exact
+``F.huber_loss``                            exact                ValueError: no forward-mode
+                                                                 formula (as eager)
+another batch size                          compiles again (a    compiles again (a new
+                                            new entry), exact    entry), exact
+custom modules: residual, tied weights,     exact                exact
+attention, embedding, conv, subset
+LayerNorm / BatchNorm train / affine        refused (wrong       exact
+InstanceNorm                                upstream, as eager)
+nn.GRU (and RNN, LSTM)                      refused: dynamo      refused: dynamo
+                                            "Attempted to wrap   "Attempted to wrap
+                                            RNN, GRU, or LSTM"   RNN, GRU, or LSTM"
+a graph break in the loss                   ValueError           ValueError
+==========================================  ===================  ===========================
+
+No configuration that compiled had a graph break (``counters["graph_break"]`` empty, one
+graph); with ``dynamic=None`` or ``dynamic=True`` every new batch size compiled a new graph
+as well, so static shapes cost nothing and keep the cache key exact.
 
 - Forward-mode AD of ``F.mse_loss`` (any reduction) puts ``aten._efficientzerotensor`` in
   the compiled graph; inductor hands that storage-less tensor to a fused C++ kernel, which
-  reads through a null pointer: a segfault, not an exception (eager torch under any
-  ``TorchDispatchMode`` segfaults the same way on ``mul.Scalar`` of such a tensor). A
-  post-grad pass of our own replaces each one with a tensor of zeros of the same size, dtype
-  and device: the same values, in ordinary memory.
+  reads through a null pointer: a segfault, not an exception (``backend="aot_eager"``
+  crashes too, and eager torch under any ``TorchDispatchMode`` segfaults the same way on
+  ``mul.Scalar`` of such a tensor). A post-grad pass of our own replaces each one with a
+  tensor of zeros of the same size, dtype and device: the same values, in ordinary memory.
+  ``torch.func.hessian`` (forward over ``jacrev``) never produced one.
 - Dynamo keeps its compiled variants per Python code object and, past
   ``recompile_limit`` (8) variants, either falls back to eager silently or, with
-  ``fullgraph=True``, raises. Closures from one factory share their code object, so every
-  cache entry here gets a code object of its own: the limit then counts the variants of
-  one structure, and an entry that leaves the LRU takes its variants with it.
+  ``fullgraph=True``, raises ``FailOnRecompileLimitHit``. Closures from one factory share
+  their code object, so the ninth structure would fail; every cache entry here gets a code
+  object of its own instead: the limit then counts the variants of one structure, and an
+  entry that leaves the LRU takes its variants with it.
 - ``fullgraph=True``: a graph break raises instead of running part of the Hessian eagerly;
-  the error is re-raised as ValueError naming the strategy and the problem.
+  any dynamo or inductor error is re-raised as ValueError naming the strategy and the
+  innermost cause, and the entry is dropped.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
@@ -33,12 +70,18 @@ from typing import NamedTuple
 import torch
 import torch.fx
 from torch import Tensor, nn
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.func import functional_call
 
 from ._common import LossFn, Problem, prepare
 
-__all__ = ["MAX_ENTRIES", "CompiledHessian", "Structure", "compile_supports", "problem_of"]
+__all__ = [
+    "MAX_ENTRIES",
+    "CompiledHessian",
+    "Structure",
+    "compile_supports",
+    "materialise_zero_tensors",
+    "problem_of",
+]
 
 #: compiled structures kept per strategy, least recently used first out
 MAX_ENTRIES = 8
@@ -46,28 +89,39 @@ MAX_ENTRIES = 8
 _PLAIN = (bool, int, float, str, type(None))
 
 
-class _MaterialiseZeroTensors(CustomGraphPass):
-    """Inductor post-grad pass: ``aten._efficientzerotensor(size, ...)`` -> ``aten.full(size, 0, ...)``.
+def materialise_zero_tensors(graph: torch.fx.Graph) -> None:
+    """``aten._efficientzerotensor(size, ...)`` -> ``aten.full(size, 0, ...)``, in place.
 
     Both take ``dtype, layout, device, pin_memory`` as keywords. ``aten.full`` rather than
     ``aten.zeros``: after the decompositions inductor lowers ``full`` and refuses ``zeros``.
     """
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        for node in graph.nodes:
-            if (
-                node.op == "call_function"
-                and node.target is torch.ops.aten._efficientzerotensor.default
-            ):
-                node.target = torch.ops.aten.full.default
-                node.args = (node.args[0], 0)
-
-    def uuid(self) -> bytes:
-        # part of inductor's cache key: an edit of this file invalidates cached graphs
-        return get_hash_for_files((__file__,))
+    for node in graph.nodes:
+        if (
+            node.op == "call_function"
+            and node.target is torch.ops.aten._efficientzerotensor.default
+        ):
+            node.target = torch.ops.aten.full.default
+            node.args = (node.args[0], 0)
 
 
-_COMPILE_OPTIONS = {"post_grad_custom_pre_pass": _MaterialiseZeroTensors()}
+@functools.cache
+def _compile_options() -> dict:
+    """inductor's options: ``materialise_zero_tensors`` as its post-grad pass.
+
+    Built on the first compile: importing torch._inductor (or torch._dynamo) up front
+    would double the time of ``import strategies``.
+    """
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class MaterialiseZeroTensors(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            materialise_zero_tensors(graph)
+
+        def uuid(self) -> bytes:
+            # part of inductor's cache key: an edit of this file invalidates cached graphs
+            return get_hash_for_files((__file__,))
+
+    return {"post_grad_custom_pre_pass": MaterialiseZeroTensors()}
 
 
 def compile_supports(net: nn.Module, loss_fn: LossFn | None = None) -> tuple[bool, str]:
@@ -223,7 +277,7 @@ class CompiledHessian:
             self._entries.move_to_end(key)
         try:
             return compiled(problem.primals, tuple(fixed.values()), problem.inputs, problem.targets)
-        except torch._dynamo.exc.TorchDynamoException as exc:
+        except torch._dynamo.exc.TorchDynamoException as exc:  # imported by torch.compile
             # a graph break (fullgraph), a backend failure, a recompile limit: never a
             # silent eager fallback; the entry is dropped so the next call starts afresh
             self._entries.pop(key, None)
@@ -241,5 +295,5 @@ class CompiledHessian:
             _own_code(compiled_hessian),
             fullgraph=True,
             dynamic=False,
-            options=_COMPILE_OPTIONS,
+            options=_compile_options(),
         )

@@ -1,4 +1,13 @@
-"""torch.compile of torch.func.hessian over the params dict, compiled once per problem structure."""
+"""torch.compile of torch.func.hessian over the params dict, compiled once per problem structure.
+
+``torch_func``'s ``torch.func.hessian`` (forward over ``jacrev``) through
+``torch.compile(fullgraph=True, dynamic=False)``; the cache of compiled structures and what
+torch 2.13 does when compiling it are in ``_compiled``. It refuses what ``torch_func``
+refuses (normalisation layers through which the jacrev path is wrong) and nn.RNN, nn.GRU
+and nn.LSTM, which dynamo does not trace. Every other configuration probed (MSE in both
+reductions, cross-entropy, Huber, float64, GELU, ReLU, conv, attention, embedding, tied and
+residual nets, parameter subsets) compiled into one graph and was exact.
+"""
 
 from __future__ import annotations
 

@@ -164,7 +164,7 @@ def test_zero_tensors_become_ordinary_zeros():
         {"dtype": torch.float64, "device": torch.device("cpu")},
     )
     graph.output(graph.call_function(torch.ops.aten.add.Tensor, (x, zero)))
-    _compiled._MaterialiseZeroTensors()(graph)
+    _compiled.materialise_zero_tensors(graph)
     targets = [n.target for n in graph.nodes if n.op == "call_function"]
     assert torch.ops.aten._efficientzerotensor.default not in targets
     out = torch.fx.GraphModule(torch.nn.Module(), graph)(torch.ones(2, 3, dtype=torch.float64))
