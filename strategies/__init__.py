@@ -260,6 +260,8 @@ _MODULES = [
     "block_symmetric",
     "vmap_jvp_chunked",
     "block_symmetric_chunked",
+    "torch_func_compiled",
+    "vmap_jvp_compiled",
     "jax_hessian",
     "curvlinops_hessian",
     "kron",
