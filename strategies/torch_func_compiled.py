@@ -18,6 +18,8 @@ from ._common import LossFn, Problem, from_blocks, jacrev_path_supports
 from ._compiled import CompiledHessian, compile_supports
 
 NAME = "torch_func_compiled"
+FAMILY = "transforms"
+EAGER = "torch_func"
 DESCRIPTION = "torch.compile(fullgraph, static shapes) of torch.func.hessian over the params dict"
 COMPILES = True
 

@@ -21,6 +21,8 @@ from ._compiled import CompiledHessian, compile_supports
 from .vmap_jvp import hvp
 
 NAME = "vmap_jvp_compiled"
+FAMILY = "forward-over-reverse"
+EAGER = "vmap_jvp"
 DESCRIPTION = "torch.compile(fullgraph, static shapes) of vmap of jvp(grad(f)) over the identity"
 COMPILES = True
 
