@@ -171,7 +171,7 @@ GRIDS: dict[str, list[dict]] = {
         dict(_BASE, width=128, depth=4, device="cuda"),
     ],
     # The two larger DESIGN.md cases, for compiled against eager strategies
-    # (``--strategies all``: compiling strategies are not run unless named).
+    # (``--strategies all``: compiled variants are not run unless named).
     "compile": [dict(_BASE, width=64, depth=[2, 4], arch=["mlp", "custom"])],
     # Towards the machine's limit (a float32 Hessian of P = 70,000 is 18 GiB): one family
     # from P = 13,121 up, so that time and memory extrapolate and the strategies that would
