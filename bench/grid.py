@@ -172,7 +172,7 @@ GRIDS: dict[str, list[dict]] = {
     ],
     # The two larger DESIGN.md cases, for compiled against eager strategies
     # (``--strategies all``: compiled variants are not run unless named).
-    "compile": [dict(_BASE, width=64, depth=[2, 4], arch=["mlp", "custom"])],
+    "compile": [dict(_BASE, width=64, depth=[2, 4])],
     # Towards the machine's limit (a float32 Hessian of P = 70,000 is 18 GiB): one family
     # from P = 13,121 up, so that time and memory extrapolate and the strategies that would
     # not fit or not finish are recorded as over budget or over memory.
