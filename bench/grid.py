@@ -177,6 +177,7 @@ GRIDS: dict[str, list[dict]] = {
     # from P = 13,121 up, so that time and memory extrapolate and the strategies that would
     # not fit or not finish are recorded as over budget or over memory.
     "large": [
+        dict(_BASE, width=[32, 64], depth=2),  # cheap: they start the predictions
         dict(_BASE, width=64, depth=4),
         dict(_BASE, width=128, depth=[2, 3]),
         dict(_BASE, width=160, depth=3),
