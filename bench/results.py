@@ -608,7 +608,8 @@ def arch_choices(df: pd.DataFrame) -> pd.DataFrame:
     """The recommendation rule over all the cases of one way of writing the net.
 
     Per machine, device and ``arch`` (``bench.grid.ARCHS``: the ``nn.Sequential`` MLP, the
-    custom module, the LayerNorm net) with something timed: ``cases``, ``P_lo`` and ``P_hi``
+    custom module, the LayerNorm net) with something timed, over the cases where some
+    strategy ran accurately: ``cases``, ``P_lo`` and ``P_hi``
     (the smallest and largest P), ``fastest`` (None where no strategy ran every case
     accurately), ``tie``, ``runner_up``, ``fastest_single`` (for one Hessian of a structure,
     first call included), and the fastest's speedup per case over ``versus``:
@@ -619,6 +620,12 @@ def arch_choices(df: pd.DataFrame) -> pd.DataFrame:
     for (machine, device, arch), rows in _timed_groups(
         _with_case_defaults(df), ["machine", "device", "arch"]
     ):
+        # a case where nothing ran (all over budget or memory, at the machine's limit)
+        # tells nothing about which strategy to use
+        ran = rows.loc[rows["status"] == OK, "case"].unique()
+        rows = rows[rows["case"].isin(ran)]
+        if rows.empty:
+            continue
         rec = _recommendation({}, rows)
         record = {
             "machine": machine,

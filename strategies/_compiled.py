@@ -72,7 +72,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._common import LossFn, Problem, prepare
+from ._common import LossFn, Problem, explain_autograd_error, prepare, refuse_hazard
 
 __all__ = [
     "MAX_ENTRIES",
@@ -158,10 +158,16 @@ def _is_plain(value: object) -> bool:
     return isinstance(value, _PLAIN)
 
 
-def _cause(exc: BaseException) -> str:
-    """The innermost exception behind a compile error, in one line (dynamo wraps it twice)."""
+def _root(exc: BaseException) -> BaseException:
+    """The innermost exception behind a compile error (dynamo wraps it twice)."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
+    return exc
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost exception behind a compile error, in one line."""
+    exc = _root(exc)
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
@@ -230,9 +236,13 @@ class CompiledHessian:
     the net and the loss function alive until it leaves the LRU.
     """
 
-    def __init__(self, name: str, hessian: Callable[[Problem], Tensor]) -> None:
+    def __init__(
+        self, name: str, hessian: Callable[[Problem], Tensor], hazard_path: str | None = None
+    ) -> None:
         self.name = name
         self._hessian = hessian
+        #: the differentiation path whose upstream bugs this strategy refuses at run time
+        self._hazard_path = hazard_path
         self._entries: OrderedDict[Hashable, Callable[..., Tensor]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -250,6 +260,8 @@ class CompiledHessian:
         loss_fn: LossFn | None = None,
     ) -> Tensor:
         problem = prepare(net, params, batch, loss_fn)
+        if self._hazard_path is not None:
+            refuse_hazard(problem, self._hazard_path, self.name)
         fixed = _fixed(problem)
         key = (
             id(net),
@@ -281,6 +293,10 @@ class CompiledHessian:
             # a graph break (fullgraph), a backend failure, a recompile limit: never a
             # silent eager fallback; the entry is dropped so the next call starts afresh
             self._entries.pop(key, None)
+            # a derivative torch lacks is named the same way as for the eager strategies
+            explained = explain_autograd_error(_root(exc), self.name)
+            if explained is not None:
+                raise explained from exc
             raise ValueError(
                 f"strategy {self.name!r}: torch.compile failed on this problem: {_cause(exc)}"
             ) from exc

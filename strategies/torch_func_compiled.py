@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.func
 from torch import Tensor, nn
 
-from ._common import LossFn, Problem, from_blocks, jacrev_path_supports
+from ._common import JACREV_PATH, LossFn, Problem, from_blocks, jacrev_path_supports
 from ._compiled import CompiledHessian, compile_supports
 
 NAME = "torch_func_compiled"
@@ -31,7 +31,7 @@ def _hessian(problem: Problem) -> Tensor:
 
 #: ``compute(net, params, batch, loss_fn)``: the dense Hessian, compiled once per problem
 #: structure; ``cache.clear()`` frees the compiled structures
-compute = cache = CompiledHessian(NAME, _hessian)
+compute = cache = CompiledHessian(NAME, _hessian, JACREV_PATH)
 
 
 def supports(net: nn.Module, loss_fn: LossFn | None = None) -> tuple[bool, str]:
