@@ -8,7 +8,9 @@ Usage::
 
 Per machine, device, dtype and size range of P (the report's ranges), the ranking holds the
 non-peer strategies that ran accurately on every case of the range, fastest first by the
-geometric mean of their min times (the report's rule), and ``peak_ratio`` each one's
+geometric mean of their min times (the report's rule), ``cost_vs_grad`` the geometric mean
+of min time over P gradients (what ``auto``'s estimate scales to another net), and
+``peak_ratio`` each one's
 largest peak memory over the Hessian's own size. ``wrong_on`` lists, per strategy, the
 model kinds on which the audit found it wrong or failing.
 """
@@ -46,6 +48,7 @@ def build(df: pd.DataFrame, audits: list[dict], sources: Sequence[str], command:
                 **regime,
                 "ranking": list(summary.index),
                 "time_s": {k: float(v) for k, v in summary["time_s"].items()},
+                "cost_vs_grad": {k: float(v) for k, v in summary["cost_vs_grad"].items()},
                 # unmeasured peaks (memory pass skipped, peers) are left out
                 "peak_ratio": {
                     k: round(float(ratio[k]), 4)

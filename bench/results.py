@@ -437,14 +437,19 @@ def _geomean(values: pd.Series) -> float:
 def summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
     """Per strategy that ran accurately on every case in ``cases``: time, spread, memory.
 
-    ``time_s`` is the geometric mean of the min times, ``spread`` the largest stddev / min,
-    ``peak_bytes`` the largest peak; dispatchers are left out (recommending one is circular).
+    ``time_s`` is the geometric mean of the min times, ``cost_vs_grad`` that of min time over
+    P gradients (the same ranking, as every candidate ran the same cases: what ``auto``
+    scales to another net by its own P and gradient time), ``spread`` the largest
+    stddev / min, ``peak_bytes`` the largest peak; dispatchers are left out (recommending one
+    is circular).
     ``single_s`` is the geometric mean of the time of one Hessian of a new structure: the
     first call where it was recorded (strategies that compile), else the min time.
     """
     ok = rows[(rows["status"] == OK) & ~rows["strategy"].isin(DISPATCHERS)]
     if ok.empty:
-        return pd.DataFrame(columns=["time_s", "single_s", "spread", "peak_bytes", "peer"])
+        return pd.DataFrame(
+            columns=["time_s", "cost_vs_grad", "single_s", "spread", "peak_bytes", "peer"]
+        )
     complete = ok.groupby("strategy")["case"].agg(lambda c: set(c) == cases)
     ok = ok[ok["strategy"].map(complete)]
     ok = ok.assign(
@@ -453,6 +458,7 @@ def summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
     )
     return ok.groupby("strategy").agg(
         time_s=("min", _geomean),
+        cost_vs_grad=("cost_vs_grad", _geomean),
         single_s=("single", _geomean),
         spread=("rel_spread", "max"),
         peak_bytes=("peak_bytes", "max"),

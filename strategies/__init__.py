@@ -35,6 +35,7 @@ from ._common import (
 )
 from ._kinds import kinds_of
 from ._memory import available_bytes, check_fits
+from ._plan import peak_ratio
 from ._verify import default_rtol, verify
 
 __all__ = [
@@ -146,7 +147,9 @@ class Strategy:
             ValueError: a bad input, a problem ``supports`` says no to, or one the strategy
                 finds at run time it cannot differentiate exactly (a derivative torch does
                 not implement, an op torch differentiates wrongly on its path).
-            MemoryError: the Hessian alone does not fit in the memory of the params' device.
+            MemoryError: the strategy's predicted peak (its measured peak over the Hessian's
+                size in the committed runs, times this Hessian's size; the Hessian alone where
+                it was never measured) does not fit in the memory of the params' device.
         """
         check_inputs(net, params, batch, loss_fn)
         accepted = self.options
@@ -160,7 +163,16 @@ class Strategy:
         ok, reason = self.supports(net, loss_fn)
         if not ok:
             raise ValueError(f"strategy {self.name!r} does not support this problem: {reason}")
-        check_fits(params)
+        first = next(iter(params.values()))
+        P = sum(t.numel() for t in params.values())
+        # its measured working peak, not the Hessian alone: a strategy that starts whenever H
+        # fits dies in the allocator half way (a dispatcher sizes its own choice)
+        ratio = (
+            1.0
+            if self.family == "dispatcher"
+            else peak_ratio(self.name, first.device, first.dtype, P, unmeasured=1.0)
+        )
+        check_fits(params, ratio, self.name)
         with autograd_enabled():
             try:
                 return self.compute_fn(net, params, batch, loss_fn, **options)

@@ -10,6 +10,7 @@ torch's own errors for derivatives it lacks into ValueErrors that say what to us
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import functools
 import math
@@ -463,8 +464,49 @@ def prepare(
             the outputs; the forward draws random numbers; it calls an op that torch cannot
             differentiate along any path (``hazard``).
     """
+    shared = _SHARED.get()
+    key = _identity(net, params, batch, loss_fn) if shared is not None else None
+    if key is not None and key in shared:
+        return shared[key]
     with autograd_enabled():
-        return _prepare(net, params, batch, loss_fn)
+        problem = _prepare(net, params, batch, loss_fn)
+    if key is not None:
+        shared[key] = problem
+    return problem
+
+
+#: the problems ``prepare`` built inside ``sharing_problems``, by the identity of its arguments
+_SHARED: contextvars.ContextVar[dict[tuple, Problem] | None] = contextvars.ContextVar(
+    "_SHARED", default=None
+)
+
+
+def _identity(net: Any, params: Any, batch: Any, loss_fn: Any) -> tuple | None:
+    """The same objects, unmodified since (tensors' version counters): the same problem."""
+    if not isinstance(params, Mapping) or not isinstance(batch, tuple):
+        return None
+    tensors = [*params.values(), *batch]
+    if not all(isinstance(t, Tensor) for t in tensors):
+        return None
+    own = [*net.parameters(), *net.buffers()] if isinstance(net, nn.Module) else []
+    return (
+        id(net),
+        id(loss_fn),
+        net.training if isinstance(net, nn.Module) else None,
+        tuple(params),
+        tuple((id(t), t._version) for t in (*tensors, *own)),
+    )
+
+
+@contextlib.contextmanager
+def sharing_problems() -> Iterator[None]:
+    """Within, ``prepare`` called again with the same, unmodified arguments returns the same
+    ``Problem``: a dispatcher checks the input once, not once per strategy and verification."""
+    token = _SHARED.set({} if _SHARED.get() is None else _SHARED.get())
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
 
 
 def _prepare(

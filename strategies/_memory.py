@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import sys
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -35,14 +37,21 @@ def available_bytes(device: torch.device) -> int:
     """Memory that can still be allocated on ``device``.
 
     CUDA: free device memory plus what the caching allocator holds but does not use.
-    CPU: ``MemAvailable`` from ``/proc/meminfo``, or free physical pages where that file
-    does not exist.
+    CPU: the least of ``MemAvailable`` from ``/proc/meminfo`` (free physical pages where that
+    file does not exist), what the container's cgroup still allows (``memory.max`` less
+    ``memory.current``; cgroup v1's ``limit_in_bytes`` less ``usage_in_bytes``), and what the
+    process's address-space limit (``RLIMIT_AS``, ``ulimit -v``) leaves above its current
+    size: an allocation beyond any of them fails, whatever the others say.
     """
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(free + cached)
+    return min(_host_available(), _cgroup_available(), _address_space_available())
+
+
+def _host_available() -> int:
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -53,21 +62,77 @@ def available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(params: Mapping[str, Tensor]) -> None:
-    """Raise MemoryError where the dense Hessian alone needs more than the params' device has free.
+def _read_int(path: str) -> int | None:
+    """The integer in a one-line file, or None where it is absent, unreadable or "max"."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
-    Called by the registry before any strategy allocates anything, so that an impossible
-    request is answered at once rather than by the host killing the process.
+
+#: (limit, usage) files of the cgroup v2 and v1 memory controllers
+_CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+#: cgroup v1 writes "no limit" as a page-rounded 2^63 - 1
+_NO_CGROUP_LIMIT = 1 << 60
+
+
+def _cgroup_available() -> int:
+    """What the container's memory limit still allows, or a huge number where none is set."""
+    for limit_file, usage_file in _CGROUP_FILES:
+        limit = _read_int(limit_file)
+        if limit is None or limit >= _NO_CGROUP_LIMIT:
+            continue
+        usage = _read_int(usage_file) or 0
+        return max(limit - usage, 0)
+    return sys.maxsize
+
+
+def _address_space_available() -> int:
+    """What ``RLIMIT_AS`` leaves above the process's current virtual size, or a huge number."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return sys.maxsize
+    size = 0
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    size = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    return max(soft - size, 0)
+
+
+def check_fits(params: Mapping[str, Tensor], peak_ratio: float = 1.0, strategy: str = "") -> None:
+    """Raise MemoryError where a strategy's predicted peak does not fit in the params' device.
+
+    The peak is predicted as ``peak_ratio`` times the dense Hessian's own size (at least the
+    Hessian itself). Called by the registry before any strategy allocates anything, so that
+    an impossible request is answered at once rather than by the allocator half way, or by
+    the host killing the process.
     """
     first = next(iter(params.values()))
     P = sum(t.numel() for t in params.values())
-    needed = P * P * first.element_size()
+    hessian = P * P * first.element_size()
+    needed = int(max(peak_ratio, 1.0) * hessian)
     available = available_bytes(first.device)
     if needed > available:
+        what = (
+            f"strategy {strategy!r} is predicted to peak at {needed / 2**30:,.1f} GiB "
+            f"({max(peak_ratio, 1.0):.2g}x the {P:,} x {P:,} Hessian)"
+            if needed > hessian
+            else f"the {P:,} x {P:,} Hessian alone needs {needed / 2**30:,.1f} GiB"
+        )
         raise MemoryError(
-            f"the {P:,} x {P:,} Hessian alone needs {needed / 2**30:,.1f} GiB, but "
-            f"{available / 2**30:,.1f} GiB are available on {first.device}: choose fewer "
-            "params (any subset of net.named_parameters()) or a device with more memory"
+            f"{what}, but {available / 2**30:,.1f} GiB are available on {first.device}: "
+            "choose fewer params (any subset of net.named_parameters()), a leaner strategy "
+            "(auto picks one that fits) or a device with more memory"
         )
 
 

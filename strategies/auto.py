@@ -1,117 +1,240 @@
-"""``auto``: the strategy the committed reference results recommend for this net, size and device.
+"""``auto``: a planner that finds the fastest exact strategy for the net in hand, and remembers it.
 
-The choice comes from ``auto_table.json`` beside this file, made from the committed
-benchmark and audit JSON by ``python -m bench.auto_table`` (never edited by hand). For each
-measured regime (device, dtype, range of P) the table ranks the strategies that were
-accurate on every case of the regime, fastest first, with each one's peak memory as a
-multiple of the Hessian's size; and it lists, per strategy, the kinds of model (layernorm,
-batchnorm-train, ...) on which the correctness audit found it wrong or failing.
+As FFTW plans a transform:
 
-``candidates`` walks the strategies named in ``PREFERRED`` (where registered), then that
-ranking, then the generic exact strategies, and keeps those that support the net and loss,
-were not found wrong on any kind of model the net is, and whose predicted peak memory fits
-the budget. ``compute`` runs them in that order: a strategy that refuses the problem at run
-time (a derivative torch lacks, a normalisation op it differentiates wrongly) or runs out of
-memory passes the problem on to the next, and every Hessian is checked by ``verify`` (one
-independent Hessian-vector product) before it is returned; one that fails the check is
-passed over with a warning. ``choose`` names the first candidate.
+- **Estimate** (the default, ``plan(...)``): every registered strategy that supports the net
+  and loss, was not found wrong on its kind of model by the audit, and whose predicted peak
+  fits the memory budget, ranked by its predicted time on this net (``strategies._plan``:
+  the committed measurements scaled by this net's structure and its own gradient time).
+  The same measurements make the report's recommendation, by the same rule.
+- **Measure** (``plan(..., measure=True)``): the plausible candidates (predicted within
+  ``MEASURE_FACTOR`` of the best, at most ``MAX_PILOTS``) each compute the Hessian on the
+  real problem, interleaved, and are verified; the fastest exact one wins. ``Plan.rows()``
+  is the table of predicted and measured time, peak and exactness: a benchmark of the
+  user's own net in one call.
+- **Wisdom**: the strategy that computed a verified Hessian is remembered under the
+  problem's structure (``_plan.structure_key``: module types and settings, forward code,
+  parameter names and shapes, batch shapes, dtype, device, loss), so later calls of the same
+  structure (a Newton or Laplace loop) go straight to it; a measured winner replaces an
+  estimated one. ``save_wisdom`` and ``load_wisdom`` carry it across processes. Wisdom only
+  orders the candidates: every Hessian is still verified, so stale wisdom can cost time,
+  never exactness.
+
+``compute`` runs the candidates in order: any failure of one (a refusal, a MemoryError,
+torch's RuntimeError for what it cannot differentiate a given way) passes the problem to the
+next, the reverse-mode loops last; every Hessian is checked by ``verify`` before it is
+returned, and one that fails is passed over with a warning. Strategies that compile are not
+candidates: their first call costs seconds of compilation, which one call cannot amortise.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
+import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._common import LossFn, check_inputs, prepare
+from . import _plan
+from ._common import LossFn, check_inputs, prepare, sharing_problems
 from ._kinds import kinds_of
 from ._memory import available_bytes, check_positive
 from ._verify import verify
 
+__all__ = [
+    "NAME",
+    "FAMILY",
+    "DESCRIPTION",
+    "LAST_RESORT",
+    "MEASURE_FACTOR",
+    "MAX_PILOTS",
+    "Candidate",
+    "Plan",
+    "plan",
+    "candidates",
+    "choose",
+    "compute",
+    "save_wisdom",
+    "load_wisdom",
+    "forget_wisdom",
+    "wisdom",
+]
+
 NAME = "auto"
 FAMILY = "dispatcher"
-DESCRIPTION = "the strategy the committed reference results recommend for this net, size and device"
-
-TABLE_PATH = Path(__file__).with_name("auto_table.json")
-#: tried before the measured ranking wherever registered: strategies newer than the table;
-#: with no measured peak, one is assumed to need no more than the Hessian itself
-PREFERRED = ("kron",)
-#: exact strategies for any net, tried in this order after the measured ranking
-GENERIC_FALLBACK = (
-    "block_symmetric",
-    "block_symmetric_chunked",
-    "vmap_jvp",
-    "symmetric_half",
-    "full_autograd",
+DESCRIPTION = (
+    "a planner: the strategy predicted fastest for this net's structure (or measured, on "
+    "request), remembered per structure, verified"
 )
-#: peak memory assumed for a strategy the table has no measurement of, in Hessian sizes
-UNMEASURED_PEAK_RATIO = 3.0
+
+#: exact on any net torch can differentiate twice in reverse mode: tried last, always
+LAST_RESORT = ("symmetric_half", "full_autograd")
+#: measure mode times the candidates predicted within this factor of the fastest
+MEASURE_FACTOR = 4.0
+#: and at most this many of them
+MAX_PILOTS = 4
+#: measure mode repeats candidates faster than this (seconds) and keeps their least time
+_REPEAT_BELOW_S = 0.25
+_REPEATS = 3
+
+#: structure key -> {"strategy": name, "how": "estimate" | "measure"}
+_WISDOM: dict[str, dict[str, str]] = {}
+_WISDOM_VERSION = 1
 
 
-@functools.cache
-def load_table(path: Path = TABLE_PATH) -> dict[str, Any]:
-    """The committed table (see the module docstring)."""
-    with open(path) as f:
-        return json.load(f)
+def wisdom() -> dict[str, dict[str, str]]:
+    """A copy of what the planner has learned in this process (see ``save_wisdom``)."""
+    return {k: dict(v) for k, v in _WISDOM.items()}
 
 
-def _regime(table: dict[str, Any], device: str, dtype: str, P: int) -> dict[str, Any] | None:
-    """The measured regime nearest to (device, dtype, P): same device first, then same dtype,
-    then the range of P containing P, or else the nearest range on a log scale."""
-    regimes = [r for r in table["regimes"] if r["device"] == device]
-    if not regimes:
-        return None
-    same_dtype = [r for r in regimes if r["dtype"] == dtype]
-    regimes = same_dtype or regimes
-
-    def distance(r: dict[str, Any]) -> float:
-        if r["P_min"] <= P < r["P_max"]:
-            return 0.0
-        edge = r["P_min"] if P < r["P_min"] else r["P_max"]
-        return abs(math.log(P) - math.log(edge))
-
-    return min(regimes, key=distance)
+def forget_wisdom() -> None:
+    """Forget everything learned (the next call of each structure plans again)."""
+    _WISDOM.clear()
 
 
-def candidates(
+def save_wisdom(path: str | Path) -> int:
+    """Write the planner's wisdom to ``path`` (JSON); returns the number of entries."""
+    payload = {"hessbench_wisdom": _WISDOM_VERSION, "torch": torch.__version__, "entries": _WISDOM}
+    Path(path).write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    return len(_WISDOM)
+
+
+def load_wisdom(path: str | Path) -> int:
+    """Add the wisdom saved in ``path`` to this process's; returns the number of entries read.
+
+    Raises:
+        ValueError: the file is not wisdom written by ``save_wisdom``.
+    """
+    try:
+        payload = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read wisdom from {path}: {error}") from error
+    entries = payload.get("entries") if isinstance(payload, dict) else None
+    if (
+        payload.get("hessbench_wisdom") != _WISDOM_VERSION
+        or not isinstance(entries, dict)
+        or any(
+            not isinstance(v, dict) or not isinstance(v.get("strategy"), str)
+            for v in entries.values()
+        )
+    ):
+        raise ValueError(f"{path} is not hessbench wisdom (written by auto.save_wisdom)")
+    _WISDOM.update(
+        {
+            k: {"strategy": v["strategy"], "how": str(v.get("how", "estimate"))}
+            for k, v in entries.items()
+        }
+    )
+    return len(entries)
+
+
+def _learn(key: str, name: str, how: str) -> None:
+    known = _WISDOM.get(key)
+    if known is None or how == "measure" or known["how"] != "measure":
+        _WISDOM[key] = {"strategy": name, "how": how}
+
+
+@dataclass
+class Candidate:
+    """One strategy the planner would try, with what it predicts and, in measure mode, found."""
+
+    name: str
+    predicted_s: float
+    predicted_peak_bytes: int
+    basis: str
+    measured_s: float | None = None
+    exact: bool | None = None
+    note: str = ""
+    #: measured on every case of the nearest size range (``_plan.Estimate.in_range``)
+    in_range: bool = False
+
+
+@dataclass
+class Plan:
+    """What ``auto`` would run for one problem, in order, and why.
+
+    Attributes:
+        key: the problem's structure key (``_plan.structure_key``).
+        candidates: the strategies ``compute`` tries, in order (the last resort included).
+        passed_over: each other strategy, with why.
+        how: "wisdom" (a strategy remembered for this structure leads), "estimate" or
+            "measure".
+    """
+
+    key: str
+    candidates: list[Candidate]
+    passed_over: list[str]
+    how: str
+    _hessian: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def choice(self) -> str:
+        """The strategy tried first."""
+        if not self.candidates:
+            raise ValueError(
+                "no strategy is exact for this net within the budget: "
+                + "; ".join(self.passed_over)
+            )
+        return self.candidates[0].name
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The candidates as records: name, predicted and measured seconds, predicted peak,
+        exactness and the basis of the prediction."""
+        return [
+            {
+                "strategy": c.name,
+                "predicted_s": c.predicted_s,
+                "predicted_peak_bytes": c.predicted_peak_bytes,
+                "measured_s": c.measured_s,
+                "exact": c.exact,
+                "basis": c.basis,
+                "note": c.note,
+            }
+            for c in self.candidates
+        ]
+
+    def __str__(self) -> str:
+        lines = [f"auto runs {self.choice!r} ({self.how}); candidates in order:"]
+        for c in self.candidates:
+            measured = "" if c.measured_s is None else f", measured {c.measured_s:.3g} s"
+            exact = "" if c.exact is None else (", exact" if c.exact else ", NOT exact")
+            note = f" [{c.note}]" if c.note else ""
+            lines.append(
+                f"  {c.name}: predicted {c.predicted_s:.3g} s, peak "
+                f"{c.predicted_peak_bytes / 2**20:,.1f} MiB{measured}{exact} "
+                f"({c.basis}){note}"
+            )
+        lines += [f"  passed over: {reason}" for reason in self.passed_over]
+        return "\n".join(lines)
+
+
+def _estimates(
     net: nn.Module,
     params: Mapping[str, Tensor],
-    batch: tuple[Tensor, Tensor],
-    loss_fn: LossFn | None = None,
-    memory_budget: int | None = None,
-) -> tuple[list[str], list[str]]:
-    """The strategies ``auto`` tries, in order; and why each other one was passed over.
-
-    Args:
-        memory_budget: bytes the computation may use at its peak; default: the memory
-            available on the params' device now.
-    """
+    batch: tuple[Any, Any],
+    loss_fn: LossFn | None,
+    budget: int,
+) -> tuple[list[Candidate], list[str]]:
+    """Every eligible strategy with its estimate, fastest first; and the others with why."""
     import strategies  # the registry imports this module
 
-    loss_fn = check_inputs(net, params, batch, loss_fn)
-    check_positive(memory_budget=memory_budget)
-    first = next(iter(params.values()))
-    P = sum(p.numel() for p in params.values())
-    hessian_bytes = P * P * first.element_size()
-    budget = available_bytes(first.device) if memory_budget is None else memory_budget
-    table = load_table()
-    regime = _regime(table, first.device.type, str(first.dtype).removeprefix("torch."), P)
-    ranking = list(regime["ranking"]) if regime else []
-    peak_ratio = regime["peak_ratio"] if regime else {}
+    from .kron import NAME as KRON
+    from .kron import workload
+
+    problem = prepare(net, params, batch, loss_fn)
+    probes = _plan.probe(problem)
+    table = _plan.load_table()
     kinds = kinds_of(net)
-    chosen, passed_over = [], []
-    for name in dict.fromkeys([*PREFERRED, *ranking, *GENERIC_FALLBACK]):
-        if name == NAME or name not in strategies.names():
-            continue
+    ranked, passed_over = [], []
+    for name in strategies.names():
         strategy = strategies.get(name)
-        if strategy.peer:
+        if name == NAME or strategy.peer or strategy.compiles:
             continue
         wrong_on = kinds & set(table["wrong_on"].get(name, ()))
         if wrong_on:
@@ -121,82 +244,230 @@ def candidates(
         if not ok:
             passed_over.append(f"{name}: {reason}")
             continue
-        unmeasured = 1.0 if name in PREFERRED else UNMEASURED_PEAK_RATIO
-        predicted = peak_ratio.get(name, unmeasured) * hessian_bytes
-        if predicted > budget:
+        kron_rows = None
+        if name == KRON:
+            try:
+                kron_rows = workload(problem)
+            except Exception as error:  # its own compute would fail the same way
+                passed_over.append(f"{name}: {type(error).__name__}: {error}")
+                continue
+        guess = _plan.estimate(problem, name, strategy.family, probes, kron_rows)
+        if guess.peak_bytes > budget:
             passed_over.append(
-                f"{name}: predicted peak {predicted:.3g} B over budget {budget:.3g} B"
+                f"{name}: predicted peak {guess.peak_bytes:.3g} B over budget {budget:.3g} B"
             )
             continue
-        chosen.append(name)
-    return chosen, passed_over
+        ranked.append(
+            Candidate(name, guess.time_s, guess.peak_bytes, guess.basis, in_range=guess.in_range)
+        )
+    last = {name: i for i, name in enumerate(LAST_RESORT)}
+
+    def place(c: Candidate) -> tuple[int, float]:
+        # runnable by prediction, fastest first: those measured exact on every case of this
+        # size range (the report's candidates), then those measured only elsewhere; then the
+        # last resort, which runs wherever torch can differentiate twice; then those the
+        # probes say cannot run here
+        if c.name in last:
+            return (2, last[c.name])
+        if not math.isfinite(c.predicted_s):
+            return (3, 0.0)
+        return (0 if c.in_range else 1, c.predicted_s)
+
+    ranked.sort(key=place)
+    return ranked, passed_over
+
+
+def _time_candidates(
+    pilots: list[Candidate],
+    net: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: tuple[Any, Any],
+    loss_fn: LossFn | None,
+) -> tuple[str | None, Tensor | None]:
+    """Measure mode: each pilot computes the Hessian, interleaved; the fastest exact one wins."""
+    import strategies
+
+    best: tuple[float, str, Tensor] | None = None
+    rounds = _REPEATS if all(c.predicted_s < _REPEAT_BELOW_S for c in pilots) else 1
+    live = list(pilots)
+    for _ in range(rounds):
+        for c in list(live):
+            start = time.perf_counter()
+            try:
+                H = strategies.get(c.name).compute(net, params, batch, loss_fn)
+                if H.device.type == "cuda":
+                    torch.cuda.synchronize(H.device)
+            except Exception as error:
+                c.exact, c.note = False, f"{type(error).__name__}: {error}"
+                live.remove(c)
+                continue
+            seconds = time.perf_counter() - start
+            c.measured_s = seconds if c.measured_s is None else min(c.measured_s, seconds)
+            if c.exact is None:
+                c.exact, detail = verify(H, net, params, batch, loss_fn)
+                if not c.exact:
+                    c.note = f"failed verification ({detail})"
+                    live.remove(c)
+                    continue
+            if best is None or c.measured_s < best[0]:
+                best = (c.measured_s, c.name, H)
+    return (best[1], best[2]) if best else (None, None)
+
+
+def plan(
+    net: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: tuple[Any, Any],
+    loss_fn: LossFn | None = None,
+    memory_budget: int | None = None,
+    measure: bool = False,
+) -> Plan:
+    """What ``auto`` would run for this problem, in order, and why (see the module docstring).
+
+    Args:
+        memory_budget: bytes the computation may use at its peak; default: the memory
+            available on the params' device now.
+        measure: time the plausible candidates on this problem (each computes the Hessian)
+            and remember the fastest exact one; ``Plan.rows()`` then holds the measurements.
+
+    Raises:
+        TypeError, ValueError: bad input (``strategies.check_inputs``).
+    """
+    check_inputs(net, params, batch, loss_fn)
+    check_positive(memory_budget=memory_budget)
+    if not isinstance(measure, bool):
+        raise TypeError(f"measure must be True or False, got {measure!r}")
+    first = next(iter(params.values()))
+    budget = available_bytes(first.device) if memory_budget is None else memory_budget
+    key = _plan.structure_key(net, params, batch, loss_fn)
+    ranked, passed_over = _estimates(net, params, batch, loss_fn, budget)
+    result = Plan(key, ranked, passed_over, "estimate")
+    if measure:
+        finite = [c for c in ranked if math.isfinite(c.predicted_s)]
+        fastest = min((c.predicted_s for c in finite), default=math.inf)
+        pilots = [c for c in finite if c.predicted_s <= MEASURE_FACTOR * fastest][:MAX_PILOTS]
+        winner, H = _time_candidates(pilots, net, params, batch, loss_fn)
+        if winner is not None:
+            _learn(key, winner, "measure")
+            result.candidates.sort(key=lambda c: c.name != winner)
+            result.how, result._hessian = "measure", H
+        return result
+    known = _WISDOM.get(key)
+    if known is not None and any(c.name == known["strategy"] for c in ranked):
+        result.candidates.sort(key=lambda c: c.name != known["strategy"])
+        result.how = "wisdom"
+    return result
+
+
+def candidates(
+    net: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: tuple[Any, Any],
+    loss_fn: LossFn | None = None,
+    memory_budget: int | None = None,
+) -> tuple[list[str], list[str]]:
+    """The strategies ``auto`` tries, in order; and why each other one was passed over."""
+    result = plan(net, params, batch, loss_fn, memory_budget)
+    return [c.name for c in result.candidates], result.passed_over
 
 
 def choose(
     net: nn.Module,
     params: Mapping[str, Tensor],
-    batch: tuple[Tensor, Tensor],
+    batch: tuple[Any, Any],
     loss_fn: LossFn | None = None,
     memory_budget: int | None = None,
 ) -> str:
-    """The name of the strategy ``auto`` tries first for this problem (see ``candidates``).
+    """The name of the strategy ``auto`` tries first for this problem; ``plan`` says why.
 
     Raises:
         ValueError: no registered strategy is exact for this net within the budget.
     """
-    chosen, passed_over = candidates(net, params, batch, loss_fn, memory_budget)
-    if not chosen:
-        raise ValueError(
-            "no strategy is exact for this net within the budget: " + "; ".join(passed_over)
-        )
-    return chosen[0]
+    return plan(net, params, batch, loss_fn, memory_budget).choice
 
 
 def compute(
     net: nn.Module,
     params: Mapping[str, Tensor],
-    batch: tuple[Tensor, Tensor],
+    batch: tuple[Any, Any],
     loss_fn: LossFn | None = None,
     memory_budget: int | None = None,
+    measure: bool = False,
 ) -> Tensor:
     """The Hessian from the first candidate that computes it and passes ``verify``.
 
+    Args:
+        memory_budget: bytes the computation may use at its peak (see ``plan``).
+        measure: plan by measuring (see ``plan``); otherwise wisdom, else the estimate.
+
     Raises:
-        ValueError: every candidate refused, ran out of memory or failed verification
-            (the message says why for each), or torch cannot compute the product that
-            ``verify`` checks with.
+        ValueError: every candidate refused, failed or failed verification (the message says
+            why for each), or torch cannot compute the product ``verify`` checks with.
     """
+    with sharing_problems():
+        return _compute(net, params, batch, loss_fn, memory_budget, measure)
+
+
+def _compute(
+    net: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: tuple[Any, Any],
+    loss_fn: LossFn | None,
+    memory_budget: int | None,
+    measure: bool,
+) -> Tensor:
     import strategies
 
     prepare(net, params, batch, loss_fn)  # a bad input is the caller's, not a strategy's
-    chosen, passed_over = candidates(net, params, batch, loss_fn, memory_budget)
-    for name in chosen:
-        strategy = strategies.get(name)
-        options = {}
-        if memory_budget is not None and "memory_budget" in (strategy.options or ()):
-            options["memory_budget"] = memory_budget
-        try:
-            H = strategy.compute(net, params, batch, loss_fn, **options)
-        except (ValueError, MemoryError, torch.OutOfMemoryError) as error:
-            passed_over.append(f"{name}: {type(error).__name__}: {error}")
-            continue
-        try:
-            ok, detail = verify(H, net, params, batch, loss_fn)
-        except ValueError as error:
-            raise ValueError(
-                f"auto cannot verify the Hessian strategy {name!r} computed ({error}); "
-                f"strategies.compute({name!r}, ...) returns it unverified"
-            ) from error
-        if ok:
-            return H
-        del H
-        warnings.warn(
-            f"auto: strategy {name!r} returned a Hessian that fails verification ({detail}); "
-            "trying the next strategy",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        passed_over.append(f"{name}: failed verification ({detail})")
+    check_positive(memory_budget=memory_budget)
+    key = _plan.structure_key(net, params, batch, loss_fn)
+    result: Plan | None = None
+    if measure:
+        result = plan(net, params, batch, loss_fn, memory_budget, measure=True)
+        if result._hessian is not None:
+            return result._hessian
+    known = None if measure else _WISDOM.get(key)
+    # with wisdom, its strategy alone: no estimate, no probes
+    order = [known["strategy"]] if known else None
+    passed_over: list[str] = []
+    tried: set[str] = set()
+    while True:
+        if order is None:
+            result = result or plan(net, params, batch, loss_fn, memory_budget)
+            order = [c.name for c in result.candidates if c.name not in tried]
+            passed_over += result.passed_over
+        for name in order:
+            tried.add(name)
+            strategy = strategies.get(name)
+            options = {}
+            if memory_budget is not None and "memory_budget" in (strategy.options or ()):
+                options["memory_budget"] = memory_budget
+            try:
+                H = strategy.compute(net, params, batch, loss_fn, **options)
+            except Exception as error:  # any failure passes the problem on (module docstring)
+                passed_over.append(f"{name}: {type(error).__name__}: {error}")
+                continue
+            try:
+                ok, detail = verify(H, net, params, batch, loss_fn)
+            except ValueError as error:
+                raise ValueError(
+                    f"auto cannot verify the Hessian strategy {name!r} computed ({error}); "
+                    f"strategies.compute({name!r}, ...) returns it unverified"
+                ) from error
+            if ok:
+                _learn(key, name, "estimate")
+                return H
+            del H
+            warnings.warn(
+                f"auto: strategy {name!r} returned a Hessian that fails verification "
+                f"({detail}); trying the next strategy",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            passed_over.append(f"{name}: failed verification ({detail})")
+        if result is not None:
+            break
+        order = None  # wisdom's strategy failed: plan afresh, without it
     raise ValueError(
         "no strategy computed an exact Hessian for this problem: " + "; ".join(passed_over)
     )

@@ -152,6 +152,16 @@ def compute(
 # ---------------------------------------------------------------- finding the structure
 
 
+def workload(problem: Problem) -> tuple[int, int]:
+    """(parameters with Kronecker rows, parameters with Hessian-vector rows) on ``problem``:
+    what the planner's estimate of ``kron`` rests on. One forward, nothing differentiated."""
+    with torch.enable_grad():
+        _, others = _discover(problem)
+    sizes = dict(zip(problem.names, problem.sizes))
+    other = sum(sizes[n] for n in others)
+    return problem.P - other, other
+
+
 class _Uses(TorchFunctionMode):
     """Counts the torch calls that take each chosen parameter (metadata reads excluded)."""
 

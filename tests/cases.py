@@ -283,6 +283,32 @@ class Recurrent(nn.Module):
         return self.head(self.gru(x)[0][:, -1])
 
 
+class PINN(nn.Module):
+    """A physics-informed net: its output is u and du/dx, through autograd.grad in the forward."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.u = nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, 1))
+
+    def forward(self, x):
+        x = x if x.requires_grad else x.detach().requires_grad_(True)
+        u = self.u(x)
+        (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+        return torch.cat([u, du], dim=1)
+
+
+class RawWeights(nn.Module):
+    """Weights held as plain parameters and used by matmul: no Linear for kron to exploit."""
+
+    def __init__(self, n_in: int = 8, width: int = 40):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n_in, width) / n_in**0.5)
+        self.v = nn.Parameter(torch.randn(width, 1) / width**0.5)
+
+    def forward(self, x):
+        return torch.tanh(x @ self.w) @ self.v
+
+
 class MeanOverBatch(nn.Module):
     """Subtracts the batch mean: samples are not independent."""
 

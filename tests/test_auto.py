@@ -1,82 +1,101 @@
-"""``auto``: its choice follows the table, routes around refusals, errors and audit findings, fits
-memory, and every Hessian it returns passed ``verify``."""
+"""``auto``, the planner: its estimate follows the committed measurements scaled by the net's
+structure, it remembers what worked per structure, routes around refusals, errors and audit
+findings, fits memory, and every Hessian it returns passed ``verify``."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import assert_close_to
+from cases import PINN, Model, RawWeights, assert_close_to, mean_over_batch_mse
 from torch import nn
 
 import strategies
 from bench.reference import loop_hessian
-from strategies import auto
+from strategies import _plan, auto
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _regime(P_min: int, P_max: int, cost: dict[str, float], peak: dict[str, float]) -> dict:
+    return {
+        "machine": "m",
+        "device": "cpu",
+        "dtype": "float32",
+        "P_min": P_min,
+        "P_max": P_max,
+        "ranking": sorted(cost, key=cost.get),
+        "time_s": {},
+        "cost_vs_grad": cost,
+        "peak_ratio": peak,
+    }
+
 
 TABLE = {
     "command": "hand-made for tests",
     "sources": [],
     "regimes": [
-        {
-            "machine": "m",
-            "device": "cpu",
-            "dtype": "float32",
-            "P_min": 10,
-            "P_max": 30,
-            "ranking": ["kron", "block_symmetric", "vmap_jvp", "block_symmetric_chunked"],
-            "time_s": {},
-            "peak_ratio": {
-                "kron": 2.0,
-                "block_symmetric": 4.0,
-                "vmap_jvp": 5.0,
-                "block_symmetric_chunked": 1.2,
-            },
-        },
-        {
-            "machine": "m",
-            "device": "cpu",
-            "dtype": "float32",
-            "P_min": 30,
-            "P_max": 100,
-            "ranking": ["vmap_jvp", "kron"],
-            "time_s": {},
-            "peak_ratio": {"vmap_jvp": 2.0, "kron": 2.0},
-        },
+        _regime(
+            10,
+            30,
+            {"kron": 0.1, "block_symmetric": 0.2, "vmap_jvp": 0.3, "block_symmetric_chunked": 0.4},
+            {"kron": 2.0, "block_symmetric": 4.0, "vmap_jvp": 5.0, "block_symmetric_chunked": 1.2},
+        ),
+        _regime(30, 100, {"vmap_jvp": 0.1, "kron": 0.2}, {"vmap_jvp": 2.0, "kron": 2.0}),
     ],
-    # made up: as if the audit had found kron wrong on LayerNorm nets
+    # made up: as if the audit had found these wrong on LayerNorm nets
     "wrong_on": {"block_symmetric": ["layernorm"], "kron": ["layernorm", "conv"]},
 }
 
 
+@pytest.fixture(autouse=True)
+def no_wisdom():
+    """Each test starts, and leaves, with nothing learned."""
+    auto.forget_wisdom()
+    yield
+    auto.forget_wisdom()
+
+
 @pytest.fixture
 def table(monkeypatch):
-    """The hand-made table, and no preferred strategy: the table's ranking alone decides."""
-    monkeypatch.setattr(auto, "load_table", lambda: TABLE)
-    monkeypatch.setattr(auto, "PREFERRED", ())
+    monkeypatch.setattr(_plan, "load_table", lambda: TABLE)
     return TABLE
 
 
-def _problem(net: nn.Module, n_in: int = 2, n_out: int = 1, dtype=torch.float32):
+def _problem(net: nn.Module, n_in: int = 2, n_out: int = 1, dtype=torch.float32, n: int = 5):
     torch.manual_seed(0)
     net = net.to(dtype)
-    batch = (torch.randn(5, n_in, dtype=dtype), torch.randn(5, n_out, dtype=dtype))
+    batch = (torch.randn(n, n_in, dtype=dtype), torch.randn(n, n_out, dtype=dtype))
     return net, dict(net.named_parameters()), batch
 
 
-def test_choice_is_visible_through_the_registry(table) -> None:
-    net, params, batch = _problem(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)))
+def _small_mlp(width: int = 3):
+    return _problem(nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, 1)))
+
+
+# --- the estimate ---
+
+
+def test_choice_follows_the_cost_per_row_and_is_visible_through_the_registry(table) -> None:
+    net, params, batch = _small_mlp()
     assert sum(p.numel() for p in params.values()) == 13
     assert strategies.get("auto").choose(net, params, batch) == "kron"
+    plan = auto.plan(net, params, batch)
+    times = {c.name: c.predicted_s for c in plan.candidates}
+    # the same gradient time scales every strategy: the ratios are the table's
+    assert times["block_symmetric"] / times["kron"] == pytest.approx(2.0)
+    assert "kron" in str(plan) and "predicted" in str(plan)
 
 
 def test_size_picks_the_regime(table) -> None:
-    net, params, batch = _problem(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)))
+    net, params, batch = _small_mlp(8)
     assert sum(p.numel() for p in params.values()) == 33
     assert auto.choose(net, params, batch) == "vmap_jvp"
 
@@ -85,7 +104,7 @@ def test_falls_back_where_the_specialised_strategy_refuses(table) -> None:
     net, params, batch = _problem(
         nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Tanh(), nn.Linear(2, 1))
     )
-    # batch statistics mix samples: kron refuses, the next in the ranking is generic
+    # batch statistics mix samples: kron refuses, the next by predicted time is generic
     assert not strategies.get("kron").supports(net, None)[0]
     assert auto.choose(net, params, batch) == "block_symmetric"
 
@@ -94,18 +113,19 @@ def test_routes_away_from_strategies_the_audit_found_wrong(table) -> None:
     net, params, batch = _problem(
         nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3), nn.Tanh(), nn.Linear(3, 1))
     )
-    # kron and block_symmetric were (in this table) found wrong on LayerNorm; vmap_jvp is next
     assert auto.choose(net, params, batch) == "vmap_jvp"
+    passed_over = auto.plan(net, params, batch).passed_over
+    assert "kron: found wrong on layernorm" in passed_over
 
 
 def test_memory_budget_picks_the_leaner(table) -> None:
-    net, params, batch = _problem(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)))
+    net, params, batch = _small_mlp()
     hessian_bytes = 13 * 13 * 4
     assert auto.choose(net, params, batch, memory_budget=int(1.5 * hessian_bytes)) == (
         "block_symmetric_chunked"
     )
     with pytest.raises(ValueError, match="over budget"):
-        auto.choose(net, params, batch, memory_budget=hessian_bytes)
+        auto.choose(net, params, batch, memory_budget=hessian_bytes // 2)
 
 
 def test_unmeasured_dtype_uses_the_same_device(table) -> None:
@@ -115,37 +135,196 @@ def test_unmeasured_dtype_uses_the_same_device(table) -> None:
     assert auto.choose(net, params, batch) == "kron"
 
 
-def test_no_measurement_falls_back_to_generic(monkeypatch) -> None:
-    monkeypatch.setattr(auto, "load_table", lambda: {**TABLE, "regimes": []})
-    monkeypatch.setattr(auto, "PREFERRED", ())
-    net, params, batch = _problem(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)))
-    assert auto.choose(net, params, batch) == auto.GENERIC_FALLBACK[0]
+def test_a_net_without_kronecker_structure_is_not_given_to_kron() -> None:
+    """Every row of RawWeights is a Hessian-vector product for kron: something else wins."""
+    net, params, batch = _problem(RawWeights(), n_in=8, n=32)
+    plan = auto.plan(net, params, batch)
+    assert plan.choice != "kron"
+    kron = [c for c in plan.candidates if c.name == "kron"]
+    if kron:
+        assert kron[0].basis.startswith("0 Kronecker rows")
+        assert plan.candidates[0].predicted_s < kron[0].predicted_s
+    else:
+        assert any(reason.startswith("kron: ") for reason in plan.passed_over)
 
 
-def test_compute_runs_the_choice(table) -> None:
-    net, params, batch = _problem(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)))
-    H = strategies.compute("auto", net, params, batch, F.mse_loss)
-    assert torch.equal(H, strategies.compute("kron", net, params, batch, F.mse_loss))
+def test_a_pinn_with_autograd_grad_in_its_forward_gets_an_exact_reverse_mode_loop() -> None:
+    net, params, batch = _problem(PINN(), n_in=2, n_out=3, dtype=torch.float64, n=16)
+    plan = auto.plan(net, params, batch)
+    # torch.func cannot differentiate through autograd.grad: the probes say so before anything runs
+    assert plan.choice in auto.LAST_RESORT
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        H = strategies.compute("auto", net, params, batch)
+    assert_close_to(H, loop_hessian(net, list(params), batch), 1e-10)
 
 
-def test_committed_table_is_what_the_committed_results_give(tmp_path) -> None:
-    """The table `auto` ships must be remade, unchanged, by its own command."""
-    committed = json.loads(auto.TABLE_PATH.read_text())
-    files = committed["sources"]
-    assert files, "the committed table names the files it was made from (relative to the root)"
-    from bench.auto_table import main
-
-    out = tmp_path / "table.json"
-    assert main([*(str(ROOT / f) for f in files), "--out", str(out)]) == 0
-    remade = json.loads(out.read_text())
-    assert remade["regimes"] == committed["regimes"]
-    assert remade["wrong_on"] == committed["wrong_on"]
-    assert committed["regimes"], "the committed table holds measured regimes"
+def test_the_forum_threads_model_gets_the_fastest_measured_below_1000_params() -> None:
+    """P = 49: the table's regime nearest in P decides, not a preferred strategy."""
+    net = Model(input_dim=1, hidden_dim=16)
+    net, params, batch = _problem(net, n_in=1, n=100)
+    batch = (batch[0], batch[1].squeeze(-1))
+    assert sum(p.numel() for p in params.values()) == 49
+    table = _plan.load_table()
+    nearest = _plan.regime(table, "cpu", "float32", 49)
+    plan = auto.plan(net, params, batch, mean_over_batch_mse)
+    eligible = [name for name in nearest["ranking"] if name in {c.name for c in plan.candidates}]
+    assert plan.choice == eligible[0]
 
 
-def _exact_problem():
-    """A float64 problem small enough for the loop reference."""
-    return _problem(nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)), 3, 2, torch.float64)
+# --- wisdom ---
+
+
+def test_wisdom_sends_later_calls_straight_to_the_winner(monkeypatch, tmp_path) -> None:
+    net, params, batch = _problem(Model(input_dim=2, hidden_dim=5), n_in=2, n=6)
+    batch = (batch[0], batch[1].squeeze(-1))
+    H = strategies.compute("auto", net, params, batch)
+    (entry,) = auto.wisdom().values()
+    assert entry["how"] == "estimate"
+
+    def no_planning(*args, **kwargs):
+        raise AssertionError("planned again despite wisdom")
+
+    monkeypatch.setattr(_plan, "probe", no_planning)
+    assert torch.equal(strategies.compute("auto", net, params, batch), H)
+
+    path = tmp_path / "wisdom.json"
+    assert auto.save_wisdom(path) == 1
+    learned = auto.wisdom()
+    auto.forget_wisdom()
+    assert auto.load_wisdom(path) == 1
+    assert auto.wisdom() == learned
+    assert auto.plan.__name__  # the plan still works from loaded wisdom
+    monkeypatch.undo()
+    assert auto.plan(net, params, batch).how == "wisdom"
+
+
+def _key(net, params, batch, loss_fn=None) -> str:
+    return _plan.structure_key(net, params, batch, loss_fn)
+
+
+def test_a_changed_structure_is_not_served_stale_wisdom() -> None:
+    net, params, batch = _small_mlp()
+    key = _key(net, params, batch)
+    other_values = _problem(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)))
+    assert _key(*other_values) == key  # values are not structure
+    assert _key(net, params, (batch[0][:4], batch[1][:4])) != key  # batch size
+    assert _key(net, params, batch, F.l1_loss) != key  # loss
+    assert _key(net, params, batch, lambda o, t: ((o - t) ** 4).mean()) != key  # a lambda
+    assert _key(net, {"0.weight": params["0.weight"]}, batch) != key  # chosen params
+    assert _key(net, params, (batch[0].double(), batch[1].double())) != key  # dtype
+    net.eval()
+    assert _key(net, params, batch) != key  # mode
+
+
+def test_load_wisdom_refuses_a_foreign_file(tmp_path) -> None:
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"entries": {"k": "kron"}}))
+    with pytest.raises(ValueError, match="not hessbench wisdom"):
+        auto.load_wisdom(path)
+    with pytest.raises(ValueError, match="cannot read wisdom"):
+        auto.load_wisdom(tmp_path / "missing.json")
+
+
+def test_stale_wisdom_costs_time_never_exactness(monkeypatch) -> None:
+    def wrong(net, params, batch, loss_fn=None):
+        return strategies.compute("vmap_vjp", net, params, batch, loss_fn) * 1.05
+
+    _register(monkeypatch, "off_by_5_percent", wrong)
+    net, params, batch = _exact_problem()
+    auto._WISDOM[_key(net, params, batch)] = {"strategy": "off_by_5_percent", "how": "measure"}
+    with pytest.warns(RuntimeWarning, match="'off_by_5_percent' returned a Hessian that fails"):
+        H = strategies.compute("auto", net, params, batch)
+    assert_close_to(H, loop_hessian(net, list(params), batch), 1e-10)
+
+
+# --- measure ---
+
+
+def test_measure_times_the_plausible_candidates_and_remembers_the_fastest() -> None:
+    net, params, batch = _exact_problem()
+    plan = auto.plan(net, params, batch, measure=True)
+    assert plan.how == "measure"
+    measured = [r for r in plan.rows() if r["measured_s"] is not None]
+    assert 2 <= len(measured) <= auto.MAX_PILOTS
+    assert all(r["exact"] for r in measured)
+    fastest = min(measured, key=lambda r: r["measured_s"])
+    assert plan.choice == fastest["strategy"]
+    assert auto.wisdom()[plan.key] == {"strategy": plan.choice, "how": "measure"}
+    H = strategies.compute("auto", net, params, batch, measure=True)
+    assert_close_to(H, loop_hessian(net, list(params), batch), 1e-10)
+
+
+# --- memory ---
+
+
+def test_a_strategy_predicted_over_memory_refuses_before_allocating(tmp_path) -> None:
+    """Under an address-space limit that the Hessian fits but vmap_vjp's measured peak does not."""
+    script = textwrap.dedent(
+        """
+        import resource, torch, strategies
+        from torch import nn
+        from strategies import auto
+        from strategies._memory import available_bytes
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 48), nn.Tanh(), nn.Linear(48, 48), nn.Tanh(), nn.Linear(48, 1))
+        params = dict(net.named_parameters())
+        batch = (torch.randn(64, 8), torch.randn(64, 1))
+        P = sum(p.numel() for p in params.values())
+        H = P * P * 4
+        size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (size + 12 * H, resource.RLIM_INFINITY))
+        assert available_bytes("cpu") < 13 * H
+        try:
+            strategies.compute("vmap_vjp", net, params, batch)
+        except MemoryError as error:
+            print("refused:", error)
+        print("auto:", auto.choose(net, params, batch))
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "refused: strategy 'vmap_vjp' is predicted to peak at" in run.stdout
+    assert "auto: vmap_vjp" not in run.stdout
+
+
+# --- one rule with the report ---
+
+
+def test_auto_agrees_with_the_reports_recommendation_on_the_committed_runs() -> None:
+    from bench import results
+    from bench.grid import Case
+    from bench.models import make_problem
+
+    committed = json.loads(_plan.TABLE_PATH.read_text())
+    df, _ = results.load([str(ROOT / f) for f in committed["sources"]])
+    table = results.recommend(df)
+    checked = 0
+    for row in table.itertuples():
+        if row.device != "cpu" or not isinstance(row.fastest, str):
+            continue
+        cases = df[
+            (df["P"] >= row.P_min)
+            & (df["P"] < row.P_max)
+            & (df["arch"] == "mlp")
+            & (df["device"] == row.device)
+            & (df["dtype"] == row.dtype)
+        ]
+        smallest = cases.sort_values("P").iloc[0]
+        case = Case(
+            **{
+                f: getattr(smallest[f], "item", lambda v=smallest[f]: v)()
+                for f in Case.__dataclass_fields__
+            }
+        )
+        net, batch, loss_fn = make_problem(case)
+        choice = auto.choose(net, dict(net.named_parameters()), batch, loss_fn)
+        allowed = {row.fastest, row.runner_up} if row.tie else {row.fastest}
+        assert choice in allowed, (row.P_min, row.P_max, choice, allowed)
+        checked += 1
+    assert checked >= 3
 
 
 # --- compute: past refusals and errors, every result verified ---
@@ -164,6 +343,11 @@ class _Residual(nn.Module):
     def forward(self, x):
         h = torch.tanh(self.inp(x))
         return self.out(torch.tanh(self.mid(h) + self.skip(x)))
+
+
+def _exact_problem():
+    """A float64 problem small enough for the loop reference."""
+    return _problem(nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)), 3, 2, torch.float64)
 
 
 @pytest.mark.parametrize("loss_fn", [F.huber_loss, nn.MSELoss()], ids=["huber", "nn.MSELoss"])
@@ -186,21 +370,11 @@ def _register(monkeypatch, name: str, compute_fn, supports_fn=None) -> None:
     monkeypatch.setitem(strategies._REGISTRY, name, strategy)
 
 
-def _only(monkeypatch, ranking: list[str]) -> None:
-    """``auto`` tries exactly ``ranking`` (then its generic fallback), nothing preferred."""
-    table = {"regimes": [], "wrong_on": {}}
-    table["regimes"] = [
-        {
-            "device": "cpu",
-            "dtype": "float64",
-            "P_min": 1,
-            "P_max": 10**6,
-            "ranking": ranking,
-            "peak_ratio": {},
-        }
-    ]
-    monkeypatch.setattr(auto, "load_table", lambda: table)
-    monkeypatch.setattr(auto, "PREFERRED", ())
+def _only(monkeypatch, costs: dict[str, float]) -> None:
+    """``auto`` ranks exactly by ``costs`` (gradients per row); the rest are unmeasured."""
+    table = {"regimes": [_regime(1, 10**6, costs, {})], "wrong_on": {}}
+    table["regimes"][0]["dtype"] = "float64"
+    monkeypatch.setattr(_plan, "load_table", lambda: table)
 
 
 def test_auto_passes_over_a_wrong_hessian_with_a_warning(monkeypatch) -> None:
@@ -208,21 +382,26 @@ def test_auto_passes_over_a_wrong_hessian_with_a_warning(monkeypatch) -> None:
         return strategies.compute("vmap_vjp", net, params, batch, loss_fn) * 1.05
 
     _register(monkeypatch, "off_by_5_percent", wrong)
-    _only(monkeypatch, ["off_by_5_percent", "block_symmetric"])
+    _only(monkeypatch, {"off_by_5_percent": 0.01, "block_symmetric": 0.1})
     net, params, batch = _exact_problem()
     with pytest.warns(
         RuntimeWarning, match="'off_by_5_percent' returned a Hessian that fails verification"
     ):
         H = strategies.compute("auto", net, params, batch)
     assert_close_to(H, loop_hessian(net, list(params), batch), 1e-10)
+    assert auto.wisdom()[_key(net, params, batch)]["strategy"] == "block_symmetric"
 
 
-def test_auto_moves_past_errors(monkeypatch) -> None:
+def test_auto_moves_past_any_failure(monkeypatch) -> None:
     def out_of_memory(net, params, batch, loss_fn=None):
         raise MemoryError("no room")
 
+    def torch_cannot(net, params, batch, loss_fn=None):
+        raise RuntimeError("derivative for aten::something is not implemented")
+
     _register(monkeypatch, "no_room", out_of_memory)
-    _only(monkeypatch, ["no_room", "vmap_jvp", "symmetric_half"])
+    _register(monkeypatch, "torch_cannot", torch_cannot)
+    _only(monkeypatch, {"no_room": 0.01, "torch_cannot": 0.02, "vmap_jvp": 0.03})
     net, params, batch = _exact_problem()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -230,9 +409,10 @@ def test_auto_moves_past_errors(monkeypatch) -> None:
     assert_close_to(H, loop_hessian(net, list(params), batch, F.huber_loss), 1e-10)
 
 
-def test_auto_reports_every_refusal_when_none_is_exact(monkeypatch) -> None:
-    _only(monkeypatch, ["vmap_jvp"])
-    monkeypatch.setattr(auto, "GENERIC_FALLBACK", ("block_symmetric",))
+def test_auto_reports_every_failure_when_none_is_exact(monkeypatch) -> None:
+    kept = {n: strategies.get(n) for n in ("vmap_jvp", "block_symmetric", "auto")}
+    monkeypatch.setattr(strategies, "_REGISTRY", kept)
+    _only(monkeypatch, {"vmap_jvp": 0.1, "block_symmetric": 0.2})
     net, params, batch = _exact_problem()
     with pytest.raises(
         ValueError, match="vmap_jvp: ValueError: .*huber.*; block_symmetric: ValueError"
@@ -240,30 +420,9 @@ def test_auto_reports_every_refusal_when_none_is_exact(monkeypatch) -> None:
         strategies.compute("auto", net, params, batch, F.huber_loss)
 
 
-def test_auto_tries_kron_first_where_registered_and_supported(monkeypatch) -> None:
-    assert auto.PREFERRED == ("kron",)
-    net, params, batch = _exact_problem()
-    calls = []
-
-    def kron(net, params, batch, loss_fn=None):
-        calls.append("kron")
-        return strategies.compute("vmap_vjp", net, params, batch, loss_fn)
-
-    monkeypatch.delitem(strategies._REGISTRY, "kron", raising=False)
-    assert "kron" not in auto.candidates(net, params, batch)[0]  # a no-op while unregistered
-    _register(monkeypatch, "kron", kron)
-    assert auto.choose(net, params, batch) == "kron"
-    H = strategies.compute("auto", net, params, batch)
-    assert calls == ["kron"]
-    assert_close_to(H, loop_hessian(net, list(params), batch), 1e-10)
-    _register(monkeypatch, "kron", kron, lambda _net, _loss: (False, "not this net"))
-    assert "kron" not in auto.candidates(net, params, batch)[0]
-    assert "kron: not this net" in auto.candidates(net, params, batch)[1]
-
-
 @pytest.mark.parametrize("loss_fn", [None, nn.MSELoss(), F.huber_loss])
-def test_auto_takes_the_registered_kron_on_a_custom_module(loss_fn) -> None:
-    class Model(nn.Module):
+def test_auto_exact_on_a_custom_module(loss_fn) -> None:
+    class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc1, self.fc2 = nn.Linear(3, 6), nn.Linear(6, 2)
@@ -271,7 +430,6 @@ def test_auto_takes_the_registered_kron_on_a_custom_module(loss_fn) -> None:
         def forward(self, x):
             return self.fc2(torch.tanh(self.fc1(x)))
 
-    net, params, batch = _problem(Model(), 3, 2, torch.float64)
-    assert auto.choose(net, params, batch, loss_fn) == "kron"
+    net, params, batch = _problem(Net(), 3, 2, torch.float64)
     H = strategies.compute("auto", net, params, batch, loss_fn)
     assert_close_to(H, loop_hessian(net, list(params), batch, loss_fn), 1e-10)
