@@ -333,6 +333,18 @@ def plan(
     Raises:
         TypeError, ValueError: bad input (``strategies.check_inputs``).
     """
+    with sharing_problems():
+        return _plan_for(net, params, batch, loss_fn, memory_budget, measure)
+
+
+def _plan_for(
+    net: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: tuple[Any, Any],
+    loss_fn: LossFn | None,
+    memory_budget: int | None,
+    measure: bool,
+) -> Plan:
     check_inputs(net, params, batch, loss_fn)
     check_positive(memory_budget=memory_budget)
     if not isinstance(measure, bool):
