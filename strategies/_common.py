@@ -489,6 +489,8 @@ def _identity(net: Any, params: Any, batch: Any, loss_fn: Any) -> tuple | None:
     if not all(isinstance(t, Tensor) for t in tensors):
         return None
     own = [*net.parameters(), *net.buffers()] if isinstance(net, nn.Module) else []
+    if any(t.is_inference() for t in (*tensors, *own)):
+        return None  # inference tensors keep no version counter: never shared
     return (
         id(net),
         id(loss_fn),
