@@ -43,10 +43,16 @@ class Wheel:
 
 
 #: What a machine with torch, JAX, pandas, matplotlib and pytest may lack (imports of the
-#: curvlinops peer included; backpack without torchvision, which curvlinops does not import).
+#: curvlinops peer included; backpack without torchvision, which curvlinops does not import),
+#: and a pytest new enough for pytest-benchmark 5.3, with what that pytest needs.
 WHEELS = (
     Wheel("pytest-benchmark", ">=5.3", "5.3.1"),  # the plugin's JSON hooks need 5.3
     Wheel("py-cpuinfo2", ">=10.1", "10.1.1"),  # pytest-benchmark 5.3's
+    Wheel("pytest", ">=8.1", "9.2.0"),  # pytest-benchmark 5.3's
+    Wheel("pluggy", ">=1.6,<2", "1.7.0"),
+    Wheel("iniconfig", ">=2", "2.3.1"),
+    Wheel("pygments", ">=2.15", "2.21.0"),
+    Wheel("packaging", ">=24", "26.4"),
     Wheel("pytest-split", ">=0.9", "0.11.0"),
     Wheel("curvlinops-for-pytorch", ">=3.0", "3.0.1"),
     Wheel("einconv", "", "0.1.0"),

@@ -26,7 +26,8 @@ ROW_KEYS = {
     "first_call_s", "peer", "threads",
 }  # fmt: skip
 MACHINE_KEYS = {
-    "torch_version", "torch_threads", "cpu_model", "gpu_name", "cuda_version", "machine_label"
+    "torch_version", "torch_threads", "cpu_model", "gpu_name", "cuda_version", "machine_label",
+    "tf32", "float32_matmul_precision",
 }  # fmt: skip
 
 
@@ -70,6 +71,9 @@ def test_smoke_grid_writes_every_field(pytester, monkeypatch):
         assert row["params"] == {"strategy": info["strategy"], "case": info["case"]}
     assert MACHINE_KEYS <= set(data["machine_info"])
     assert data["machine_info"]["torch_threads"] == 1
+    # exact float32 (TF32 off), as every benchmark process sets it before it computes
+    assert data["machine_info"]["tf32"] is False
+    assert data["machine_info"]["float32_matmul_precision"] == "highest"
     hessbench = data["hessbench"]
     assert hessbench["grid"] == "smoke" and "--grid smoke" in hessbench["command"]
     if not torch.cuda.is_available():

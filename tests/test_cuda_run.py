@@ -36,8 +36,15 @@ def torch_flags():
     torch.set_float32_matmul_precision(saved[2])
 
 
+def _unset(monkeypatch, *names: str) -> None:
+    """Remove ``names`` from the environment, and whatever the test sets there after it."""
+    for name in names:
+        monkeypatch.setenv(name, "")  # recorded, so that teardown restores the original
+        monkeypatch.delenv(name)
+
+
 def test_exact_float32_turns_tf32_off_in_torch_and_jax(torch_flags, monkeypatch):
-    monkeypatch.delenv("JAX_DEFAULT_MATMUL_PRECISION", raising=False)
+    _unset(monkeypatch, "JAX_DEFAULT_MATMUL_PRECISION")
     assert device.precision()["tf32"] is True
     device.exact_float32()
     assert device.precision() == {"tf32": False, "float32_matmul_precision": "highest"}
@@ -45,8 +52,7 @@ def test_exact_float32_turns_tf32_off_in_torch_and_jax(torch_flags, monkeypatch)
 
 
 def test_prepare_process_keeps_jax_to_its_share_and_the_worker_to_none(torch_flags, monkeypatch):
-    for name in device.WORKER_JAX_ENV:
-        monkeypatch.delenv(name, raising=False)
+    _unset(monkeypatch, "JAX_DEFAULT_MATMUL_PRECISION", *device.WORKER_JAX_ENV)
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.2")  # the user's own wins
     device.prepare_process()
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
