@@ -37,6 +37,7 @@ from typing import TextIO
 import pandas as pd
 
 from bench import cli, results, wheels
+from bench.grid import DEVICES, GRIDS
 from bench.vocabulary import CRASHED, ERROR, OK, OOM, WRONG
 
 __all__ = [
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None:
             raise ValueError("--out is required where $OUT is not set")
         devices = cli.split_list(args.devices, "--devices")
+        cli.check_names(devices, DEVICES, "devices")
+        cli.check_names([args.grid], sorted(GRIDS), "grids")
         chosen = (
             cli.split_list(args.strategies, "--strategies")
             if args.strategies

@@ -168,6 +168,30 @@ def test_oom_error_and_interrupt_are_recorded_and_keep_what_was_measured(pyteste
     assert "shapes do not match" in outcomes["fake_error"]["reason"]
 
 
+def test_ctrl_c_inside_the_timed_rounds_leaves_a_json_the_report_reads(pytester, monkeypatch):
+    """A deadline's SIGINT lands in the rounds: that cell is an outcome, never a bare row."""
+    setup = """
+    import sys
+    GRIDS["smoke"] = [dict(TINY, width=2, depth=1)]
+    def interrupted_here(net, params, batch, loss_fn=None):
+        if sys.argv[0] != "-c":  # the pytest process, not the worker (python -c)
+            raise KeyboardInterrupt
+        return strategies.compute("torch_func", net, params, batch, loss_fn)
+    strategies.register("zz_interrupted_here", interrupted_here, "test-only: Ctrl-C in rounds")
+    """
+    result, data = _run(
+        pytester, monkeypatch, setup, "--grid", "smoke", "--devices", "cpu",
+        "--strategies", "torch_func,zz_interrupted_here",
+    )  # fmt: skip
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    assert [r["extra_info"]["strategy"] for r in data["benchmarks"]] == ["torch_func"]
+    df, _ = results.load([pytester.path / "run.json"])
+    assert df.set_index("strategy")["status"].to_dict() == {
+        "torch_func": OK,
+        "zz_interrupted_here": SKIPPED,
+    }
+
+
 def test_a_killed_run_keeps_what_it_measured_and_a_rerun_keeps_that(pytester, monkeypatch):
     """A run the host kills (SIGKILL: no session end) still leaves every finished cell, and
     running the command again keeps that file under a new name instead of overwriting it."""

@@ -221,6 +221,22 @@ def test_run_json_falls_back_to_the_partial_file(tmp_path):
     assert cuda_run.run_json(path) == path
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--grid", "huge"], "unknown grids ['huge']; valid grids: "),
+        (["--devices", "tpu"], "unknown devices ['tpu']; valid devices: ['cpu', 'cuda']"),
+        (["--minutes", "0"], "--minutes must be positive, got 0.0"),
+        (["--wheels", "no-such-folder"], "--wheels no-such-folder is not a folder"),
+    ],
+)
+def test_bad_arguments_are_one_line_before_any_work(tmp_path, capsys, args, message):
+    assert cuda_run.main(["--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bench/cuda_run.sh: error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_name():
     assert cuda_run.output_name(["cuda"], "gpu", "NVIDIA H200") == "nvidia-h200"
     assert cuda_run.output_name(["cpu"], "smoke", None) == "cpu-smoke"
