@@ -14,8 +14,8 @@ needs, each step bounded in time so that the whole fits a short loan of the mach
 4. the report of both, ``auto``'s table of the committed sources plus both, and a summary
    of the ratios the CUDA results are quoted by (``summary.md``).
 
-``--devices cpu --grid smoke`` runs the same steps on a CPU in well under a minute: CI
-runs it so that the command is known to work before a GPU is lent.
+``--devices cpu --grid smoke`` runs the same steps on a CPU (two to three minutes on a
+shared 2-core machine): CI runs it so that the command is known to work before a GPU is lent.
 """
 
 from __future__ import annotations
