@@ -1,10 +1,12 @@
 """Correctness audit: every registered strategy on every zoo model, against two float64 references.
 
-Run ``python -m bench.audit [--json PATH] [--strategies a,b] [--models m1,m2]``. For each zoo
-model the audit computes the row-by-row double-backward loop and central finite differences
-of the gradient (neither uses vmap or torch.func), checks that they agree, and then records
+Run ``python -m bench.audit [--json PATH] [--strategies a,b] [--models m1,m2] [--device cuda]``.
+For each zoo model the audit computes the row-by-row double-backward loop and central finite
+differences of the gradient (neither uses vmap or torch.func) on the CPU, checks that they
+agree, and then records
 per strategy x model a status of ``bench.vocabulary``: ok, wrong (with its error), error (with
-the exception) or unsupported.
+the exception) or unsupported, the strategy computing on ``--device`` (the same seeded model
+moved there; the references stay on the CPU, whatever the device's own kernels do).
 It also runs a minimal reproduction of each known upstream bug and records whether it still
 shows with the installed torch. The output follows the audit JSON contract (docs/DESIGN.md,
 "The audit JSON").
@@ -35,7 +37,7 @@ from typing import Any
 import torch
 
 import strategies
-from bench import cli, zoo
+from bench import cli, device, zoo
 from bench.measure import machine_label
 from bench.reference import fd_hessian, loop_hessian
 from bench.vocabulary import AUDIT_KIND, ERROR, OK, UNSUPPORTED, WRONG
@@ -218,10 +220,15 @@ def _same_state(a: list[tuple], b: list[tuple]) -> bool:
 
 
 def _cell(
-    strategy: Strategy, model: zoo.ZooModel, reference: torch.Tensor, ignore_supports: bool
+    strategy: Strategy,
+    model: zoo.ZooModel,
+    reference: torch.Tensor,
+    ignore_supports: bool,
+    on: str = "cpu",
 ) -> dict[str, Any]:
-    """One strategy on one model: a record of the audit JSON (without the model fields)."""
-    net, params, batch, loss_fn = zoo.build(model)
+    """One strategy on one model, computing on device ``on``: a record of the audit JSON
+    (without the model fields)."""
+    net, params, batch, loss_fn = zoo.build(model, on)
     record: dict[str, Any] = {
         "strategy": strategy.name,
         "status": OK,
@@ -284,9 +291,13 @@ def _cell(
 
 
 def audit_model(
-    model: zoo.ZooModel, audited: Sequence[Strategy], ignore_supports: bool = False
+    model: zoo.ZooModel,
+    audited: Sequence[Strategy],
+    ignore_supports: bool = False,
+    on: str = "cpu",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The reference check and one record per strategy for one zoo model."""
+    """The reference check (on the CPU) and one record per strategy computing on device ``on``
+    for one zoo model."""
     net, params, batch, loss_fn = zoo.build(model)
     names = list(params)
     check: dict[str, Any] = {
@@ -307,7 +318,7 @@ def audit_model(
     check["agree"] = check["loop_vs_fd_rel_err"] <= REFERENCE_TOL
     kind = list(model.model_kind)
     records = [
-        {"model": model.name, "model_kind": kind, **_cell(s, model, loop, ignore_supports)}
+        {"model": model.name, "model_kind": kind, **_cell(s, model, loop, ignore_supports, on)}
         for s in audited
     ]
     return check, records
@@ -352,6 +363,7 @@ def run_audit(
     known_bugs: bool = True,
     ignore_supports: bool = False,
     command: str | None = None,
+    on: str = "cpu",
 ) -> dict[str, Any]:
     """Audit strategies on zoo models; returns the audit JSON (see the module docstring).
 
@@ -363,10 +375,13 @@ def run_audit(
         ignore_supports: compute where ``supports()`` says no too, to see whether a guard
             is still needed (such cells say so in their message).
         command: the command line recorded in the JSON.
+        on: the device the strategies compute on ("cpu" or "cuda"); the references and the
+            known bugs' reproductions run on the CPU.
 
     Raises:
         KeyError: an unknown strategy or model name.
     """
+    device.prepare_process()  # TF32 off, as in the benchmark (the zoo is float64: no effect)
     audited = _resolve_strategies(strategy_names, strategy_objects)
     chosen = [m if isinstance(m, zoo.ZooModel) else zoo.get(m) for m in (models or zoo.ZOO)]
     start = time.perf_counter()
@@ -377,7 +392,7 @@ def run_audit(
     torch.set_num_threads(1)
     try:
         for model in chosen:
-            check, model_records = audit_model(model, audited, ignore_supports)
+            check, model_records = audit_model(model, audited, ignore_supports, on)
             references.append(check)
             records.extend(model_records)
         bugs = run_known_bugs() if known_bugs else []
@@ -387,6 +402,8 @@ def run_audit(
         "kind": AUDIT_KIND,
         "torch_version": torch.__version__,
         "machine_label": machine_label(),
+        "device": on,
+        **device.precision(),
         "command": command or "bench.audit.run_audit()",
         "tolerance": TOL,
         "reference_tolerance": REFERENCE_TOL,
@@ -458,6 +475,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compute where a strategy's supports() says no too (is the guard still needed?)",
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the strategies compute (default cpu); the references stay on the CPU",
+    )
     return parser
 
 
@@ -480,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         strategy_names = _names(args.strategies, "--strategies", strategies.names())
         models = _names(args.models, "--models", zoo.names())
         cli.output_file(args.json, "--json")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available on this machine")
     except ValueError as exc:
         return cli.fail(parser.prog, str(exc))
     audit = run_audit(
@@ -487,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         models,
         ignore_supports=args.ignore_supports,
         command=shlex.join(["python", "-m", "bench.audit", *argv]),
+        on=args.device,
     )
     args.json.write_text(json.dumps(audit, indent=1) + "\n")
     print(format_matrix(audit))

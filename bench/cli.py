@@ -14,7 +14,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-__all__ = ["USAGE_ERROR", "Parser", "fail", "split_list", "check_names", "output_file"]
+__all__ = [
+    "USAGE_ERROR",
+    "Parser",
+    "fail",
+    "split_list",
+    "check_names",
+    "default_strategies",
+    "output_file",
+]
 
 #: exit status of a command given a bad argument or input file (argparse's own)
 USAGE_ERROR = 2
@@ -51,6 +59,14 @@ def check_names(names: Iterable[str], valid: Sequence[str], what: str) -> None:
     unknown = [name for name in names if name not in valid]
     if unknown:
         raise ValueError(f"unknown {what} {unknown}; valid {what}: {list(valid)}")
+
+
+def default_strategies() -> list[str]:
+    """What ``pytest bench`` runs unless told: every registered strategy but the compiled
+    variants of others (a compile per cell would double a run)."""
+    import strategies  # imports torch: only the commands that run strategies ask for this
+
+    return [name for name in strategies.names() if strategies.get(name).eager is None]
 
 
 def output_file(path: Path, option: str) -> None:

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import strategies
-from bench import measure
-from bench.cli import check_names, output_file, split_list
+from bench import device, measure
+from bench.cli import check_names, default_strategies, output_file, split_list
 from bench.grid import DEVICES, GRIDS, cases
 from bench.session import Run
 from bench.vocabulary import BASELINE
@@ -116,7 +116,7 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         listed = config.getoption("--strategies")
         if listed is None:
-            chosen = [n for n in valid if strategies.get(n).eager is None]
+            chosen = default_strategies()
         elif listed.strip() == "all":
             chosen = valid
         else:
@@ -136,6 +136,7 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError("--threads must be >= 1")
         torch.set_num_threads(threads)
     _benchmark_json(config)
+    device.prepare_process()  # before anything computes or imports JAX; the worker inherits it
     _CONFIG.clear()
     _CONFIG["config"] = config
     grid = config.getoption("--grid")
@@ -177,6 +178,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         gpu_name=torch.cuda.get_device_name(0) if cuda else None,
         cuda_version=torch.version.cuda if cuda else None,
         machine_label=measure.machine_label(),
+        **device.precision(),
     )
 
 

@@ -181,8 +181,14 @@ GRIDS: dict[str, list[dict]] = {
         dict(_BASE, width=64, depth=4),
         dict(_BASE, width=128, depth=[2, 3]),
         dict(_BASE, width=160, depth=3),
+        # A GPU's memory goes further: P = 76,033, a 21.5 GiB float32 Hessian, so that the
+        # timed rounds (two Hessians alive at once) and JAX's share fit 141 GiB.
+        dict(_BASE, width=192, depth=3, device="cuda"),
     ],
 }
+# The GPU run (bench/cuda_run.sh): the default grid and the large one in one session, so that
+# the larger cases extrapolate from the smaller ones and the worker starts once.
+GRIDS["gpu"] = GRIDS["default"] + GRIDS["large"]
 
 
 def cases(grid: str, devices: tuple[str, ...] = DEVICES) -> list[Case]:

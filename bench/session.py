@@ -44,14 +44,17 @@ class CaseData:
 
 
 def hessian_call(strategy: Strategy, data: CaseData) -> Callable[[], torch.Tensor]:
-    """One Hessian of the case by the strategy; returns once the device has finished it.
+    """One Hessian of the case by the strategy, between two waits for the device.
 
-    The same call runs in the worker's isolated pass and in the timed rounds.
+    The same call runs in the worker's isolated pass, the first call and the timed rounds
+    (pytest-benchmark's timer is around it): on a GPU, where work is queued, the wait before
+    keeps earlier work out of the time and the wait after puts all of the call's work in it.
     """
     params = dict(data.net.named_parameters())
     device = torch.device(data.case.device)
 
     def call() -> torch.Tensor:
+        measure.sync(device)
         H = strategy.compute(data.net, params, data.batch, data.loss_fn)
         measure.sync(device)
         return H

@@ -25,25 +25,34 @@ def test_hessian(benchmark, hessbench: Run, case: str, strategy: str) -> None:
     call = hessian_call(chosen, data)
     benchmark.group = case
     history = hessbench.history(strategy, grid_case)
+    written = False
     try:
-        isolated = policy.isolated_pass(hessbench.worker, chosen, grid_case, history)
-        first_call_s = policy.first_call(call) if isolated.first_call_here else None
-        memory = policy.memory_pass(isolated, first_call_s)
-        rounds, warmup = policy.rounds(memory.warm_s)
-        H = benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)
-    except (KeyboardInterrupt, Exception) as exc:
-        failed = policy.failure(exc)
-        policy.record(hessbench, grid_case, strategy, failed)
-        if failed.status == OOM:
-            pytest.skip(failed.message)
-        raise
+        try:
+            isolated = policy.isolated_pass(hessbench.worker, chosen, grid_case, history)
+            first_call_s = policy.first_call(call) if isolated.first_call_here else None
+            memory = policy.memory_pass(isolated, first_call_s)
+            rounds, warmup = policy.rounds(memory.warm_s)
+            H = benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        except (KeyboardInterrupt, Exception) as exc:
+            failed = policy.failure(exc)
+            policy.record(hessbench, grid_case, strategy, failed)
+            if failed.status == OOM:
+                pytest.skip(failed.message)
+            raise
 
-    checked = policy.accuracy(H, data.reference, grid_case.dtype)
-    del H  # P^2 entries: gone before the next cell allocates its own
-    seconds = benchmark.stats.stats.min
-    benchmark.extra_info.update(
-        policy.timed_row(grid_case, chosen, data, checked, memory, first_call_s, seconds)
-    )
+        checked = policy.accuracy(H, data.reference, grid_case.dtype)
+        del H  # P^2 entries: gone before the next cell allocates its own
+        seconds = benchmark.stats.stats.min
+        benchmark.extra_info.update(
+            policy.timed_row(grid_case, chosen, data, checked, memory, first_call_s, seconds)
+        )
+        written = True
+    finally:
+        if not written:
+            # pytest-benchmark leaves out a fixture stopped by an Exception, but keeps one
+            # stopped by Ctrl-C (a deadline's SIGINT), with no row of ours and, in its first
+            # round, no time (its JSON then fails): the cell is its outcome alone
+            benchmark.has_error = True
     timed = Timed(seconds, memory.peak_bytes, checked.accurate, chosen.peer)
     hessbench.keep_timed(grid_case, strategy, timed)
     assert checked.accurate, checked.complaint(strategy, case)

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import torch
 
 import strategies
-from bench import measure
+from bench import device, measure
 from bench.grid import Case
 from bench.session import CaseData, hessian_call
 from strategies import Strategy
@@ -139,9 +139,6 @@ class Worker:
                     **os.environ,
                     "PYTHONPATH": path,
                     "PYTHONUNBUFFERED": "1",
-                    # JAX on a GPU takes 75% of its memory on first use: the pytest process
-                    # (a peer's timed calls) needs that memory after the worker's pass
-                    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
                     "HESSBENCH_WORKER": f"{theirs.fileno()} {self.threads}",
                 },
             )
@@ -231,9 +228,13 @@ def _picklable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def _release_memory(device: str) -> None:
-    """Give freed memory back, so that the timed calls in the pytest process find it free."""
-    if device == "cuda":
+def _release_memory(device_type: str) -> None:
+    """Give freed memory back, so that the timed calls in the pytest process find it free.
+
+    JAX holds none: the worker's allocator gives each buffer back as it is freed
+    (``bench.device.WORKER_JAX_ENV``).
+    """
+    if device_type == "cuda":
         torch.cuda.empty_cache()
     try:  # glibc keeps freed heap pages; the pytest process allocates next
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -279,6 +280,7 @@ def serve() -> None:
     fd, threads = map(int, os.environ.pop("HESSBENCH_WORKER").split())
     conn = Connection(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the pytest process's to handle
+    device.prepare_process(worker=True)
     torch.set_num_threads(threads)
     cache: dict[Case, CaseData] = {}
     try:

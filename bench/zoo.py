@@ -213,11 +213,19 @@ def get(name: str) -> ZooModel:
     raise KeyError(f"unknown zoo model {name!r}; valid names: {', '.join(names())}")
 
 
-def build(model: ZooModel) -> tuple[nn.Module, dict[str, Tensor], tuple[Tensor, Tensor], Callable]:
-    """Seeded ``(net, params, batch, loss_fn)`` for ``model``, params in the net's order."""
+def build(
+    model: ZooModel, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Tensor], tuple[Tensor, Tensor], Callable]:
+    """Seeded ``(net, params, batch, loss_fn)`` for ``model``, params in the net's order.
+
+    Built on the CPU under the model's seed, then moved to ``device``: the same values on
+    every device.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(model.seed)
         net, batch, loss_fn = model.builder()
+    net = net.to(device)
+    batch = (batch[0].to(device), batch[1].to(device))
     own = dict(net.named_parameters())
     chosen: Sequence[str] = model.params if model.params is not None else list(own)
     return net, {n: own[n] for n in chosen}, batch, loss_fn

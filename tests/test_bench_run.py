@@ -26,7 +26,8 @@ ROW_KEYS = {
     "first_call_s", "peer", "threads",
 }  # fmt: skip
 MACHINE_KEYS = {
-    "torch_version", "torch_threads", "cpu_model", "gpu_name", "cuda_version", "machine_label"
+    "torch_version", "torch_threads", "cpu_model", "gpu_name", "cuda_version", "machine_label",
+    "tf32", "float32_matmul_precision",
 }  # fmt: skip
 
 
@@ -70,6 +71,9 @@ def test_smoke_grid_writes_every_field(pytester, monkeypatch):
         assert row["params"] == {"strategy": info["strategy"], "case": info["case"]}
     assert MACHINE_KEYS <= set(data["machine_info"])
     assert data["machine_info"]["torch_threads"] == 1
+    # exact float32 (TF32 off), as every benchmark process sets it before it computes
+    assert data["machine_info"]["tf32"] is False
+    assert data["machine_info"]["float32_matmul_precision"] == "highest"
     hessbench = data["hessbench"]
     assert hessbench["grid"] == "smoke" and "--grid smoke" in hessbench["command"]
     if not torch.cuda.is_available():
@@ -134,8 +138,15 @@ def test_wrong_row_reaches_the_json_and_fails(pytester, monkeypatch):
     result.stdout.fnmatch_lines(["*fake_wrong*max_rel_err*> tolerance*"])
 
 
-def test_oom_error_and_interrupt_are_recorded_and_keep_what_was_measured(pytester, monkeypatch):
-    setup = """
+@pytest.mark.parametrize("interrupted_in", ["worker", "rounds"])
+def test_oom_error_and_interrupt_are_recorded_and_keep_what_was_measured(
+    pytester, monkeypatch, interrupted_in
+):
+    """Ctrl-C in the worker's pass, or in the timed rounds (where a deadline's SIGINT lands):
+    either way the cell is an outcome, never a bare row, and the JSON reads."""
+    setup = f"""
+    import sys
+    IN_WORKER = sys.argv[0] == "-c"  # the worker runs python -c
     GRIDS["smoke"] = [dict(TINY, width=2, depth=[1, 2])]
     def oom(net, params, batch, loss_fn=None):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
@@ -143,7 +154,9 @@ def test_oom_error_and_interrupt_are_recorded_and_keep_what_was_measured(pyteste
     def broken(net, params, batch, loss_fn=None):
         raise RuntimeError("shapes do not match")
     def interrupted(net, params, batch, loss_fn=None):
-        raise KeyboardInterrupt
+        if {interrupted_in == "worker"} or not IN_WORKER:
+            raise KeyboardInterrupt
+        return strategies.compute("torch_func", net, params, batch, loss_fn)
     strategies.register("fake_error", broken, "test-only: raises")
     strategies.register("fake_interrupt", interrupted, "test-only: Ctrl-C")
     """
@@ -162,6 +175,8 @@ def test_oom_error_and_interrupt_are_recorded_and_keep_what_was_measured(pyteste
     }
     assert "out of memory" in outcomes["fake_oom"]["reason"]
     assert "shapes do not match" in outcomes["fake_error"]["reason"]
+    df, _ = results.load([pytester.path / "run.json"])
+    assert df.set_index("strategy")["status"].to_dict()["fake_interrupt"] == SKIPPED
 
 
 def test_a_killed_run_keeps_what_it_measured_and_a_rerun_keeps_that(pytester, monkeypatch):
