@@ -48,7 +48,9 @@ def build(df: pd.DataFrame, audits: list[dict], sources: Sequence[str], command:
                 **regime,
                 "ranking": list(summary.index),
                 "time_s": {k: float(v) for k, v in summary["time_s"].items()},
-                "cost_vs_grad": {k: float(v) for k, v in summary["cost_vs_grad"].items()},
+                "cost_vs_grad": {
+                    k: float(v) for k, v in summary["cost_vs_grad"].items() if pd.notna(v)
+                },
                 # unmeasured peaks (memory pass skipped, peers) are left out
                 "peak_ratio": {
                     k: round(float(ratio[k]), 4)

@@ -455,6 +455,7 @@ def summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
     ok = ok.assign(
         rel_spread=ok["stddev"] / ok["min"],
         single=pd.to_numeric(ok.get("first_call_s", pd.Series(np.nan, ok.index))).fillna(ok["min"]),
+        cost_vs_grad=pd.to_numeric(ok.get("cost_vs_grad", pd.Series(np.nan, ok.index))),
     )
     return ok.groupby("strategy").agg(
         time_s=("min", _geomean),
