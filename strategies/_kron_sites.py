@@ -135,7 +135,7 @@ class LinearMode(TorchFunctionMode):
 
     Args:
         keys: ``id`` of a chosen weight or bias -> site index.
-        perturb: per site, ``(B, T, d_out)`` added to its output, or None.
+        perturb: per site, ``(B, T, d_out)`` added to its output (or None), or None.
         captured: filled with each site's input as ``(B, T, d_in)``.
         uses: ``id`` of a chosen tensor -> name; counts the torch calls taking each one.
         calls: where to record every ``F.linear`` call (discovery).
@@ -186,7 +186,7 @@ class LinearMode(TorchFunctionMode):
                 site = self.sites[k]
                 if self.captured is not None:
                     self.captured[k] = site.canonical(a)
-                if self.perturb is not None:
+                if self.perturb is not None and self.perturb[k] is not None:
                     out = out + site.native(self.perturb[k])
         elif self.seed is not None and isinstance(out, Tensor) and out.is_floating_point():
             inputs, make = self.seed

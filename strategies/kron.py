@@ -536,16 +536,44 @@ def _kron_blocks(
         widest = max(s.d_out * (s.d_in + 1) for s in sites)
         for k, site in enumerate(sites):
             # per output unit: its T directions' tangents and the B·T x P_l products
-            per_unit = site.T * B * (4 * widths + 2 * widest) * itemsize
+            later = sites[k:]
+            per_unit = site.T * B * (4 * sum(s.T * (s.d_out + s.d_in) for s in later)
+                                     + 2 * widest) * itemsize  # fmt: skip
             units = max(1, budget // per_unit)
+            from_site = _signals_from(problem, sites, k, surrogate, zeros)
             for i0 in range(0, site.d_out, units):
                 i1 = min(i0 + units, site.d_out)
-                r0, r1 = starts[k] + i0 * site.T, starts[k] + i1 * site.T
-                d_dots, a_dots = vmap(tangents)(basis(r0, r1))
+                unit = torch.zeros((i1 - i0) * site.T, site.d_out * site.T, dtype=dtype,
+                                   device=device)  # fmt: skip
+                unit[:, i0 * site.T : i1 * site.T].fill_diagonal_(1)
+                # local index i·T + t -> the (t, i) entry of a (T, d_out) perturbation
+                unit = unit.view(-1, site.d_out, site.T).transpose(1, 2)
+                d_dots, a_dots = vmap(
+                    lambda d, f=from_site, z=zeros[k]: jvp(f, (z,), (d.expand(B, -1, -1),))[1],
+                    in_dims=(0,),
+                )(unit)
                 for m in range(k, len(sites)):
-                    _shared_gemms(H, site, sites[m], offsets, i0, i1, d_dots[m], a_dots[m],
-                                  m == k)  # fmt: skip
+                    _shared_gemms(H, site, sites[m], offsets, i0, i1, d_dots[m - k],
+                                  a_dots[m - k], m == k)  # fmt: skip
     _mirror_sites(H, sites, offsets)
+
+
+def _signals_from(
+    problem: Problem, sites: list[Site], k: int, surrogate: Callable[[Tensor], Tensor],
+    zeros: tuple[Tensor, ...],
+) -> Callable[[Tensor], tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:  # fmt: skip
+    """``e_k -> (δ_l, a_l)`` for the sites l >= k only: the backward stops at site k, and the
+    sites before it are not perturbed."""
+
+    def signals(e_k: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        def value(later: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+            captured: list = [None] * len(sites)
+            out = run(problem, sites, (None,) * k + later, captured=captured)
+            return surrogate(out), tuple(captured[k:])
+
+        return grad(value, has_aux=True)((e_k, *zeros[k + 1 :]))
+
+    return signals
 
 
 def _shared_gemms(
