@@ -159,12 +159,22 @@ class LinearMode(TorchFunctionMode):
         self.uses = uses or {}
         self.count = dict.fromkeys(self.uses.values(), 0)
         self.calls, self.seed = calls, seed
+        self.opening: set[Callable] = set()
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if isinstance(func, types.FunctionType) and func.__module__ == "torch.nn.functional":
-            with self:
-                return _opened(func)(*args, **kwargs)
+        if (
+            isinstance(func, types.FunctionType)
+            and func.__module__ == "torch.nn.functional"
+            and func.__closure__ is None  # a dispatching wrapper (max_pool2d) calls the original
+            and func not in self.opening
+        ):
+            self.opening.add(func)
+            try:
+                with self:
+                    return _opened(func)(*args, **kwargs)
+            finally:
+                self.opening.discard(func)
         out = func(*args, **kwargs)
         # a property read (shape, dtype) is no use; one that returns a tensor (.T, .data) is
         if self.uses and not (

@@ -237,6 +237,11 @@ SHARED = {
     "functional_linear_only": (
         FunctionalNet, lambda: (torch.randn(4, 3, 3), torch.randn(4, 2)), None, None,
     ),
+    "conv_max_pool_linear": (
+        lambda: nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2),
+                              nn.Flatten(), nn.Linear(8, 3)),
+        lambda: (torch.randn(3, 1, 4, 4), torch.randint(0, 3, (3,))), F.cross_entropy, None,
+    ),
     "attention_time_first_layout": (
         TimeFirstAttention, lambda: (torch.randn(3, 5, 4), torch.randn(3, 5, 2)), None, None,
     ),
