@@ -62,6 +62,34 @@ def _linear_args(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None, Tens
     )
 
 
+_CONVS = (F.conv1d, F.conv2d)
+
+
+def _conv_args(args: tuple, kwargs: dict) -> tuple:
+    """``(input, weight, bias, geometry)`` of a conv call; geometry None where its patches
+    are not read here (string padding, groups)."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = (None, None, None, 1, 0, 1, 1)
+    bound = dict(zip(names, defaults)) | dict(zip(names, args)) | kwargs
+    a, w = bound["input"], bound["weight"]
+    n = w.dim() - 2
+    geometry = None
+    if bound["groups"] == 1 and not isinstance(bound["padding"], str) and a.dim() == n + 2:
+
+        def pair(v):
+            v = tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+            return ((1,) + v) if n == 1 else v  # conv1d as conv2d of height 1
+
+        kernel = tuple(w.shape[2:])
+        geometry = (
+            ((1,) + kernel) if n == 1 else kernel,
+            pair(bound["stride"]),
+            tuple(0 if n == 1 and i == 0 else p for i, p in enumerate(pair(bound["padding"]))),
+            pair(bound["dilation"]),
+        )
+    return a, w, bound["bias"], geometry
+
+
 @dataclass
 class Site:
     """A linear map whose chosen weight and/or bias get Kronecker rows.
@@ -70,6 +98,8 @@ class Site:
         weight, bias: the chosen parameters' names, or None.
         d_in, d_out: its widths.
         lead: the leading dims of its input; ``inner``: the layout (see the module doc).
+        conv: for a convolution, ``(kernel, stride, padding, dilation)`` in 2-D and the
+            output's spatial shape: its input is read as unfolded patches, ``T`` of them.
         inputs: ``a`` as ``(B, T, d_in)``; ``delta``: ``∂L/∂z`` as ``(B, T, d_out)``.
     """
 
@@ -82,6 +112,7 @@ class Site:
     batch: int
     inputs: Tensor | None = None
     delta: Tensor | None = None
+    conv: tuple | None = None
 
     @property
     def rows(self) -> int:
@@ -98,13 +129,21 @@ class Site:
 
     @property
     def T(self) -> int:
+        if self.conv is not None:
+            return _numel(self.conv[1])
         n = 1
         for s in self.lead:
             n *= s
         return n // self.batch
 
     def canonical(self, t: Tensor) -> Tensor:
-        """``(*lead, d)`` -> ``(B, T, d)`` (also under vmap)."""
+        """The input ``(*lead, d)`` -> ``(B, T, d)`` (also under vmap); a convolution's
+        input -> its patches."""
+        if self.conv is not None:
+            (kernel, stride, padding, dilation), _ = self.conv
+            x = t.unsqueeze(2) if t.dim() == 3 else t
+            patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+            return patches.transpose(1, 2)
         d = t.shape[-1]
         outer = self.T // self.inner
         return t.reshape(outer, self.batch, self.inner, d).transpose(0, 1).reshape(
@@ -112,7 +151,9 @@ class Site:
         )
 
     def native(self, t: Tensor) -> Tensor:
-        """``(B, T, d)`` -> ``(*lead, d)``."""
+        """A perturbation ``(B, T, d)`` -> the output's shape."""
+        if self.conv is not None:
+            return t.transpose(1, 2).reshape(self.batch, self.d_out, *self.conv[1])
         d = t.shape[-1]
         outer = self.T // self.inner
         return t.reshape(self.batch, outer, self.inner, d).transpose(0, 1).reshape(
@@ -128,6 +169,7 @@ class _Call:
     d_in: int
     d_out: int
     moved: list[Tensor] = field(default_factory=list)  # per probe: rows whose input moved
+    conv: tuple | None = None
 
 
 class LinearMode(TorchFunctionMode):
@@ -184,13 +226,22 @@ class LinearMode(TorchFunctionMode):
                 name = self.uses.get(id(leaf))
                 if name is not None:
                     self.count[name] += 1
-        if func is F.linear:
-            a, w, b = _linear_args(args, kwargs)
-            if self.calls is not None and w is not None and w.dim() == 2:
-                self.calls.append(
-                    _Call(id(w), None if b is None else id(b), tuple(a.shape[:-1]),
-                          w.shape[1], w.shape[0])  # fmt: skip
-                )
+        if func is F.linear or func in _CONVS:
+            if func is F.linear:
+                a, w, b = _linear_args(args, kwargs)
+                call = None
+                if w is not None and w.dim() == 2:
+                    call = _Call(id(w), None if b is None else id(b), tuple(a.shape[:-1]),
+                                 w.shape[1], w.shape[0])  # fmt: skip
+            else:
+                a, w, b, geometry = _conv_args(args, kwargs)
+                call = None
+                if geometry is not None:
+                    spatial = tuple(out.shape[2:])
+                    call = _Call(id(w), None if b is None else id(b), (a.shape[0],),
+                                 _numel(tuple(w.shape[1:])), w.shape[0], conv=(geometry, spatial))  # fmt: skip
+            if self.calls is not None and call is not None:
+                self.calls.append(call)
             k = self.keys.get(id(w), self.keys.get(id(b)) if b is not None else None)
             if k is not None:
                 site = self.sites[k]
@@ -261,7 +312,9 @@ def discover(problem: Problem) -> tuple[list[Site], list[str], float]:
     mode = LinearMode(uses=names, calls=calls)
     with torch.no_grad(), mode:
         functional_call(problem.module, point, (problem.inputs,))
-    flops = float(sum(c.d_in * c.d_out * max(1, _numel(c.lead)) for c in calls))
+    flops = float(
+        sum(c.d_in * c.d_out * max(1, _numel(c.lead)) * _positions(c) for c in calls)
+    )
     candidates = [
         c
         for c in calls
@@ -279,9 +332,13 @@ def discover(problem: Problem) -> tuple[list[Site], list[str], float]:
             continue  # its rows do not belong to samples in a layout we can read: HVP rows
         chosen = [names.get(key) for key in (c.weight, c.bias)]
         weight, bias = (n if n is not None and mode.count[n] == 1 else None for n in chosen)
-        sites.append(Site(weight, bias, c.d_in, c.d_out, c.lead, inner, B))
+        sites.append(Site(weight, bias, c.d_in, c.d_out, c.lead, inner, B, conv=c.conv))
     kron = {n for s in sites for n in (s.weight, s.bias) if n}
     return sites, [n for n in problem.names if n not in kron], flops
+
+
+def _positions(call: _Call) -> int:
+    return 1 if call.conv is None else _numel(call.conv[1])
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -313,14 +370,14 @@ def _probe_layouts(problem: Problem, calls: list[_Call]) -> None:
 
     class Record(LinearMode):
         def __torch_function__(self, func, types_, args=(), kwargs=None):
-            if func is F.linear:
-                a, w, _ = _linear_args(args, kwargs or {})
+            if func is F.linear or func in _CONVS:
+                a, w = (_linear_args if func is F.linear else _conv_args)(args, kwargs or {})[:2]
                 call = by_key.get(id(w))
                 if call is not None:
                     tangent = fwAD.unpack_dual(a).tangent
                     moved = torch.zeros(_numel(call.lead), dtype=torch.bool)
                     if tangent is not None:
-                        moved = tangent.reshape(-1, call.d_in).ne(0).any(1).cpu()
+                        moved = tangent.reshape(_numel(call.lead), -1).ne(0).any(1).cpu()
                     call.moved.append(moved)
             return super().__torch_function__(func, types_, args, kwargs)
 

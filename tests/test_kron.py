@@ -242,6 +242,23 @@ SHARED = {
                               nn.Flatten(), nn.Linear(8, 3)),
         lambda: (torch.randn(3, 1, 4, 4), torch.randint(0, 3, (3,))), F.cross_entropy, None,
     ),
+    "conv2d_stride_padding_dilation": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(),
+                              nn.Conv2d(3, 2, 2, dilation=2, padding=(1, 0)), nn.Tanh(),
+                              nn.Flatten(), nn.Linear(6, 3)),
+        lambda: (torch.randn(3, 2, 6, 5), torch.randint(0, 3, (3,))), F.cross_entropy, None,
+    ),
+    "conv2d_groups_and_subset": (
+        lambda: nn.Sequential(nn.Conv2d(2, 4, 3, groups=2, padding=1), nn.Tanh(),
+                              nn.Conv2d(4, 2, 3, stride=2, padding_mode="reflect", padding=1),
+                              nn.Flatten()),
+        lambda: (torch.randn(3, 2, 4, 4), torch.randn(3, 8)), None, ["0.weight", "2.weight"],
+    ),
+    "conv1d_stride_padding": (
+        lambda: nn.Sequential(nn.Conv1d(2, 3, 3, stride=2, padding=2), nn.Tanh(),
+                              nn.Conv1d(3, 2, 2), nn.Flatten()),
+        lambda: (torch.randn(4, 2, 7), torch.randn(4, 8)), None, None,
+    ),
     "attention_time_first_layout": (
         TimeFirstAttention, lambda: (torch.randn(3, 5, 4), torch.randn(3, 5, 2)), None, None,
     ),
@@ -253,14 +270,20 @@ class _MeanOver1(nn.Module):
         return x.mean(1)
 
 
-@pytest.mark.parametrize("case", SHARED)
-def test_shared_weights_match_float64_reference(case: str) -> None:
+def _build_shared(case: str):
+    """``(net, params, batch, loss_fn)`` of ``SHARED[case]`` in float64, deterministic."""
     make_net, make_batch, loss, names = SHARED[case]
     torch.manual_seed(0)
     net = make_net().double()
     inputs, targets = make_batch()
     batch = tuple(t.double() if t.is_floating_point() else t for t in (inputs, targets))
     params = {n: p for n, p in net.named_parameters() if names is None or n in names}
+    return net, params, batch, loss
+
+
+@pytest.mark.parametrize("case", SHARED)
+def test_shared_weights_match_float64_reference(case: str) -> None:
+    net, params, batch, loss = _build_shared(case)
     H = strategies.compute("kron", net, params, batch, loss_fn=loss)
     reference = loop_hessian(net, params, batch, loss)
     torch.testing.assert_close(H, reference, rtol=1e-9, atol=1e-11)
@@ -324,3 +347,19 @@ def test_large_output_costs_no_square_of_classes(loss) -> None:
     H = strategies.compute("kron", net, params, (x, y), loss_fn=loss)
     reference = loop_hessian(net, params, (x, y), loss)
     torch.testing.assert_close(H, reference, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("case", ["transformer_tokens", "conv2d_stride_padding_dilation",
+                                  "conv1d_stride_padding"])  # fmt: skip
+@pytest.mark.parametrize("directions", [True, False], ids=["all_directions", "all_rows"])
+def test_either_choice_of_the_cost_model_is_exact(case: str, directions: bool, monkeypatch) -> None:
+    """Every site by its directions, or every site by Hessian-vector rows: the same H."""
+    from strategies import kron
+
+    def choose(problem, sites, flops):
+        return (sites, set()) if directions else ([], {n for s in sites for n in (s.weight, s.bias) if n})
+
+    monkeypatch.setattr(kron, "_choose", choose)
+    net, params, batch, loss = _build_shared(case)
+    H = strategies.compute("kron", net, params, batch, loss_fn=loss)
+    torch.testing.assert_close(H, loop_hessian(net, params, batch, loss), rtol=1e-9, atol=1e-11)
