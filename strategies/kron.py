@@ -736,43 +736,43 @@ def _hvp_rows(
     surrogate: Callable[[Tensor], Tensor],
     chunk_size: int | None,
 ) -> None:
-    """Full rows of the non-Kronecker tensors by forward-over-reverse products of the
-    surrogate, and their columns by symmetry."""
+    """The rows of the non-Kronecker tensors by forward-over-reverse products of the
+    surrogate, and their columns by symmetry. Tensor k's rows take the columns of the
+    tensors from k on (in mapping order) and of the Kronecker tensors before it: the others
+    before it gave their block with k already. The gradient is taken w.r.t. those tensors
+    only, so the backward stops at the earliest of them."""
     point = problem.primal_dict()
     sizes = dict(zip(problem.names, problem.sizes))
-    flat_grad = _flat_grad(problem, surrogate)
-
-    n_other = sum(sizes[n] for n in others)
-    step = problem_chunk(problem, n_other, chunk_size)
+    rest = set(others)
+    step = problem_chunk(problem, sum(sizes[n] for n in others), chunk_size)
     for name in others:
+        k = problem.names.index(name)
+        cols = [n for i, n in enumerate(problem.names) if i >= k or n not in rest]
+
+        def row(v: Tensor, name: str = name, cols: list[str] = cols) -> Tensor:
+            def flat_grad(x: Tensor) -> Tensor:
+                def loss(q: dict[str, Tensor]) -> Tensor:
+                    out = functional_call(problem.module, {**point, **q}, (problem.inputs,))
+                    return surrogate(out)
+
+                g = grad(loss)({c: x if c == name else point[c] for c in cols})
+                return flatten([g[c] for c in cols])
+
+            return jvp(flat_grad, (point[name],), (v.view_as(point[name]),))[1]
+
         r0, n = offsets[name], sizes[name]
-        shape = point[name].shape
-
-        def row(v: Tensor, name: str = name, shape: torch.Size = shape) -> Tensor:
-            tangent = {m: torch.zeros_like(t) for m, t in point.items()}
-            tangent[name] = v.view(shape)
-            return jvp(flat_grad, (point,), (tangent,))[1]
-
         for start, stop, basis in unit_chunks(n, step, problem.dtype, problem.device):
-            H[r0 + start : r0 + stop] = vmap(row)(basis)
-    kron = [n for n in problem.names if n not in others]
-    for name in others:
-        r0, n = offsets[name], sizes[name]
-        for col in kron:
-            c0, m = offsets[col], sizes[col]
-            _transpose_into(H[c0 : c0 + m, r0 : r0 + n], H[r0 : r0 + n, c0 : c0 + m])
-
-
-def _flat_grad(
-    problem: Problem, surrogate: Callable[[Tensor], Tensor]
-) -> Callable[[dict[str, Tensor]], Tensor]:
-    """The surrogate loss's gradient w.r.t. the chosen parameters, flat in mapping order."""
-
-    def flat_grad(p: dict[str, Tensor]) -> Tensor:
-        g = grad(lambda q: surrogate(functional_call(problem.module, q, (problem.inputs,))))(p)
-        return flatten([g[n] for n in problem.names])
-
-    return flat_grad
+            rows = vmap(row)(basis)
+            c = 0
+            for col in cols:
+                H[r0 + start : r0 + stop, offsets[col] : offsets[col] + sizes[col]] = rows[
+                    :, c : c + sizes[col]
+                ]
+                c += sizes[col]
+        for col in cols:
+            if col != name:
+                c0, m = offsets[col], sizes[col]
+                _transpose_into(H[c0 : c0 + m, r0 : r0 + n], H[r0 : r0 + n, c0 : c0 + m])
 
 
 def _reverse_rows(H: Tensor, problem: Problem, surrogate: Callable[[Tensor], Tensor]) -> None:
