@@ -404,6 +404,8 @@ def _probe_layouts(problem: Problem, calls: list[_Call]) -> None:
 
 
 def has_linear(net: nn.Module) -> bool:
-    """Whether ``net`` holds an ``nn.Linear`` (the planner's hint; functional calls count at
-    run time)."""
-    return any(isinstance(m, nn.Linear) for m in net.modules())
+    """Whether ``net`` holds a module whose weight ``kron`` can read as a linear map
+    (``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.MultiheadAttention``): a planner's hint;
+    functional calls are found at run time."""
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
+    return any(isinstance(m, kinds) for m in net.modules())

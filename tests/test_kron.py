@@ -10,6 +10,7 @@ from torch import nn
 
 import strategies
 from bench.reference import loop_hessian
+from strategies.kron import has_linear as kron_has_linear
 
 
 @pytest.mark.parametrize("case", USER_CASES)
@@ -287,6 +288,17 @@ def test_shared_weights_match_float64_reference(case: str) -> None:
     H = strategies.compute("kron", net, params, batch, loss_fn=loss)
     reference = loop_hessian(net, params, batch, loss)
     torch.testing.assert_close(H, reference, rtol=1e-9, atol=1e-11)
+
+
+def test_shared_weights_in_float32_within_tolerance() -> None:
+    net, params, batch, loss = _build_shared("transformer_tokens")
+    reference = loop_hessian(net, params, batch, loss)
+    net = net.float()
+    params = dict(net.named_parameters())
+    H = strategies.compute("kron", net, params, batch, loss_fn=loss)
+    assert H.dtype == torch.float32
+    assert (H.double() - reference).abs().max() <= 1e-4 * reference.abs().max()
+    assert kron_has_linear(net) and not kron_has_linear(nn.Sequential(nn.Tanh()))
 
 
 def test_fused_attention_refused_naming_the_op() -> None:
