@@ -71,6 +71,9 @@ DESCRIPTION = (
 #: a temporary of one chunk of directions holds at most this fraction of the Hessian's bytes
 _CHUNK_FRACTION = 1 / 2
 _MIN_CHUNK_BYTES = 1 << 22
+#: a chunk of directions with positions may take this much: each vmap call of the tangent
+#: passes costs about 70 ms of overhead on the transformer block, a pass about 1 ms
+_SHARED_CHUNK_BYTES = 1 << 27
 #: bytes of a direction's B x P_l product kept in cache at a time
 _CACHE_BYTES = 1 << 21
 #: rows per direction from which one GEMM per direction beats batched small GEMMs
@@ -539,7 +542,7 @@ def _kron_blocks(
             later = sites[k:]
             per_unit = site.T * B * (4 * sum(s.T * (s.d_out + s.d_in) for s in later)
                                      + 2 * widest) * itemsize  # fmt: skip
-            units = max(1, budget // per_unit)
+            units = max(1, max(budget, _SHARED_CHUNK_BYTES) // per_unit)
             from_site = _signals_from(problem, sites, k, surrogate, zeros)
             for i0 in range(0, site.d_out, units):
                 i1 = min(i0 + units, site.d_out)
