@@ -113,6 +113,10 @@ class Site:
     inputs: Tensor | None = None
     delta: Tensor | None = None
     conv: tuple | None = None
+    #: an embedding: its weight ``(d_in, d_out)`` is the transpose of a linear map's, and
+    #: its input, indices, is read as one-hot rows
+    embedding: bool = False
+    dtype: torch.dtype | None = None
 
     @property
     def rows(self) -> int:
@@ -144,6 +148,8 @@ class Site:
             x = t.unsqueeze(2) if t.dim() == 3 else t
             patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
             return patches.transpose(1, 2)
+        if self.embedding:
+            t = F.one_hot(t, self.d_in).to(self.dtype)
         d = t.shape[-1]
         outer = self.T // self.inner
         return t.reshape(outer, self.batch, self.inner, d).transpose(0, 1).reshape(
@@ -170,6 +176,7 @@ class _Call:
     d_out: int
     moved: list[Tensor] = field(default_factory=list)  # per probe: rows whose input moved
     conv: tuple | None = None
+    embedding: torch.dtype | None = None  # an embedding's dtype
 
 
 class LinearMode(TorchFunctionMode):
@@ -226,21 +233,9 @@ class LinearMode(TorchFunctionMode):
                 name = self.uses.get(id(leaf))
                 if name is not None:
                     self.count[name] += 1
-        if func is F.linear or func in _CONVS:
-            if func is F.linear:
-                a, w, b = _linear_args(args, kwargs)
-                call = None
-                if w is not None and w.dim() == 2:
-                    call = _Call(id(w), None if b is None else id(b), tuple(a.shape[:-1]),
-                                 w.shape[1], w.shape[0])  # fmt: skip
-            else:
-                a, w, b, geometry = _conv_args(args, kwargs)
-                call = None
-                if geometry is not None:
-                    spatial = tuple(out.shape[2:])
-                    call = _Call(id(w), None if b is None else id(b), (a.shape[0],),
-                                 _numel(tuple(w.shape[1:])), w.shape[0], conv=(geometry, spatial))  # fmt: skip
-            if self.calls is not None and call is not None:
+        call, a, w, b = _read_call(func, args, kwargs, out)
+        if call is not None:
+            if self.calls is not None:
                 self.calls.append(call)
             k = self.keys.get(id(w), self.keys.get(id(b)) if b is not None else None)
             if k is not None:
@@ -249,13 +244,42 @@ class LinearMode(TorchFunctionMode):
                     self.captured[k] = site.canonical(a)
                 if self.perturb is not None and self.perturb[k] is not None:
                     out = out + site.native(self.perturb[k])
-        elif self.seed is not None and isinstance(out, Tensor) and out.is_floating_point():
+        if self.seed is not None and isinstance(out, Tensor) and out.is_floating_point():
             inputs, make = self.seed
             if any(leaf is inputs for leaf in tree_flatten((args, kwargs))[0]):
                 tangent = make(out)
                 if tangent is not None:
                     out = fwAD.make_dual(out, tangent)
         return out
+
+
+def _read_call(func: Callable, args: tuple, kwargs: dict, out: object) -> tuple:
+    """``(call, input, weight, bias)`` of a linear map's call (None where ``func`` is not
+    one, or one whose input is not read here), or ``(None, None, None, None)``."""
+    if func is F.linear:
+        a, w, b = _linear_args(args, kwargs)
+        if w is not None and w.dim() == 2:
+            call = _Call(id(w), None if b is None else id(b), tuple(a.shape[:-1]),
+                         w.shape[1], w.shape[0])  # fmt: skip
+            return call, a, w, b
+    elif func in _CONVS:
+        a, w, b, geometry = _conv_args(args, kwargs)
+        if geometry is not None:
+            call = _Call(id(w), None if b is None else id(b), (a.shape[0],),
+                         _numel(tuple(w.shape[1:])), w.shape[0],
+                         conv=(geometry, tuple(out.shape[2:])))  # fmt: skip
+            return call, a, w, b
+    elif func is torch.embedding:
+        names = ("weight", "indices", "padding_idx", "scale_grad_by_freq", "sparse")
+        bound = dict(zip(names, args)) | kwargs
+        w, a = bound["weight"], bound["indices"]
+        # F.embedding passes padding_idx -1 for none; a padding row has no gradient
+        plain = bound.get("padding_idx", -1) == -1 and not bound.get("scale_grad_by_freq")
+        if plain and w.dim() == 2 and a.dim() >= 1:
+            call = _Call(id(w), None, tuple(a.shape), w.shape[0], w.shape[1],
+                         embedding=w.dtype)  # fmt: skip
+            return call, a, w, None
+    return None, None, None, None
 
 
 def run(
@@ -332,7 +356,10 @@ def discover(problem: Problem) -> tuple[list[Site], list[str], float]:
             continue  # its rows do not belong to samples in a layout we can read: HVP rows
         chosen = [names.get(key) for key in (c.weight, c.bias)]
         weight, bias = (n if n is not None and mode.count[n] == 1 else None for n in chosen)
-        sites.append(Site(weight, bias, c.d_in, c.d_out, c.lead, inner, B, conv=c.conv))
+        sites.append(
+            Site(weight, bias, c.d_in, c.d_out, c.lead, inner, B, conv=c.conv,
+                 embedding=c.embedding is not None, dtype=c.embedding)  # fmt: skip
+        )
     kron = {n for s in sites for n in (s.weight, s.bias) if n}
     return sites, [n for n in problem.names if n not in kron], flops
 
@@ -368,18 +395,21 @@ def _probe_layouts(problem: Problem, calls: list[_Call]) -> None:
 
         return make
 
+    def moved(t: Tensor, call: _Call) -> Tensor:
+        tangent = fwAD.unpack_dual(t).tangent
+        if tangent is None:
+            return torch.zeros(_numel(call.lead), dtype=torch.bool)
+        return tangent.reshape(_numel(call.lead), -1).ne(0).any(1).cpu()
+
     class Record(LinearMode):
         def __torch_function__(self, func, types_, args=(), kwargs=None):
-            if func is F.linear or func in _CONVS:
-                a, w = (_linear_args if func is F.linear else _conv_args)(args, kwargs or {})[:2]
-                call = by_key.get(id(w))
-                if call is not None:
-                    tangent = fwAD.unpack_dual(a).tangent
-                    moved = torch.zeros(_numel(call.lead), dtype=torch.bool)
-                    if tangent is not None:
-                        moved = tangent.reshape(_numel(call.lead), -1).ne(0).any(1).cpu()
-                    call.moved.append(moved)
-            return super().__torch_function__(func, types_, args, kwargs)
+            out = super().__torch_function__(func, types_, args, kwargs)
+            call, a, w, _ = _read_call(func, args, kwargs or {}, out)
+            call = by_key.get(id(w)) if call is not None else None
+            if call is not None:
+                # an embedding's indices carry no tangent: its output's rows tell the layout
+                call.moved.append(moved(out if call.embedding else a, call))
+            return out
 
     try:
         for sample in range(min(B, 2)):

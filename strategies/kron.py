@@ -148,6 +148,7 @@ def compute(
         with torch.no_grad():
             if sites:
                 _kron_blocks(H, problem, sites, offsets, surrogate)
+                _untranspose(H, sites, offsets)
             if others:
                 _hvp_rows(H, problem, others, offsets, surrogate, chunk_size)
     except (NotImplementedError, RuntimeError):
@@ -559,6 +560,18 @@ def _kron_blocks(
                     _shared_gemms(H, site, sites[m], offsets, i0, i1, d_dots[m - k],
                                   a_dots[m - k], m == k)  # fmt: skip
     _mirror_sites(H, sites, offsets)
+
+
+def _untranspose(H: Tensor, sites: list[Site], offsets: dict[str, int]) -> None:
+    """An embedding's weight is ``(d_in, d_out)``, its entries in H so far in a linear map's
+    ``(d_out, d_in)`` order: permute its rows and columns into the parameter's own order
+    (the other rows' entries there are written later)."""
+    for s in sites:
+        if s.embedding and s.weight:
+            o, n = offsets[s.weight], s.d_in * s.d_out
+            perm = torch.arange(n, device=H.device).view(s.d_out, s.d_in).T.reshape(-1)
+            H[o : o + n] = H[o : o + n][perm]
+            H[:, o : o + n] = H[:, o : o + n][:, perm]
 
 
 def _signals_from(

@@ -214,6 +214,11 @@ SHARED = {
         lambda: PreLNBlock(tokens=True), lambda: (torch.randint(0, 7, (3, 4)),
                                                   torch.randint(0, 3, (3, 4))), _tokens_ce, None,
     ),
+    "transformer_tokens_embedding_and_head": (
+        lambda: PreLNBlock(tokens=True), lambda: (torch.randint(0, 7, (3, 4)),
+                                                  torch.randint(0, 3, (3, 4))), _tokens_ce,
+        ["embed.weight", "head.weight"],
+    ),
     "transformer_features_attention_only": (
         lambda: PreLNBlock(tokens=False), lambda: (torch.randn(3, 4, 4), torch.randint(0, 3, (3, 4))),
         _tokens_ce, ["att.in_proj_weight", "att.in_proj_bias", "att.out_proj.weight"],
