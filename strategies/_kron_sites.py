@@ -395,22 +395,6 @@ def _probe_layouts(problem: Problem, calls: list[_Call]) -> None:
 
         return make
 
-    def moved(t: Tensor, call: _Call) -> Tensor:
-        tangent = fwAD.unpack_dual(t).tangent
-        if tangent is None:
-            return torch.zeros(_numel(call.lead), dtype=torch.bool)
-        return tangent.reshape(_numel(call.lead), -1).ne(0).any(1).cpu()
-
-    class Record(LinearMode):
-        def __torch_function__(self, func, types_, args=(), kwargs=None):
-            out = super().__torch_function__(func, types_, args, kwargs)
-            call, a, w, _ = _read_call(func, args, kwargs or {}, out)
-            call = by_key.get(id(w)) if call is not None else None
-            if call is not None:
-                # an embedding's indices carry no tangent: its output's rows tell the layout
-                call.moved.append(moved(out if call.embedding else a, call))
-            return out
-
     try:
         for sample in range(min(B, 2)):
             make = only(sample)
@@ -419,7 +403,7 @@ def _probe_layouts(problem: Problem, calls: list[_Call]) -> None:
             with torch.no_grad(), fwAD.dual_level():
                 if seeded:
                     inputs = fwAD.make_dual(inputs, make(inputs))
-                mode = Record(seed=None if seeded else (problem.inputs, make))
+                mode = _Record(by_key, seed=None if seeded else (problem.inputs, make))
                 with mode:
                     functional_call(problem.module, problem.primal_dict(), (inputs,))
     except (NotImplementedError, RuntimeError):
@@ -431,6 +415,31 @@ def _probe_layouts(problem: Problem, calls: list[_Call]) -> None:
     for c in calls:
         if len(c.moved) != min(B, 2):
             c.moved = []
+
+
+def _moved(t: Tensor, call: _Call) -> Tensor:
+    """The rows of ``t``, a call's input or output, that carry a tangent."""
+    tangent = fwAD.unpack_dual(t).tangent
+    if tangent is None:
+        return torch.zeros(_numel(call.lead), dtype=torch.bool)
+    return tangent.reshape(_numel(call.lead), -1).ne(0).any(1).cpu()
+
+
+class _Record(LinearMode):
+    """Records, for each call in ``by_key`` (by its weight's id), the rows that moved."""
+
+    def __init__(self, by_key: dict[int, _Call], **options: object):
+        super().__init__(**options)
+        self.by_key = by_key
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        out = super().__torch_function__(func, types_, args, kwargs)
+        call, a, w, _ = _read_call(func, args, kwargs or {}, out)
+        call = self.by_key.get(id(w)) if call is not None else None
+        if call is not None:
+            # an embedding's indices carry no tangent: its output's rows tell the layout
+            call.moved.append(_moved(out if call.embedding else a, call))
+        return out
 
 
 def has_linear(net: nn.Module) -> bool:
