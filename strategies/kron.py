@@ -1,7 +1,8 @@
 """Exact Hessian of any net's loss, linear maps' weights from their Kronecker structure, the rest by HVPs.
 
 A linear map ``z = a Wᵀ + b`` (an ``nn.Linear``, an ``F.linear`` call, the projections of
-multi-head attention) whose input reads as ``(B, T, d_in)``, T positions per sample sharing
+multi-head attention, a convolution on its unfolded patches, an embedding on one-hot
+indices) whose input reads as ``(B, T, d_in)``, T positions per sample sharing
 W: a unit change of ``W[i, j]`` changes sample b's pre-activations by ``a[b, t, j]`` at
 ``z[b, t, i]`` for every position t. When samples are independent through the net and the
 loss is a sum of per-sample terms, every tangent that change causes in sample b is
@@ -18,7 +19,7 @@ With one position (``(B, d_in)`` inputs) it is one GEMM of inner dimension B per
 written straight into H. Blocks of sites run earlier are transposes; inside a site's own
 block the columns ``p < i`` are mirrored. A per-site cost model takes directions only where
 ``d_out · T`` passes and the assembly cost less than the site's own Hessian-vector rows (few
-positions against d_in). Every other chosen parameter (LayerNorm affine, embeddings,
+positions against d_in). Every other chosen parameter (LayerNorm affine, grouped
 convolutions, a linear map used twice) gets its full rows from Hessian-vector products,
 and its cross blocks come with those rows; a net with no linear map is all HVP rows.
 
