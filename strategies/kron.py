@@ -1,28 +1,39 @@
-"""Exact Hessian of any net's loss, Linear weights from their Kronecker structure, the rest by HVPs.
+"""Exact Hessian of any net's loss, linear maps' weights from their Kronecker structure, the rest by HVPs.
 
-A Linear layer ``z = a Wᵀ + b`` applied once to a ``(B, d_in)`` input: a unit change of
-``W[i, j]`` changes sample b's pre-activation by ``a[b, j] e_i``. When samples are
-independent through the net and the loss is a sum of per-sample terms, every tangent that
-change causes in sample b is ``a[b, j]`` times the tangent of a unit change of ``z[b, i]``.
-So for each output direction ``i`` one forward-over-reverse pass, for all samples at once,
-gives the tangents ``δ̇_l`` of every Linear's backprop signal ``δ_l = ∂L/∂z_l`` and ``ȧ_l`` of
-its input, and for the Linear layers l run at or after k
+A linear map ``z = a Wᵀ + b`` (an ``nn.Linear``, an ``F.linear`` call, the projections of
+multi-head attention, a convolution on its unfolded patches, an embedding on one-hot
+indices) whose input reads as ``(B, T, d_in)``, T positions per sample sharing
+W: a unit change of ``W[i, j]`` changes sample b's pre-activations by ``a[b, t, j]`` at
+``z[b, t, i]`` for every position t. When samples are independent through the net and the
+loss is a sum of per-sample terms, every tangent that change causes in sample b is
+``Σ_t a[b, t, j]`` times the tangent of a unit change of ``z[b, t, i]``. So for each
+*direction* ``(i, t)`` one forward-over-reverse pass, for all samples at once, gives the
+tangents ``U = δ̇_l`` of every site's backprop signal ``δ_l = ∂L/∂z_l`` and ``V = ȧ_l`` of
+its input, and for the sites l run at or after k
 
-    H[(k,i,j), (l,p,q)] = Σ_b a_k[b,j] (δ̇_l[b,p] a_l[b,q] + δ_l[b,p] ȧ_l[b,q])
+    H[(k,i,j), (l,p,q)] = Σ_{b,t} a_k[b,t,j] Σ_s (U^{(i,t)}[b,s,p] a_l[b,s,q]
+                                                  + δ_l[b,s,p] V^{(i,t)}[b,s,q])
 
-one GEMM of inner dimension B per direction, written straight into H (bias rows: ``a = 1``).
-Blocks of layers run earlier are transposes; inside a layer's own block only the columns
-``p >= i`` are computed and the rest mirrored. Every other chosen parameter (LayerNorm
-affine, embeddings, convolutions, a bare Parameter, a Linear used twice or on a 3-D input)
-gets its full rows from Hessian-vector products, and its cross blocks come with those rows.
+a GEMM of inner dimension ``B·T_k`` per output unit i (bias rows and columns: ``a = 1``).
+With one position (``(B, d_in)`` inputs) it is one GEMM of inner dimension B per direction
+written straight into H. Blocks of sites run earlier are transposes; inside a site's own
+block the columns ``p < i`` are mirrored. A per-site cost model takes directions only where
+``d_out · T`` passes and the assembly cost less than the site's own Hessian-vector rows (few
+positions against d_in). Every other chosen parameter (LayerNorm affine, grouped
+convolutions, a linear map used twice) gets its full rows from Hessian-vector products,
+and its cross blocks come with those rows; a net with no linear map is all HVP rows.
 
-Nothing is assumed about the forward: the Linear layers, their inputs and signals are found
-with forward hooks (a hook adds the perturbation ``e_k`` to the layer's output, so that
-``δ_k = ∂L/∂e_k``), and the preconditions are checked at run time on the batch:
+Nothing is assumed about the forward: the sites, their inputs and signals are found by a
+torch function mode (``_kron_sites``) that adds a perturbation ``e_k`` to the output of the
+``F.linear`` call itself, so that ``δ_k = ∂L/∂e_k`` whatever the net does afterwards (a
+user's forward hook included). The preconditions are checked at run time on the batch:
 
-- each Kronecker parameter is used by exactly one call of its Linear (else it gets HVP rows);
+- each Kronecker parameter is used by exactly one call (else it gets HVP rows);
 - samples are independent through the net: a forward-mode probe moves sample 0 only and
   checks that no module's output moves for the other samples, naming the first that does;
+  a second-order probe (forward over reverse) moves sample 0's, then the last sample's,
+  site outputs and checks that no other sample's ``δ_l`` or ``a_l`` moves, which catches
+  nets that mix samples only in their second derivatives;
 - the loss acts on each sample separately: its Hessian in the outputs is block diagonal per
   sample, checked with a random probe.
 
@@ -30,49 +41,60 @@ The loss enters only through its gradient ``g`` and per-sample Hessian ``A`` in 
 (reverse-over-reverse, through the loss alone); the tangent passes differentiate the
 quadratic ``g·o + ½ (o - o₀)ᵀ A (o - o₀)``, which has the same gradient and Hessian at the
 point. So losses with no forward-mode formula (``huber_loss_backward``) or with torch 2.13's
-ZeroTensor failure (``F.mse_loss`` with mean reduction) work all the same.
+ZeroTensor failure (``F.mse_loss`` with mean reduction) work all the same. Where A is a
+per-row multiple of the softmax Hessian ``diag(p) - p pᵀ`` over the last dim (cross-entropy,
+with weights or label smoothing; checked with random probes), it is kept in that form, so a
+large vocabulary costs ``O(C)`` per row, not ``C²``; where A would not fit otherwise, every
+row comes from Hessian-vector products of the loss itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ._common import LossFn, Problem, flatten, prepare
-from ._memory import problem_chunk, unit_chunks
+from ._kron_sites import Site, discover, has_linear, run
+from ._memory import check_positive, problem_chunk, unit_chunks
 
 NAME = "kron"
 FAMILY = "structured"
 DESCRIPTION = (
-    "any net: Linear weights from d_out tangent directions per layer and GEMMs of inner "
-    "dimension B, other parameters by Hessian-vector rows; upper halves mirrored"
+    "any net: linear maps' weights from d_out tangent directions per position and GEMMs of "
+    "inner dimension B·T, other parameters by Hessian-vector rows; upper halves mirrored"
 )
 
 #: a temporary of one chunk of directions holds at most this fraction of the Hessian's bytes
 _CHUNK_FRACTION = 1 / 2
 _MIN_CHUNK_BYTES = 1 << 22
+#: a chunk of directions with positions may take this much: each vmap call of the tangent
+#: passes costs about 70 ms of overhead on the transformer block, a pass about 1 ms
+_SHARED_CHUNK_BYTES = 1 << 27
 #: bytes of a direction's B x P_l product kept in cache at a time
 _CACHE_BYTES = 1 << 21
 #: rows per direction from which one GEMM per direction beats batched small GEMMs
 _WIDE_ROWS = 32
 #: rows of a block transposed at a time when mirroring
 _MIRROR_BAND = 64
+#: a tangent pass (forward over reverse) costs about this many forwards
+_PASS_FORWARDS = 6
+#: torch ops of fused attention, which have no double backward on CPU
+_FUSED_ATTENTION = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient")
 
 
 def supports(net: nn.Module, loss_fn: LossFn | None) -> tuple[bool, str]:
-    """Whether ``net`` has a structure to exploit: an ``nn.Linear``, and no BatchNorm that
+    """Whether ``kron`` can take this net: any ``nn.Module`` without a BatchNorm that
     normalises with batch statistics (it mixes samples). The batch-dependent preconditions
-    are checked by ``compute``, which raises ValueError naming the module or the loss."""
+    are checked by ``compute``, which raises ValueError naming the module or the loss. A
+    net with no linear map is supported, with every row a Hessian-vector row (``has_linear``
+    tells the planner whether there is structure to exploit)."""
     if not isinstance(net, nn.Module):
         return False, f"net must be a torch.nn.Module, got {type(net).__name__}"
-    linear = False
     for name, m in net.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
             m.training or not m.track_running_stats
@@ -81,30 +103,10 @@ def supports(net: nn.Module, loss_fn: LossFn | None) -> tuple[bool, str]:
                 f"module {name or 'net'!r} is {type(m).__name__} using batch statistics: "
                 "it mixes samples, so the Kronecker structure does not hold"
             )
-        linear = linear or isinstance(m, nn.Linear)
-    if not linear:
-        return False, "the net has no nn.Linear: no Kronecker structure to exploit"
     return True, ""
 
 
-@dataclass
-class _Site:
-    """A Linear layer whose chosen weight and/or bias get Kronecker rows."""
-
-    module: nn.Module
-    name: str
-    weight: str | None  # the chosen parameter's name, or None
-    bias: str | None
-    inputs: Tensor | None = None  # a, B x d_in
-    delta: Tensor | None = None  # ∂L/∂z, B x d_out
-
-    @property
-    def d_out(self) -> int:
-        return self.module.out_features
-
-    @property
-    def d_in(self) -> int:
-        return self.module.in_features
+__all__ = ["compute", "has_linear", "supports", "workload"]
 
 
 def compute(
@@ -117,20 +119,29 @@ def compute(
     """The dense Hessian of ``loss_fn(net(inputs), targets)`` w.r.t. ``params``.
 
     Args:
-        chunk_size: Hessian-vector rows of non-Linear parameters computed at once; default:
-            sized to free memory.
+        chunk_size: Hessian-vector rows of non-Kronecker parameters computed at once;
+            default: sized to free memory.
 
     Raises:
-        ValueError: samples are mixed by the net (naming the module) or by the loss, or the
-            outputs are not a ``(batch, ...)`` tensor.
+        ValueError: samples are mixed by the net (naming the module) or by the loss; the
+            outputs are not a ``(batch, ...)`` tensor (naming their shape); the forward
+            calls torch's fused attention (naming the op); ``chunk_size`` is not a positive
+            integer.
     """
-    problem = prepare(net, params, batch, loss_fn)
+    check_positive(chunk_size=chunk_size)
+    problem = _prepare(net, params, batch, loss_fn)
     with torch.enable_grad():
-        sites, others = _discover(problem)
-        outputs = _outputs(problem, sites, None)
+        sites, others, flops = discover(problem)
+        outputs = run(problem, [], None)
         surrogate = _loss_surrogate(problem, outputs)
     H = torch.empty(problem.P, problem.P, dtype=problem.dtype, device=problem.device)
     offsets = dict(zip(problem.names, problem.offsets))
+    if surrogate is None:  # the loss's Hessian in the outputs is too large to hold
+        loss = problem.loss_fn
+        _all_hvp_rows(H, problem, lambda out: loss(out, problem.targets), chunk_size)
+        return H
+    sites, moved = _choose(problem, sites, flops)
+    others = [n for n in problem.names if n in set(others) | moved]
     try:
         if sites:
             _check_independent(problem, sites)
@@ -138,132 +149,110 @@ def compute(
         with torch.no_grad():
             if sites:
                 _kron_blocks(H, problem, sites, offsets, surrogate)
+                _untranspose(H, sites, offsets)
             if others:
                 _hvp_rows(H, problem, others, offsets, surrogate, chunk_size)
     except (NotImplementedError, RuntimeError):
-        # an op of the net has no forward-mode formula or no batching rule (multi-head
-        # attention, GRU): every row by reverse-over-reverse products, one at a time
+        # an op of the net has no forward-mode formula or no batching rule (GRU, a custom
+        # autograd Function): every row by reverse-over-reverse products, one at a time
         if sites:
             _check_independent_reverse(problem, sites)
         _reverse_rows(H, problem, surrogate)
     return H
 
 
-# ---------------------------------------------------------------- finding the structure
+def _prepare(
+    net: nn.Module, params: Mapping[str, Tensor], batch: tuple[Tensor, Tensor],
+    loss_fn: LossFn | None,
+) -> Problem:  # fmt: skip
+    """``prepare``, with torch's fused attention named for what it is: its kernel is tagged
+    as drawing random numbers, but what stops every Hessian is its missing double backward."""
+    try:
+        return prepare(net, params, batch, loss_fn)
+    except ValueError as error:
+        op = next((op for op in _FUSED_ATTENTION if f"aten.{op}" in str(error)), None)
+        if op is None:
+            raise
+        name = str(error).split("aten.", 1)[1].split(",", 1)[0]
+        raise ValueError(
+            f"the forward calls aten.{name}, torch's fused scaled-dot-product attention, "
+            "which has no double backward on CPU, so no Hessian can be taken through it (in "
+            "nn.MultiheadAttention, pass need_weights=True to use the differentiable path)"
+        ) from error
 
 
 def workload(problem: Problem) -> tuple[int, int]:
-    """(parameters with Kronecker rows, parameters with Hessian-vector rows) on ``problem``:
-    what the planner's estimate of ``kron`` rests on. One forward, nothing differentiated."""
+    """(Kronecker rows, in MLP-row equivalents, and Hessian-vector rows) on ``problem``: what
+    the planner's estimate of ``kron`` rests on. A site with T positions costs T times the
+    directions of one with one position, so its rows count T times. One forward (and the
+    layout probes), nothing differentiated twice."""
     with torch.enable_grad():
-        _, others = _discover(problem)
+        sites, others, flops = discover(problem)
+    kept, moved = _choose(problem, sites, flops)
     sizes = dict(zip(problem.names, problem.sizes))
-    other = sum(sizes[n] for n in others)
-    return problem.P - other, other
+    other = sum(sizes[n] for n in problem.names if n in set(others) | moved)
+    return sum(s.rows * s.T for s in kept), other
 
 
-class _Uses(TorchFunctionMode):
-    """Counts the torch calls that take each chosen parameter (metadata reads excluded)."""
-
-    def __init__(self, ids: dict[int, str]):
-        super().__init__()
-        self.ids = ids
-        self.count = dict.fromkeys(ids.values(), 0)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        # a property read (shape, dtype) is no use; one that returns a tensor (.T, .data) is
-        if getattr(func, "__name__", "") == "__get__" and not isinstance(out, Tensor):
-            return out
-        for leaf in tree_flatten((args, kwargs))[0]:
-            name = self.ids.get(id(leaf))
-            if name is not None:
-                self.count[name] += 1
-        return out
+def _all_hvp_rows(
+    H: Tensor, problem: Problem, loss: Callable[[Tensor], Tensor], chunk_size: int | None
+) -> None:
+    """Every row from Hessian-vector products of ``loss`` of the outputs, or by double
+    backward where the net or the loss has no forward-mode formula."""
+    offsets = dict(zip(problem.names, problem.offsets))
+    try:
+        with torch.no_grad():
+            _hvp_rows(H, problem, list(problem.names), offsets, loss, chunk_size)
+    except (NotImplementedError, RuntimeError):
+        _reverse_rows(H, problem, loss)
 
 
-def _discover(problem: Problem) -> tuple[list[_Site], list[str]]:
-    """The Linear layers whose chosen parameters get Kronecker rows, in the order the forward
-    runs them, and the names of the other chosen parameters."""
+# ---------------------------------------------------------------- the cost model
+
+
+def _choose(problem: Problem, sites: list[Site], flops: float) -> tuple[list[Site], set[str]]:
+    """The sites whose directions cost less than their Hessian-vector rows, and the names of
+    the others' parameters (they get HVP rows). With one position a site always wins (d_out
+    passes against d_out·(d_in+1)); with T positions its d_out·T passes and the assembly,
+    ``B·T·P_l`` multiply-adds per direction and later site l plus a GEMM of ``d_in·B·T·P_l``
+    per output unit, are weighed against its rows, each a pass."""
     B = problem.inputs.shape[0]
-    point = problem.primal_dict()
-    owner = {}
-    for name, m in problem.module.named_modules():
-        if type(m) is nn.Linear:
-            for kind in ("weight", "bias"):
-                if f"{name}.{kind}" in point if name else kind in point:
-                    owner.setdefault(id(m), name)
-    calls: list[tuple[nn.Module, tuple[int, ...]]] = []
-
-    def record(module: nn.Module, args: tuple, output: Tensor) -> None:
-        shape = tuple(args[0].shape) if args and isinstance(args[0], Tensor) else ()
-        calls.append((module, shape))
-
-    modules = {n: m for n, m in problem.module.named_modules() if id(m) in owner}
-    handles = [m.register_forward_hook(record) for m in modules.values()]
-    uses = _Uses({id(t): n for n, t in point.items()})
-    try:
-        with torch.no_grad(), uses:
-            functional_call(problem.module, point, (problem.inputs,))
-    finally:
-        for h in handles:
-            h.remove()
-    times = {}
-    for m, shape in calls:
-        times.setdefault(id(m), []).append(shape)
-    sites = []
-    for m, shape in calls:
-        if times[id(m)] != [shape] or len(shape) != 2 or shape[0] != B:
-            continue  # used twice, or not on (B, d_in): its parameters get HVP rows
-        prefix = f"{owner[id(m)]}." if owner[id(m)] else ""
-        chosen = {
-            kind: f"{prefix}{kind}"
-            for kind in ("weight", "bias")
-            if f"{prefix}{kind}" in point and uses.count[f"{prefix}{kind}"] == 1
-        }
-        if chosen:
-            sites.append(_Site(m, owner[id(m)], chosen.get("weight"), chosen.get("bias")))
-    kron = {n for s in sites for n in (s.weight, s.bias) if n}
-    return sites, [n for n in problem.names if n not in kron]
-
-
-def _outputs(problem: Problem, sites: list[_Site], perturb: tuple[Tensor, ...] | None,
-             point: Mapping[str, Tensor] | None = None,
-             captured: list | None = None) -> Tensor:  # fmt: skip
-    """The net's outputs at ``point`` (default: the primals), with ``perturb[k]`` added to
-    site k's output and its input stored in ``captured[k]``."""
-
-    def hook(k: int):
-        def add(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            if captured is not None:
-                captured[k] = args[0]
-            return output if perturb is None else output + perturb[k]
-
-        return add
-
-    handles = [s.module.register_forward_hook(hook(k)) for k, s in enumerate(sites)]
-    try:
-        return functional_call(
-            problem.module, problem.primal_dict() if point is None else point, (problem.inputs,)
+    forward = max(flops, float(B * problem.P))  # multiply-adds of one forward
+    kept, moved = [], set()
+    for k, s in enumerate(sites):
+        if s.T == 1:
+            kept.append(s)
+            continue
+        later = sites[k:]
+        assembly = sum(
+            s.d_out * B * s.T * (2 * o.T + s.d_in + 1) * (o.d_out * (o.d_in + 1)) for o in later
         )
-    finally:
-        for h in handles:
-            h.remove()
+        directions = s.d_out * s.T * _PASS_FORWARDS * forward + assembly
+        rows = s.rows * _PASS_FORWARDS * forward
+        if directions < rows:
+            kept.append(s)
+        else:
+            moved.update(n for n in (s.weight, s.bias) if n)
+    return kept, moved
 
 
-def _check_independent(problem: Problem, sites: list[_Site]) -> None:
+# ---------------------------------------------------------------- independence probes
+
+
+def _sample_tangent(shape: torch.Size, dtype: torch.dtype, device: torch.device, sample: int,
+                    generator: torch.Generator) -> Tensor:  # fmt: skip
+    t = torch.zeros(shape, dtype=dtype)
+    t[sample] = torch.randn(shape[1:], dtype=dtype, generator=generator)
+    return t.to(device)
+
+
+def _check_independent(problem: Problem, sites: list[Site]) -> None:
     """ValueError naming the first module whose output for other samples moves when only
-    sample 0's input and Linear outputs move (forward mode, one pass)."""
+    sample 0's input and site outputs move (forward mode, one pass)."""
     B = problem.inputs.shape[0]
     if B < 2:
         return
     generator = torch.Generator(device="cpu").manual_seed(0)
-
-    def sample0(shape: torch.Size, dtype: torch.dtype) -> Tensor:
-        t = torch.zeros(shape, dtype=dtype)
-        t[0] = torch.randn(shape[1:], dtype=dtype, generator=generator)
-        return t.to(problem.device)
 
     def leaks(x: object) -> bool:
         for t in tree_flatten(x)[0]:
@@ -291,20 +280,22 @@ def _check_independent(problem: Problem, sites: list[_Site]) -> None:
     modules = [m for m in problem.module.modules() if m is not problem.module]
     handles = [m.register_forward_pre_hook(before) for m in modules]
     handles += [m.register_forward_hook(after) for m in modules]
+    dtype, device = problem.dtype, problem.device
     try:
         with torch.no_grad(), fwAD.dual_level():
             inputs = problem.inputs
             if inputs.is_floating_point() and inputs.dim():
-                inputs = fwAD.make_dual(inputs, sample0(inputs.shape, inputs.dtype))
+                inputs = fwAD.make_dual(
+                    inputs, _sample_tangent(inputs.shape, inputs.dtype, device, 0, generator)
+                )
             perturb = tuple(
                 fwAD.make_dual(
-                    torch.zeros(B, s.d_out, dtype=problem.dtype, device=problem.device),
-                    sample0(torch.Size((B, s.d_out)), problem.dtype),
+                    torch.zeros(B, s.T, s.d_out, dtype=dtype, device=device),
+                    _sample_tangent(torch.Size((B, s.T, s.d_out)), dtype, device, 0, generator),
                 )
                 for s in sites
             )
-            swapped = Problem(**{**problem.__dict__, "inputs": inputs})
-            outputs = _outputs(swapped, sites, perturb)
+            outputs = run(problem, sites, perturb, inputs=inputs)
             if not found and leaks(outputs):
                 found.append("the forward of the net mixes samples outside its submodules")
     finally:
@@ -314,6 +305,39 @@ def _check_independent(problem: Problem, sites: list[_Site]) -> None:
         _refuse_mixing(found[0])
 
 
+def _check_second_order(
+    problem: Problem, sites: list[Site], signals: Callable, zeros: tuple[Tensor, ...]
+) -> None:
+    """ValueError where moving one sample's site outputs moves another sample's signals
+    ``δ_l`` or inputs ``a_l`` (forward over reverse, samples 0 and B-1): the Kronecker rows
+    need exactly that independence, first and second order."""
+    B = problem.inputs.shape[0]
+    if B < 2:
+        return
+    generator = torch.Generator(device="cpu").manual_seed(3)
+    probes = tuple(
+        torch.stack([
+            _sample_tangent(z.shape, z.dtype, z.device, sample, generator)
+            for sample in (0, B - 1)
+        ])
+        for z in zeros
+    )  # fmt: skip
+    d_dots, a_dots = vmap(lambda t: jvp(signals, (zeros,), (t,))[1])(probes)
+    # independent samples leave exact zeros, but some kernels (group norm's) leave roundoff,
+    # about 1e-12 of the scale in float64; a mix that matters is of the order of the scale
+    tol = torch.finfo(problem.dtype).eps ** 0.5
+    for n, sample in enumerate((0, B - 1)):
+        others = torch.arange(B, device=problem.device) != sample
+        moved = [t[n] for t in (*d_dots, *a_dots)]
+        scale = max((float(t.abs().max()) for t in moved if t.numel()), default=0.0)
+        leak = max((float(t[others].abs().max()) for t in moved if t.numel()), default=0.0)
+        if leak > tol * scale:
+            _refuse_mixing(
+                f"the second derivatives of the forward mix samples (moving sample {sample}'s "
+                "linear outputs moves another sample's gradient signals)"
+            )
+
+
 def _refuse_mixing(where: str) -> None:
     raise ValueError(
         f"kron needs samples to be independent through the net, but {where} (the outputs of "
@@ -321,10 +345,10 @@ def _refuse_mixing(where: str) -> None:
     )
 
 
-def _check_independent_reverse(problem: Problem, sites: list[_Site]) -> None:
+def _check_independent_reverse(problem: Problem, sites: list[Site]) -> None:
     """``_check_independent`` by one reverse pass, for nets without forward-mode formulas:
-    the other samples' outputs and Linear inputs, weighted at random, must have zero
-    gradient w.r.t. sample 0's input and Linear outputs. It cannot name the module."""
+    the other samples' outputs and site inputs, weighted at random, must have zero gradient
+    w.r.t. sample 0's input and site outputs. It cannot name the module."""
     B = problem.inputs.shape[0]
     if B < 2:
         return
@@ -333,12 +357,12 @@ def _check_independent_reverse(problem: Problem, sites: list[_Site]) -> None:
         if inputs.is_floating_point() and inputs.dim():
             inputs = inputs.detach().clone().requires_grad_(True)
         perturb = tuple(
-            torch.zeros(B, s.d_out, dtype=problem.dtype, device=problem.device, requires_grad=True)
+            torch.zeros(B, s.T, s.d_out, dtype=problem.dtype, device=problem.device,
+                        requires_grad=True)
             for s in sites
-        )
+        )  # fmt: skip
         captured: list = [None] * len(sites)
-        swapped = Problem(**{**problem.__dict__, "inputs": inputs})
-        outputs = _outputs(swapped, sites, perturb, captured=captured)
+        outputs = run(problem, sites, perturb, captured=captured, inputs=inputs)
         generator = torch.Generator(device="cpu").manual_seed(0)
         objective = sum(
             (
@@ -355,8 +379,9 @@ def _check_independent_reverse(problem: Problem, sites: list[_Site]) -> None:
 # ---------------------------------------------------------------- the loss
 
 
-def _loss_surrogate(problem: Problem, outputs: Tensor) -> Callable[[Tensor], Tensor]:
-    """A quadratic in the outputs with the loss's gradient and Hessian at ``outputs``.
+def _loss_surrogate(problem: Problem, outputs: Tensor) -> Callable[[Tensor], Tensor] | None:
+    """A quadratic in the outputs with the loss's gradient and Hessian at ``outputs``, or
+    None where the per-sample Hessian ``A`` would not fit in memory and has no softmax form.
 
     Raises:
         ValueError: the outputs are not a ``(batch, ...)`` tensor, or the loss's Hessian in
@@ -375,29 +400,47 @@ def _loss_surrogate(problem: Problem, outputs: Tensor) -> Callable[[Tensor], Ten
     (g,) = torch.autograd.grad(value, o, create_graph=True)
     flat_g = g.reshape(B, -1)
     C = flat_g.shape[1]
-    A = torch.zeros(B, C, C, dtype=o0.dtype, device=o0.device)
-    if flat_g.requires_grad:
-        for c in range(C):
-            (col,) = torch.autograd.grad(
-                flat_g[:, c].sum(), o, retain_graph=True, allow_unused=True
-            )
-            if col is not None:
-                A[:, :, c] = col.reshape(B, C)
-        # one probe with different weights per sample: a per-sample loss gives A v exactly
-        generator = torch.Generator(device="cpu").manual_seed(1)
-        v = torch.randn(B, C, generator=generator, dtype=o0.dtype).to(o0.device)
-        (hv,) = torch.autograd.grad(flat_g, o, v, allow_unused=True)
-        hv = torch.zeros_like(v) if hv is None else hv.reshape(B, C)
-        expected = torch.einsum("bcd,bd->bc", A, v)
-        scale = (A.abs().amax() * v.abs().sum(1).amax()).item()
-        tol = 1e3 * torch.finfo(o0.dtype).eps * max(scale, torch.finfo(o0.dtype).tiny)
-        if (hv - expected).abs().amax().item() > tol:
-            raise ValueError(
-                "kron needs a loss that is a sum or mean over samples of per-sample terms, but "
-                "this loss_fn couples samples (its Hessian in the outputs is not block "
-                "diagonal per sample): use block_symmetric or full_autograd"
-            )
     g0 = flat_g.detach()
+    if not flat_g.requires_grad:  # the loss is linear in the outputs
+
+        def linear(out: Tensor) -> Tensor:
+            return (g0 * out.reshape(B, C)).sum()
+
+        return linear
+
+    def hvp(v: Tensor) -> Tensor:
+        (hv,) = torch.autograd.grad(g, o, v.view_as(o), retain_graph=True, allow_unused=True)
+        return torch.zeros_like(v) if hv is None else hv.reshape(v.shape)
+
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    eps = torch.finfo(o0.dtype).eps
+    softmax = _softmax_form(o0, hvp, generator, eps)
+    if softmax is not None:
+        p, scale = softmax
+
+        def structured(out: Tensor) -> Tensor:
+            d = out - o0
+            pd = (p * d).sum(-1)
+            quad = (scale * ((p * d * d).sum(-1) - pd * pd)).sum()
+            return (g0 * out.reshape(B, C)).sum() + 0.5 * quad
+
+        return structured
+    itemsize = o0.element_size()
+    hessian_bytes = problem.P * problem.P * itemsize
+    if B * C * C * itemsize > max(hessian_bytes * _CHUNK_FRACTION, _MIN_CHUNK_BYTES):
+        return None
+    A = torch.zeros(B, C, C, dtype=o0.dtype, device=o0.device)
+    for c in range(C):
+        (col,) = torch.autograd.grad(flat_g[:, c].sum(), o, retain_graph=True, allow_unused=True)
+        if col is not None:
+            A[:, :, c] = col.reshape(B, C)
+    # one probe with different weights per sample: a per-sample loss gives A v exactly
+    v = torch.randn(B, C, generator=generator, dtype=o0.dtype).to(o0.device)
+    hv = hvp(v)
+    expected = torch.einsum("bcd,bd->bc", A, v)
+    bound = (A.abs().amax() * v.abs().sum(1).amax()).item()
+    if (hv - expected).abs().amax().item() > 1e3 * eps * max(bound, torch.finfo(o0.dtype).tiny):
+        _refuse_coupled_loss()
 
     def surrogate(out: Tensor) -> Tensor:
         flat = out.reshape(B, C)
@@ -407,28 +450,60 @@ def _loss_surrogate(problem: Problem, outputs: Tensor) -> Callable[[Tensor], Ten
     return surrogate
 
 
+def _refuse_coupled_loss() -> None:
+    raise ValueError(
+        "kron needs a loss that is a sum or mean over samples of per-sample terms, but this "
+        "loss_fn couples samples (its Hessian in the outputs is not block diagonal per "
+        "sample): use block_symmetric or full_autograd"
+    )
+
+
+def _softmax_form(
+    o0: Tensor, hvp: Callable[[Tensor], Tensor], generator: torch.Generator, eps: float
+) -> tuple[Tensor, Tensor] | None:
+    """``(p, s)`` where the loss's Hessian in the outputs is ``s_r (diag(p_r) - p_r p_rᵀ)``
+    for every row r of the last dim, ``p = softmax(o0)``: ``s`` from one random probe (a
+    Rayleigh quotient per row), the form checked on a second. Else None."""
+    if o0.dim() < 2 or o0.shape[-1] < 2:
+        return None
+    p = torch.softmax(o0, -1)
+
+    def softmax_hvp(v: Tensor) -> Tensor:
+        return p * v - p * (p * v).sum(-1, keepdim=True)
+
+    v1, v2 = (
+        torch.randn(o0.shape, generator=generator, dtype=o0.dtype).to(o0.device) for _ in "12"
+    )
+    h1, s1 = hvp(v1), softmax_hvp(v1)
+    scale = (v1 * h1).sum(-1) / (v1 * s1).sum(-1).clamp_min(torch.finfo(o0.dtype).tiny)
+    expected, actual = scale[..., None] * softmax_hvp(v2), hvp(v2)
+    bound = float(actual.abs().max()) + float(expected.abs().max())
+    if float((actual - expected).abs().max()) > 1e4 * eps * max(bound, 1e-300):
+        return None
+    return p, scale
+
+
 # ---------------------------------------------------------------- Kronecker rows
 
 
 def _kron_blocks(
     H: Tensor,
     problem: Problem,
-    sites: list[_Site],
+    sites: list[Site],
     offsets: dict[str, int],
     surrogate: Callable[[Tensor], Tensor],
 ) -> None:
     """Fill every block between Kronecker parameters, and mirror it."""
     B = problem.inputs.shape[0]
-    zeros = tuple(
-        torch.zeros(B, s.d_out, dtype=problem.dtype, device=problem.device) for s in sites
-    )
+    dtype, device = problem.dtype, problem.device
+    zeros = tuple(torch.zeros(B, s.T, s.d_out, dtype=dtype, device=device) for s in sites)
 
     def signals(perturb: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """``(δ_l, a_l)`` of every site at the point, with ``perturb`` added to the outputs."""
 
         def value(p: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
             captured: list = [None] * len(sites)
-            out = _outputs(problem, sites, p, captured=captured)
+            out = run(problem, sites, p, captured=captured)
             return surrogate(out), tuple(captured)
 
         return grad(value, has_aux=True)(perturb)
@@ -436,44 +511,142 @@ def _kron_blocks(
     deltas, inputs = signals(zeros)
     for site, delta, a in zip(sites, deltas, inputs):
         site.delta, site.inputs = delta.detach(), a.detach()
+    _check_second_order(problem, sites, signals, zeros)
 
-    # the directions of all sites in one vmap: direction r of site k is the unit change of
-    # z_k[:, i] for all samples; basis[k] holds site k's share of every direction
+    # direction r of site k is the unit change of z_k[:, t, i] for all samples (r = i·T + t);
+    # basis[k] holds site k's share of every direction
     starts = [0]
     for s in sites:
-        starts.append(starts[-1] + s.d_out)
-    basis = []
-    for k, s in enumerate(sites):
-        b = torch.zeros(starts[-1], s.d_out, dtype=problem.dtype, device=problem.device)
-        b[starts[k] : starts[k + 1]].fill_diagonal_(1)
-        basis.append(b)
+        starts.append(starts[-1] + s.d_out * s.T)
 
     def tangents(direction: tuple[Tensor, ...]) -> tuple:
-        perturb = tuple(d.expand(B, -1) for d in direction)
+        perturb = tuple(d.expand(B, -1, -1) for d in direction)
         return jvp(signals, (zeros,), (perturb,))[1]
+
+    def basis(r0: int, r1: int) -> tuple[Tensor, ...]:
+        out = []
+        for k, s in enumerate(sites):
+            b = torch.zeros(r1 - r0, s.d_out * s.T, dtype=dtype, device=device)
+            lo, hi = max(r0, starts[k]), min(r1, starts[k + 1])
+            if lo < hi:
+                b[lo - r0 : hi - r0, lo - starts[k] : hi - starts[k]].fill_diagonal_(1)
+            # local index i·T + t -> the (t, i) entry of a (T, d_out) perturbation
+            out.append(b.view(r1 - r0, s.d_out, s.T).transpose(1, 2))
+        return tuple(out)
 
     itemsize = H.element_size()
     budget = max(int(H.numel() * itemsize * _CHUNK_FRACTION), _MIN_CHUNK_BYTES)
-    widths = sum(s.d_out + s.d_in for s in sites)
-    chunk = max(1, budget // max(1, 4 * B * widths * itemsize))
-    for r0 in range(0, starts[-1], chunk):
-        r1 = min(r0 + chunk, starts[-1])
-        d_dots, a_dots = vmap(tangents)(tuple(b[r0:r1] for b in basis))
+    widths = sum(s.T * (s.d_out + s.d_in) for s in sites)
+    if all(s.T == 1 for s in sites):
+        chunk = max(1, budget // max(1, 4 * B * widths * itemsize))
+        for r0 in range(0, starts[-1], chunk):
+            r1 = min(r0 + chunk, starts[-1])
+            d_dots, a_dots = vmap(tangents)(basis(r0, r1))
+            for k, site in enumerate(sites):
+                lo, hi = max(r0, starts[k]), min(r1, starts[k + 1])
+                if lo >= hi:
+                    continue
+                rows, local = slice(lo - r0, hi - r0), slice(lo - starts[k], hi - starts[k])
+                for m in range(k, len(sites)):
+                    u, v = d_dots[m][rows, :, 0], a_dots[m][rows, :, 0]
+                    _gemms(H, site, sites[m], offsets, local, u, v, m == k)
+    else:
+        widest = max(s.d_out * (s.d_in + 1) for s in sites)
         for k, site in enumerate(sites):
-            lo, hi = max(r0, starts[k]), min(r1, starts[k + 1])
-            if lo >= hi:
-                continue
-            rows, local = slice(lo - r0, hi - r0), slice(lo - starts[k], hi - starts[k])
-            for m in range(k, len(sites)):
-                u, v = d_dots[m][rows], a_dots[m][rows]
-                _gemms(H, site, sites[m], offsets, local, u, v, m == k)
+            # per output unit: its T directions' tangents and the B·T x P_l products
+            later = sites[k:]
+            per_unit = site.T * B * (4 * sum(s.T * (s.d_out + s.d_in) for s in later)
+                                     + 2 * widest) * itemsize  # fmt: skip
+            units = max(1, max(budget, _SHARED_CHUNK_BYTES) // per_unit)
+            from_site = _signals_from(problem, sites, k, surrogate, zeros)
+            for i0 in range(0, site.d_out, units):
+                i1 = min(i0 + units, site.d_out)
+                unit = torch.zeros((i1 - i0) * site.T, site.d_out * site.T, dtype=dtype,
+                                   device=device)  # fmt: skip
+                unit[:, i0 * site.T : i1 * site.T].fill_diagonal_(1)
+                # local index i·T + t -> the (t, i) entry of a (T, d_out) perturbation
+                unit = unit.view(-1, site.d_out, site.T).transpose(1, 2)
+                d_dots, a_dots = vmap(
+                    lambda d, f=from_site, z=zeros[k]: jvp(f, (z,), (d.expand(B, -1, -1),))[1],
+                    in_dims=(0,),
+                )(unit)
+                for m in range(k, len(sites)):
+                    _shared_gemms(H, site, sites[m], offsets, i0, i1, d_dots[m - k],
+                                  a_dots[m - k], m == k)  # fmt: skip
     _mirror_sites(H, sites, offsets)
+
+
+def _untranspose(H: Tensor, sites: list[Site], offsets: dict[str, int]) -> None:
+    """An embedding's weight is ``(d_in, d_out)``, its entries in H so far in a linear map's
+    ``(d_out, d_in)`` order: permute its rows and columns into the parameter's own order
+    (the other rows' entries there are written later)."""
+    for s in sites:
+        if s.embedding and s.weight:
+            o, n = offsets[s.weight], s.d_in * s.d_out
+            perm = torch.arange(n, device=H.device).view(s.d_out, s.d_in).T.reshape(-1)
+            H[o : o + n] = H[o : o + n][perm]
+            H[:, o : o + n] = H[:, o : o + n][:, perm]
+
+
+def _signals_from(
+    problem: Problem, sites: list[Site], k: int, surrogate: Callable[[Tensor], Tensor],
+    zeros: tuple[Tensor, ...],
+) -> Callable[[Tensor], tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:  # fmt: skip
+    """``e_k -> (δ_l, a_l)`` for the sites l >= k only: the backward stops at site k, and the
+    sites before it are not perturbed."""
+
+    def signals(e_k: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        def value(later: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+            captured: list = [None] * len(sites)
+            out = run(problem, sites, (None,) * k + later, captured=captured)
+            return surrogate(out), tuple(captured[k:])
+
+        return grad(value, has_aux=True)((e_k, *zeros[k + 1 :]))
+
+    return signals
+
+
+def _shared_gemms(
+    H: Tensor, row: Site, col: Site, offsets: dict[str, int], i0: int, i1: int,
+    u: Tensor, v: Tensor, diagonal: bool,
+) -> None:  # fmt: skip
+    """Rows of ``row``'s output units ``i0:i1`` against the columns of ``col``'s tensors,
+    for sites with positions: ``u = δ̇_l``, ``v = ȧ_l`` of the directions ``(i, t)``, shaped
+    ``(c·T_k, B, T_l, d)``. On the site's own block ``ȧ_k = 0``, and the bias rows against
+    the weight columns are left to the mirror."""
+    c, B, T_k = i1 - i0, row.batch, row.T
+    row_w = offsets[row.weight] if row.weight else None
+    row_b = offsets[row.bias] if row.bias else None
+    col_w = offsets[col.weight] if col.weight else None
+    col_b = offsets[col.bias] if col.bias else None
+    u = u.reshape(c, T_k, B, col.T, col.d_out)
+    # row features ordered (t, b), as the products' rows below
+    a_k = row.inputs.transpose(0, 1).reshape(T_k * B, row.d_in)
+    if col_w is not None:
+        n = col.d_out * col.d_in
+        prod = torch.matmul(u.transpose(-1, -2), col.inputs)  # c, T_k, B, d_l, d_in_l
+        if not diagonal:
+            v = v.reshape(c, T_k, B, col.T, col.d_in)
+            prod += torch.matmul(col.delta.transpose(-1, -2), v)
+        prod = prod.reshape(c, T_k * B, n)
+        if row_w is not None:
+            out = H[row_w + i0 * row.d_in : row_w + i1 * row.d_in, col_w : col_w + n]
+            out.view(c, row.d_in, n).copy_(torch.matmul(a_k.T, prod))
+        if row_b is not None and not diagonal:
+            H[row_b + i0 : row_b + i1, col_w : col_w + n] = prod.sum(1)
+    if col_b is not None:
+        sums = u.sum(3).reshape(c, T_k * B, col.d_out)
+        if row_w is not None:
+            out = H[row_w + i0 * row.d_in : row_w + i1 * row.d_in, col_b : col_b + col.d_out]
+            out.view(c, row.d_in, col.d_out).copy_(torch.matmul(a_k.T, sums))
+        if row_b is not None:
+            H[row_b + i0 : row_b + i1, col_b : col_b + col.d_out] = sums.sum(1)
 
 
 def _gemms(
     H: Tensor,
-    row: _Site,
-    col: _Site,
+    row: Site,
+    col: Site,
     offsets: dict[str, int],
     directions: slice,
     u: Tensor,
@@ -494,7 +667,7 @@ def _gemms(
     col_w = offsets.get(col.weight) if col.weight else None
     col_b = offsets.get(col.bias) if col.bias else None
     d_in, d_in_l = row.d_in, col.d_in
-    a_t = row.inputs.T
+    a_t = row.flat_inputs.T
     if diagonal:
         v = None
     i0 = directions.start
@@ -509,7 +682,7 @@ def _gemms(
             features.append((row_b + i0, 1, None))
         u_t = u.transpose(1, 2)
         for first, stride, r in features:
-            a_l = col.inputs if r is None else r[:, None] * col.inputs
+            a_l = col.flat_inputs if r is None else r[:, None] * col.flat_inputs
             out = H.as_strided(
                 (c, d_l, d_in_l), (stride * P, d_in_l, 1), H.storage_offset() + first * P + col_w
             )
@@ -517,7 +690,7 @@ def _gemms(
             # one small GEMM call per direction, which stalls when the cores are shared
             block = torch.bmm(u_t, a_l.expand(c, B, d_in_l))
             if v is not None:
-                delta = col.delta if r is None else r[:, None] * col.delta
+                delta = col.flat_delta if r is None else r[:, None] * col.flat_delta
                 block.baddbmm_(delta.T.expand(c, d_l, B), v)
             out.copy_(block)
     if col_b is not None:
@@ -540,7 +713,7 @@ def _wide_rows(H, first_row, d_in, col_w, a_t, u, v, col, diagonal, i0) -> None:
     if diagonal:
         for s in range(c):
             p0 = i0 + s
-            mw = u[s, :, p0:, None] * col.inputs[:, None, :]
+            mw = u[s, :, p0:, None] * col.flat_inputs[:, None, :]
             out = H[first_row + s * d_in : first_row + (s + 1) * d_in,
                     col_w + p0 * d_in_l : col_w + d_l * d_in_l]  # fmt: skip
             torch.matmul(a_t, mw.view(B, -1), out=out)
@@ -549,9 +722,9 @@ def _wide_rows(H, first_row, d_in, col_w, a_t, u, v, col, diagonal, i0) -> None:
     cols = slice(col_w, col_w + d_l * d_in_l)
     for s0 in range(0, c, step):
         s1 = min(s0 + step, c)
-        mw = u[s0:s1, :, :, None] * col.inputs[None, :, None, :]
+        mw = u[s0:s1, :, :, None] * col.flat_inputs[None, :, None, :]
         if v is not None:
-            mw.addcmul_(col.delta[None, :, :, None], v[s0:s1, :, None, :])
+            mw.addcmul_(col.flat_delta[None, :, :, None], v[s0:s1, :, None, :])
         out = H[first_row + s0 * d_in : first_row + s1 * d_in, cols]
         torch.matmul(a_t, mw.view(s1 - s0, B, -1), out=out.view(s1 - s0, d_in, -1))
 
@@ -562,13 +735,13 @@ def _transpose_into(dst: Tensor, src: Tensor) -> None:
         dst[:, r0 : r0 + _MIRROR_BAND] = src[r0 : r0 + _MIRROR_BAND].T
 
 
-def _mirror_sites(H: Tensor, sites: list[_Site], offsets: dict[str, int]) -> None:
+def _mirror_sites(H: Tensor, sites: list[Site], offsets: dict[str, int]) -> None:
     """Fill the Kronecker blocks that were not computed from those that were."""
     span = []  # (site index, kind, offset, numel) of every Kronecker tensor
     for k, s in enumerate(sites):
         for kind, name in (("weight", s.weight), ("bias", s.bias)):
             if name:
-                span.append((k, kind, offsets[name], getattr(s.module, kind).numel()))
+                span.append((k, kind, offsets[name], s.d_out * (s.d_in if kind == "weight" else 1)))
     for k, kind_k, rk, nk in span:
         for m, kind_m, rm, nm in span:
             if m > k or (m == k and kind_k == "weight" and kind_m == "bias"):
@@ -593,43 +766,43 @@ def _hvp_rows(
     surrogate: Callable[[Tensor], Tensor],
     chunk_size: int | None,
 ) -> None:
-    """Full rows of the non-Kronecker tensors by forward-over-reverse products of the
-    surrogate, and their columns by symmetry."""
+    """The rows of the non-Kronecker tensors by forward-over-reverse products of the
+    surrogate, and their columns by symmetry. Tensor k's rows take the columns of the
+    tensors from k on (in mapping order) and of the Kronecker tensors before it: the others
+    before it gave their block with k already. The gradient is taken w.r.t. those tensors
+    only, so the backward stops at the earliest of them."""
     point = problem.primal_dict()
     sizes = dict(zip(problem.names, problem.sizes))
-    flat_grad = _flat_grad(problem, surrogate)
-
-    n_other = sum(sizes[n] for n in others)
-    step = problem_chunk(problem, n_other, chunk_size)
+    rest = set(others)
+    step = problem_chunk(problem, sum(sizes[n] for n in others), chunk_size)
     for name in others:
+        k = problem.names.index(name)
+        cols = [n for i, n in enumerate(problem.names) if i >= k or n not in rest]
+
+        def row(v: Tensor, name: str = name, cols: list[str] = cols) -> Tensor:
+            def flat_grad(x: Tensor) -> Tensor:
+                def loss(q: dict[str, Tensor]) -> Tensor:
+                    out = functional_call(problem.module, {**point, **q}, (problem.inputs,))
+                    return surrogate(out)
+
+                g = grad(loss)({c: x if c == name else point[c] for c in cols})
+                return flatten([g[c] for c in cols])
+
+            return jvp(flat_grad, (point[name],), (v.view_as(point[name]),))[1]
+
         r0, n = offsets[name], sizes[name]
-        shape = point[name].shape
-
-        def row(v: Tensor, name: str = name, shape: torch.Size = shape) -> Tensor:
-            tangent = {m: torch.zeros_like(t) for m, t in point.items()}
-            tangent[name] = v.view(shape)
-            return jvp(flat_grad, (point,), (tangent,))[1]
-
         for start, stop, basis in unit_chunks(n, step, problem.dtype, problem.device):
-            H[r0 + start : r0 + stop] = vmap(row)(basis)
-    kron = [n for n in problem.names if n not in others]
-    for name in others:
-        r0, n = offsets[name], sizes[name]
-        for col in kron:
-            c0, m = offsets[col], sizes[col]
-            _transpose_into(H[c0 : c0 + m, r0 : r0 + n], H[r0 : r0 + n, c0 : c0 + m])
-
-
-def _flat_grad(
-    problem: Problem, surrogate: Callable[[Tensor], Tensor]
-) -> Callable[[dict[str, Tensor]], Tensor]:
-    """The surrogate loss's gradient w.r.t. the chosen parameters, flat in mapping order."""
-
-    def flat_grad(p: dict[str, Tensor]) -> Tensor:
-        g = grad(lambda q: surrogate(functional_call(problem.module, q, (problem.inputs,))))(p)
-        return flatten([g[n] for n in problem.names])
-
-    return flat_grad
+            rows = vmap(row)(basis)
+            c = 0
+            for col in cols:
+                H[r0 + start : r0 + stop, offsets[col] : offsets[col] + sizes[col]] = rows[
+                    :, c : c + sizes[col]
+                ]
+                c += sizes[col]
+        for col in cols:
+            if col != name:
+                c0, m = offsets[col], sizes[col]
+                _transpose_into(H[c0 : c0 + m, r0 : r0 + n], H[r0 : r0 + n, c0 : c0 + m])
 
 
 def _reverse_rows(H: Tensor, problem: Problem, surrogate: Callable[[Tensor], Tensor]) -> None:
