@@ -191,16 +191,18 @@ def expand(**axes) -> list[Case]:
 
 _BASE = dict(input=8, output=1, activation="tanh", loss="mse", batch=128, dtype="float32")
 
-#: The nets users bring, each written as its users write it (``USER_ARCHS``), float32.
+#: The nets users bring, each written as its users write it (``USER_ARCHS``), float32, cpu.
+_USER = dict(_BASE, device="cpu")
 _USERS = [
-    dict(_BASE, input=1, width=16, depth=1, batch=100, arch="forum"),  # P = 49
-    dict(_BASE, width=64, depth=1, batch=100, arch="forum"),  # P = 641
-    dict(_BASE, input=16, width=4, depth=2, output=10, loss="ce", batch=64,
+    dict(_USER, input=1, width=16, depth=1, batch=100, arch="forum"),  # P = 49
+    dict(_USER, width=64, depth=1, batch=100, arch="forum"),  # P = 641
+    dict(_USER, input=16, width=4, depth=2, output=10, loss="ce", batch=64,
          activation="relu", arch="cnn"),  # P = 650: the head alone
-    dict(_BASE, input=2, width=24, depth=2, batch=64, arch=["pinn_grad", "pinn_hessian"]),  # 697
-    dict(_BASE, width=12, depth=1, output=4, loss="ce", batch=8, activation="gelu",
+    dict(_USER, input=2, width=24, depth=2, batch=64,
+         arch=["pinn_grad", "pinn_hessian"]),  # P = 697
+    dict(_USER, width=12, depth=1, output=4, loss="ce", batch=8, activation="gelu",
          arch="transformer"),  # P = 1,444
-    dict(_BASE, width=32, depth=2, activation="gelu", arch="weighted"),  # P = 1,377
+    dict(_USER, width=32, depth=2, activation="gelu", arch="weighted"),  # P = 1,377
 ]  # fmt: skip
 
 GRIDS: dict[str, list[dict]] = {

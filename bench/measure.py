@@ -156,7 +156,8 @@ def grad_seconds(
 
     def gradient() -> tuple[Tensor, ...]:
         with torch.enable_grad():
-            return torch.autograd.grad(loss_fn(net(inputs), targets), params)
+            # allow_unused: a parameter the loss does not use (a PINN's output bias) has none
+            return torch.autograd.grad(loss_fn(net(inputs), targets), params, allow_unused=True)
 
     return min_seconds(gradient, inputs.device, repeats)
 

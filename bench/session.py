@@ -121,15 +121,18 @@ class Run:
             # a dense float64 reference up to DENSE_REFERENCE_MAX_P; above, H_ref along a few
             # random vectors (the dense one would need P^2 x 8 bytes beside the strategy's H)
             if case.P <= DENSE_REFERENCE_MAX_P:
-                data.reference = batched_loop_hessian(data.net, names, data.batch, data.loss_fn)
+                reference = batched_loop_hessian(data.net, names, data.batch, data.loss_fn)
             else:
-                data.reference = probe_reference(data.net, names, data.batch, data.loss_fn)
+                reference = probe_reference(data.net, names, data.batch, data.loss_fn)
             data.grad_s = measure.grad_seconds(
                 data.net, data.batch, data.loss_fn, params=list(chosen.values())
             )
             data.gemm_s = measure.gemm_seconds(
                 case.P, case.batch, getattr(torch, case.dtype), case.device
             )
+            # set last: a baseline that raised is computed again by the next cell, never
+            # left half-filled
+            data.reference = reference
         return data
 
     def history(self, strategy: str, case: Case) -> History:
