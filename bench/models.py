@@ -251,13 +251,14 @@ def _user_problem(case: Case, generator: torch.Generator) -> tuple[nn.Module, Te
 def make_problem(case: Case, seed: int = 0) -> tuple[nn.Module, tuple[Tensor, Tensor], object]:
     """The case's net, ``(inputs, targets)`` batch and loss function, deterministic in ``seed``.
 
-    The Linear weights are the same whatever ``case.arch``: the ``custom`` form of a case
-    has the weights of its ``nn.Sequential`` form.
+    The Linear weights are the same whatever MLP ``case.arch``: the ``custom`` form of a
+    case has the weights of its ``nn.Sequential`` form. A ``USER_ARCHS`` case is built as
+    its users write it (``bench.grid.ARCHS`` says how), with its own loss.
 
     Returns:
         ``(net, batch, loss_fn)``: ``net`` on the case's device and dtype; ``loss_fn`` None
-        for the default MSE, ``F.cross_entropy`` with integer class targets, or for the
-        ``custom`` form ``custom_mse`` with ``(batch,)`` targets.
+        for the default MSE, ``F.cross_entropy`` with integer class targets, for the
+        ``custom`` form ``custom_mse`` with ``(batch,)`` targets, or a user net's own loss.
     """
     generator = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, case.dtype)

@@ -457,10 +457,12 @@ def summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
     ok = ok.assign(
         rel_spread=ok["stddev"] / ok["min"],
         single=pd.to_numeric(ok.get("first_call_s", pd.Series(np.nan, ok.index))).fillna(ok["min"]),
+        # frames made by hand (and rows of older runs) may lack it: NaN, not a KeyError
+        cost=pd.to_numeric(ok.get("cost_vs_grad", pd.Series(np.nan, ok.index))),
     )
     return ok.groupby("strategy").agg(
         time_s=("min", _geomean),
-        cost_vs_grad=("cost_vs_grad", _geomean),
+        cost_vs_grad=("cost", _geomean),
         single_s=("single", _geomean),
         spread=("rel_spread", "max"),
         peak_bytes=("peak_bytes", "max"),
