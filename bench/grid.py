@@ -1,4 +1,4 @@
-"""The benchmark grid: MLP cases (size, activation, loss, batch, dtype, device) and named grids."""
+"""The benchmark grid: cases (net, size, activation, loss, batch, dtype, device) and named grids."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ __all__ = [
     "Case",
     "GRIDS",
     "ARCHS",
+    "USER_ARCHS",
+    "SEQUENCE",
+    "HEADS",
     "ACTIVATIONS",
     "LOSSES",
     "DTYPES",
@@ -20,8 +23,43 @@ __all__ = [
 
 #: how the net is written: an ``nn.Sequential`` MLP; the same weights in a custom module whose
 #: forward ends in ``squeeze(-1)``, with a hand-written MSE lambda and ``(batch,)`` targets;
-#: a custom module with an affine LayerNorm after each hidden Linear
-ARCHS = ("mlp", "custom", "layernorm")
+#: a custom module with an affine LayerNorm after each hidden Linear; then the nets users
+#: bring (``USER_ARCHS``)
+ARCHS = (
+    "mlp",
+    "custom",
+    "layernorm",
+    "forum",
+    "cnn",
+    "pinn_grad",
+    "pinn_hessian",
+    "transformer",
+    "weighted",
+)
+#: the ``users`` family, each net as its users write it (``bench.models`` builds them), and
+#: what the case's fields mean for it where that is not an MLP's ``input -> width x depth ->
+#: output``:
+#:
+#: - ``forum``: a forum thread's Model, ``fc1 = nn.Linear(input, width); act; fc2 =
+#:   nn.Linear(width, output)`` in attributes (depth 1);
+#: - ``cnn``: a classifier of 1 x input x input images: ``depth`` blocks of 3x3 conv
+#:   (``width`` channels), activation and 2x2 max pooling, then a Linear head to ``output``
+#:   classes, cross-entropy; the Hessian of the head only (the chosen parameters);
+#: - ``pinn_grad``: a PINN, ``u = MLP(x)`` (output 1) whose forward returns the Poisson
+#:   residual ``-laplacian(u)`` by ``torch.autograd.grad(..., create_graph=True)``;
+#: - ``pinn_hessian``: the same PINN with the Laplacian from
+#:   ``torch.func.vmap(torch.func.hessian(u))`` in the inputs;
+#: - ``transformer``: ``depth`` pre-LayerNorm blocks (``nn.MultiheadAttention``, 2 heads,
+#:   batch_first, need_weights=True; an MLP of ``2 x width`` with the activation) of width
+#:   ``width`` on an input projection of ``input`` features, ``batch`` sequences of
+#:   ``SEQUENCE`` tokens, per-token logits of ``output`` classes, cross-entropy;
+#: - ``weighted``: an ``nn.Sequential`` MLP with an MSE weighted per sample by a fixed tensor
+#:   in the loss closure.
+USER_ARCHS = ARCHS[3:]
+#: tokens per sequence of the ``transformer`` arch
+SEQUENCE = 8
+#: attention heads of the ``transformer`` arch
+HEADS = 2
 ACTIVATIONS = ("tanh", "relu", "gelu")
 LOSSES = ("mse", "ce")
 DTYPES = ("float32", "float64")
@@ -68,10 +106,19 @@ class Case:
                 )
         if self.loss == "ce" and self.output < 2:
             raise ValueError("Case with loss 'ce' needs output >= 2 classes")
-        if self.arch == "custom" and (self.output, self.loss) != (1, "mse"):
-            raise ValueError(
-                "Case with arch 'custom' is the one-output MSE form: output 1, loss 'mse'"
-            )
+        for arch, rule, ok in (
+            ("custom", "output 1, loss 'mse'", (self.output, self.loss) == (1, "mse")),
+            ("pinn_grad", "output 1, loss 'mse'", (self.output, self.loss) == (1, "mse")),
+            ("pinn_hessian", "output 1, loss 'mse'", (self.output, self.loss) == (1, "mse")),
+            ("weighted", "loss 'mse'", self.loss == "mse"),
+            ("forum", "depth 1", self.depth == 1),
+            ("cnn", "loss 'ce', input divisible by 2**depth, depth >= 1",
+             self.loss == "ce" and self.depth >= 1 and self.input % 2**self.depth == 0),
+            ("transformer", "loss 'ce', depth >= 1, width divisible by the heads",
+             self.loss == "ce" and self.depth >= 1 and self.width % HEADS == 0),
+        ):  # fmt: skip
+            if self.arch == arch and not ok:
+                raise ValueError(f"Case with arch {arch!r} needs {rule}")
 
     @property
     def id(self) -> str:
@@ -86,9 +133,17 @@ class Case:
 
     @property
     def P(self) -> int:
-        """Number of weights and biases of the net (LayerNorm's affine ones included)."""
-        dims = [self.input] + [self.width] * self.depth + [self.output]
-        norms = 2 * self.width * self.depth if self.arch == "layernorm" else 0
+        """Number of chosen weights and biases (``bench.models.chosen_params``): all of the
+        net's (LayerNorm's affine ones included) but for ``cnn``, whose head alone is chosen."""
+        w, out = self.width, self.output
+        if self.arch == "cnn":
+            side = self.input // 2**self.depth
+            return w * side * side * out + out
+        if self.arch == "transformer":
+            block = (4 * w * w + 4 * w) + 2 * (2 * w) + (2 * w * w + 2 * w) + (2 * w * w + w)
+            return (self.input * w + w) + self.depth * block + (w * out + out)
+        dims = [self.input] + [w] * self.depth + [out]
+        norms = 2 * w * self.depth if self.arch == "layernorm" else 0
         return sum(a * b + b for a, b in zip(dims[:-1], dims[1:])) + norms
 
     @property
@@ -136,8 +191,22 @@ def expand(**axes) -> list[Case]:
 
 _BASE = dict(input=8, output=1, activation="tanh", loss="mse", batch=128, dtype="float32")
 
+#: The nets users bring, each written as its users write it (``USER_ARCHS``), float32, cpu.
+_USER = dict(_BASE, device="cpu")
+_USERS = [
+    dict(_USER, input=1, width=16, depth=1, batch=100, arch="forum"),  # P = 49
+    dict(_USER, width=64, depth=1, batch=100, arch="forum"),  # P = 641
+    dict(_USER, input=16, width=4, depth=2, output=10, loss="ce", batch=64,
+         activation="relu", arch="cnn"),  # P = 650: the head alone
+    dict(_USER, input=2, width=24, depth=2, batch=64,
+         arch=["pinn_grad", "pinn_hessian"]),  # P = 697
+    dict(_USER, width=12, depth=1, output=4, loss="ce", batch=8, activation="gelu",
+         arch="transformer"),  # P = 1,444
+    dict(_USER, width=32, depth=2, activation="gelu", arch="weighted"),  # P = 1,377
+]  # fmt: skip
+
 GRIDS: dict[str, list[dict]] = {
-    # Seconds: tiny nets, every activation, both losses, both dtypes, every arch.
+    # Seconds: tiny nets, every activation, both losses, both dtypes, every MLP arch.
     "smoke": [
         dict(_BASE, input=4, width=3, depth=1, batch=8),
         dict(_BASE, input=4, width=3, depth=1, batch=8, activation="relu", dtype="float64"),
@@ -146,10 +215,12 @@ GRIDS: dict[str, list[dict]] = {
         dict(_BASE, input=4, width=3, depth=2, batch=8, arch="custom"),
         dict(_BASE, input=4, width=3, depth=1, batch=8, output=2, arch="layernorm"),
     ],
-    # P from about 300 to about 14,000: at least three nets of different shapes (width,
+    # P from about 300 to about 14,000 (the users family adds P = 49, alone in its range):
+    # at least three MLP nets of different shapes (width,
     # depth, batch, activation, loss, output size, arch) in each P range of the report's
     # recommendation; the three docs/DESIGN.md cases (tanh, MSE, batch 128: P = 1,377, 4,801,
-    # 13,121) and, on the same weights, their custom-module and LayerNorm forms. float32
+    # 13,121) and, on the same weights, their custom-module and LayerNorm forms; and the
+    # ``users`` family. float32
     # only, to stay within about 20 minutes on 2 cores; the full grid sweeps float64.
     "default": [
         dict(_BASE, width=[32, 64], depth=2, arch=["mlp", "custom", "layernorm"]),
@@ -160,6 +231,7 @@ GRIDS: dict[str, list[dict]] = {
         dict(_BASE, width=24, depth=3, batch=256, output=10, loss="ce", activation="gelu"),
         dict(_BASE, width=48, depth=3, batch=64, output=10, loss="ce", activation="relu"),
         dict(_BASE, width=96, depth=2, batch=256, output=10, loss="ce", activation="gelu"),
+        *_USERS,
     ],
     # Sweeps: batch size at fixed net, depth at fixed width, both losses and dtypes.
     "full": [
@@ -170,6 +242,8 @@ GRIDS: dict[str, list[dict]] = {
         dict(_BASE, width=[128, 192], depth=2, device="cuda"),
         dict(_BASE, width=128, depth=4, device="cuda"),
     ],
+    # The nets users bring (``USER_ARCHS``), also part of the default grid.
+    "users": _USERS,
     # The two larger DESIGN.md cases, for compiled against eager strategies
     # (``--strategies all``: compiled variants are not run unless named).
     "compile": [dict(_BASE, width=64, depth=[2, 4])],

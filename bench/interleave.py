@@ -22,7 +22,7 @@ import torch
 import strategies
 from bench import cli, measure
 from bench.grid import GRIDS, Case, cases
-from bench.models import make_problem
+from bench.models import chosen_params, make_problem
 
 __all__ = ["main"]
 
@@ -45,7 +45,7 @@ def _medians(case: Case, names: list[str], rounds: int) -> dict[str, float]:
         ValueError: a strategy's Hessian fails ``strategies.verify``, or it refuses the case.
     """
     net, batch, loss_fn = make_problem(case)
-    params = dict(net.named_parameters())
+    params = chosen_params(case, net)
     device = torch.device(case.device)
     generator = torch.Generator().manual_seed(0)
     dtype = getattr(torch, case.dtype)

@@ -7,7 +7,7 @@ import os
 import platform
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -145,15 +145,19 @@ def grad_seconds(
     batch: tuple[Tensor, Tensor],
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     repeats: int = 5,
+    params: Sequence[Tensor] | None = None,
 ) -> float:
-    """Minimum time of one gradient of the loss w.r.t. all of ``net``'s parameters."""
+    """Minimum time of one gradient of the loss w.r.t. ``params`` (default: all of ``net``'s
+    parameters that require grad)."""
     inputs, targets = batch
     loss_fn = mse_loss if loss_fn is None else loss_fn
-    params = [p for p in net.parameters() if p.requires_grad]
+    if params is None:
+        params = [p for p in net.parameters() if p.requires_grad]
 
     def gradient() -> tuple[Tensor, ...]:
         with torch.enable_grad():
-            return torch.autograd.grad(loss_fn(net(inputs), targets), params)
+            # allow_unused: a parameter the loss does not use (a PINN's output bias) has none
+            return torch.autograd.grad(loss_fn(net(inputs), targets), params, allow_unused=True)
 
     return min_seconds(gradient, inputs.device, repeats)
 

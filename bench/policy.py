@@ -43,6 +43,7 @@ __all__ = [
     "memory_note",
     "Isolated",
     "isolated_pass",
+    "plans",
     "first_call",
     "memory_pass",
     "rounds",
@@ -186,13 +187,21 @@ class Isolated:
     first_call_here: bool
 
 
+def plans(strategy: Strategy) -> bool:
+    """Whether the strategy plans on its first call of a problem structure and remembers what
+    it found, in this process (``auto``: its module's ``forget_wisdom`` empties that memory)."""
+    return callable(getattr(strategy.module, "forget_wisdom", None))
+
+
 def isolated_pass(worker: Worker, strategy: Strategy, case: Case, history: History) -> Isolated:
     """Run the cell first in the worker, so that a crash there ends only this cell.
 
     The worker runs the memory pass where there is one (a first call's peak equals a warm
     call's, so none is added), else a first call. A strategy that compiles (or a peer, which
     compiles too) makes its first call in the worker before the memory pass, and again here,
-    where its compile time is measured. A plain strategy makes no first call here: the
+    where its compile time is measured. A strategy that plans (``plans``) makes its first
+    call here too, its wisdom emptied first (``first_call``), so that the first call of each
+    case plans and later rounds go straight to the plan. A plain strategy makes no first call here: the
     worker's memory pass or first call stands in for it (and sets the number of rounds; a
     call under a second gets a warm-up round here), which saves one call per cell.
     Appends the memory pass's profiler events to ``history.events``.
@@ -212,11 +221,14 @@ def isolated_pass(worker: Worker, strategy: Strategy, case: Case, history: Histo
     if reply.events is not None:
         history.events.append((case.P, reply.events))
     warm_s = reply.memory_s if note is None else None if compiles else reply.first_call_s
-    return Isolated(reply.peak_bytes, note, warm_s, first_call_here=compiles)
+    return Isolated(reply.peak_bytes, note, warm_s, first_call_here=compiles or plans(strategy))
 
 
-def first_call(call: Callable[[], torch.Tensor]) -> float:
-    """Seconds of the cell's first call here (compiles, warms caches); its result is discarded."""
+def first_call(call: Callable[[], torch.Tensor], strategy: Strategy | None = None) -> float:
+    """Seconds of the cell's first call here (compiles, plans, warms caches); its result is
+    discarded. A strategy that plans forgets its wisdom first, so that this call plans."""
+    if strategy is not None and plans(strategy):
+        strategy.module.forget_wisdom()
     start = time.perf_counter()
     call()
     return time.perf_counter() - start
@@ -293,7 +305,7 @@ def timed_row(
         "gemm_s": data.gemm_s,
         "cost_vs_grad": seconds / (case.P * data.grad_s),
         "vs_gemm": seconds / data.gemm_s,
-        "first_call_s": first_call_s if strategy.compiles else None,
+        "first_call_s": first_call_s if strategy.compiles or plans(strategy) else None,
         "peer": strategy.peer,
         "threads": torch.get_num_threads(),
     }

@@ -32,7 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench import cli, plots, results
-from bench.grid import ARCHS
+from bench.grid import ARCHS, USER_ARCHS
 from bench.vocabulary import BASELINE, TIMED, WRONG
 
 __all__ = ["render_html", "main"]
@@ -76,6 +76,12 @@ _ARCH_WORDS = {
     "custom": "a custom module (the same weights, a forward ending in <code>squeeze(-1)</code>, "
     "a hand-written MSE)",
     "layernorm": "a net with a LayerNorm after each hidden layer",
+    "forum": "a forum thread's two-Linear Model",
+    "cnn": "a CNN classifier's Linear head",
+    "pinn_grad": "a PINN whose forward calls <code>torch.autograd.grad</code>",
+    "pinn_hessian": "a PINN whose forward calls <code>vmap(hessian)</code> in the inputs",
+    "transformer": "a transformer block with per-token logits",
+    "weighted": "a GELU MLP with a per-sample-weighted MSE",
 }
 
 
@@ -241,6 +247,8 @@ def _use_sentences(df: pd.DataFrame, groups: list[tuple[str, str]]) -> list[str]
         parts = []
         for arch in ARCHS:
             choice = mine[mine["arch"] == arch]
+            if choice.empty and arch in USER_ARCHS:
+                continue  # the users family is named only where these runs hold it
             if choice.empty:
                 parts.append(f"for {_ARCH_WORDS[arch]}, these runs hold no timed case")
             else:
@@ -541,6 +549,28 @@ def _not_timed_html(df: pd.DataFrame) -> str:
     )
 
 
+def _regret_html(df: pd.DataFrame) -> str:
+    """The planner's regret per case (``results.regrets``), largest first, with its worst."""
+    table = results.regrets(df)
+    planner = _code(results.PLANNER)
+    if table.empty:
+        return f"<p>{planner} was not timed in these runs.</p>"
+    intro = (
+        f"<p>Per case: {planner}'s min time over that of the fastest strategy that ran "
+        "accurately (peers and dispatchers excluded), and its first call, planning included, "
+        "over the same; later calls of the same problem structure go straight to its plan.</p>"
+    )
+    timed = table.dropna(subset=["regret"])
+    if not timed.empty:
+        worst = timed.iloc[0]
+        intro += (
+            f"<p>Largest regret: <b>{worst['regret']:.2f}</b> on {_code(worst['case'])} "
+            f"(fastest {_code(worst['fastest'])}); median {timed['regret'].median():.2f} over "
+            f"{len(timed)} cases.</p>"
+        )
+    return intro + _table(table, "regrets")
+
+
 def render_html(
     title: str,
     df: pd.DataFrame,
@@ -567,6 +597,7 @@ def render_html(
         _table(_recommendation_view(recommendations, audits), "recommendations", escape=False),
     ]
     if not df.empty:
+        sections += [f"<h2>{_code(results.PLANNER)}'s regret</h2>", _regret_html(df)]
         sections += ["<h2>Compiled vs eager</h2>", _compiled_html(df)]
     sections += [_img(drawn) for name, drawn in figures.items() if name != "accuracy"]
     if not df.empty:
@@ -575,7 +606,7 @@ def render_html(
             _not_timed_html(df),
             "<h2>Growth exponents (log-log fit of min time)</h2>",
             _table(results.growth_exponents(df), "growth"),
-            "<h2>First call (compile) vs steady state</h2>",
+            "<h2>First call (compile or plan) vs steady state</h2>",
             _table(results.first_calls(df), "first-call"),
         ]
     if audits:

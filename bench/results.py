@@ -85,6 +85,8 @@ __all__ = [
     "untimed_devices",
     "not_timed",
     "first_calls",
+    "PLANNER",
+    "regrets",
     "runs",
     "audit_frame",
     "NOT_RUN",
@@ -455,11 +457,12 @@ def summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
     ok = ok.assign(
         rel_spread=ok["stddev"] / ok["min"],
         single=pd.to_numeric(ok.get("first_call_s", pd.Series(np.nan, ok.index))).fillna(ok["min"]),
-        cost_vs_grad=pd.to_numeric(ok.get("cost_vs_grad", pd.Series(np.nan, ok.index))),
+        # frames made by hand (and rows of older runs) may lack it: NaN, not a KeyError
+        cost=pd.to_numeric(ok.get("cost_vs_grad", pd.Series(np.nan, ok.index))),
     )
     return ok.groupby("strategy").agg(
         time_s=("min", _geomean),
-        cost_vs_grad=("cost_vs_grad", _geomean),
+        cost_vs_grad=("cost", _geomean),
         single_s=("single", _geomean),
         spread=("rel_spread", "max"),
         peak_bytes=("peak_bytes", "max"),
@@ -775,6 +778,51 @@ def first_calls(df: pd.DataFrame) -> pd.DataFrame:
     first = first.assign(first_call_over_steady=first["first_call_s"] / first["min"])
     columns = ["machine", "device", "case", "strategy", "first_call_s", "min"]
     return first[[*columns, "first_call_over_steady"]]
+
+
+#: the dispatcher whose regret the report gives
+PLANNER = "auto"
+
+
+def regrets(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
+    """``planner``'s regret per case: its time over the fastest exact strategy's.
+
+    Per machine, device and case where ``planner`` ran: ``fastest`` is the strategy with the
+    least min time among those that could be recommended (status "ok", no peer, no
+    dispatcher), ``fastest_s`` that time; ``regret`` is the planner's min time over it,
+    ``first_call_regret`` its first call (planning included) over it. ``planner_status`` is
+    the planner's status on the case; its times are NaN unless "ok", and ``fastest`` is None
+    where no other strategy ran exactly. Sorted by regret, largest first.
+    """
+    columns = [*_CELL, "planner_status", "planner_s", "first_call_s", "fastest", "fastest_s"]
+    columns += ["regret", "first_call_regret"]
+    rows = _with_case_defaults(df)
+    mine = rows[rows["strategy"] == planner]
+    if mine.empty:
+        return pd.DataFrame(columns=columns)
+    exact = rows[
+        (rows["status"] == OK) & ~rows["peer"].astype(bool) & ~rows["strategy"].isin(DISPATCHERS)
+    ]
+    best = exact.loc[exact.groupby(["machine", "device", "case"])["min"].idxmin()]
+    best = best[["machine", "device", "case", "strategy", "min"]].rename(
+        columns={"strategy": "fastest", "min": "fastest_s"}
+    )
+    ok = mine["status"] == OK
+    mine = mine.assign(
+        planner_status=mine["status"],
+        planner_s=pd.to_numeric(mine["min"]).where(ok),
+        first_call_s=pd.to_numeric(mine["first_call_s"]).where(ok),
+    )
+    table = mine[[*_CELL, "planner_status", "planner_s", "first_call_s"]].merge(
+        best, on=["machine", "device", "case"], how="left"
+    )
+    table = table.assign(
+        fastest=table["fastest"].astype(object).where(table["fastest"].notna(), None),
+        regret=table["planner_s"] / table["fastest_s"],
+        first_call_regret=table["first_call_s"] / table["fastest_s"],
+    )
+    order = table.sort_values(["regret", "P"], ascending=[False, True], na_position="first")
+    return order[columns].reset_index(drop=True)
 
 
 def runs(df: pd.DataFrame, audits: list[dict]) -> pd.DataFrame:

@@ -10,7 +10,7 @@ import torch
 
 from bench import measure
 from bench.grid import Case
-from bench.models import make_problem
+from bench.models import chosen_params, make_problem
 from bench.reference import ProbeReference, batched_loop_hessian, probe_reference
 from strategies import Strategy
 
@@ -50,7 +50,7 @@ def hessian_call(strategy: Strategy, data: CaseData) -> Callable[[], torch.Tenso
     (pytest-benchmark's timer is around it): on a GPU, where work is queued, the wait before
     keeps earlier work out of the time and the wait after puts all of the call's work in it.
     """
-    params = dict(data.net.named_parameters())
+    params = chosen_params(data.case, data.net)
     device = torch.device(data.case.device)
 
     def call() -> torch.Tensor:
@@ -119,17 +119,23 @@ class Run:
         """Fill the float64 reference, grad_s and gemm_s of the case, once."""
         if data.reference is None:
             case = data.case
-            names = [n for n, _ in data.net.named_parameters()]
+            chosen = chosen_params(case, data.net)
+            names = list(chosen)
             # a dense float64 reference up to DENSE_REFERENCE_MAX_P; above, H_ref along a few
             # random vectors (the dense one would need P^2 x 8 bytes beside the strategy's H)
             if case.P <= DENSE_REFERENCE_MAX_P:
-                data.reference = batched_loop_hessian(data.net, names, data.batch, data.loss_fn)
+                reference = batched_loop_hessian(data.net, names, data.batch, data.loss_fn)
             else:
-                data.reference = probe_reference(data.net, names, data.batch, data.loss_fn)
-            data.grad_s = measure.grad_seconds(data.net, data.batch, data.loss_fn)
+                reference = probe_reference(data.net, names, data.batch, data.loss_fn)
+            data.grad_s = measure.grad_seconds(
+                data.net, data.batch, data.loss_fn, params=list(chosen.values())
+            )
             data.gemm_s = measure.gemm_seconds(
                 case.P, case.batch, getattr(torch, case.dtype), case.device
             )
+            # set last: a baseline that raised is computed again by the next cell, never
+            # left half-filled
+            data.reference = reference
         return data
 
     def history(self, strategy: str, case: Case) -> History:

@@ -29,7 +29,7 @@ def test_hessian(benchmark, hessbench: Run, case: str, strategy: str) -> None:
     try:
         try:
             isolated = policy.isolated_pass(hessbench.worker, chosen, grid_case, history)
-            first_call_s = policy.first_call(call) if isolated.first_call_here else None
+            first_call_s = policy.first_call(call, chosen) if isolated.first_call_here else None
             memory = policy.memory_pass(isolated, first_call_s)
             rounds, warmup = policy.rounds(memory.warm_s)
             H = benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)

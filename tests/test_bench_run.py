@@ -300,3 +300,28 @@ def test_threads_apply_in_the_worker_too(pytester, monkeypatch):
     pids, threads = zip(*(line.split() for line in calls.read_text().splitlines()))
     assert len(set(pids)) == 2, "called in the worker and in the pytest process"
     assert set(threads) == {"3"}
+
+
+def test_users_nets_time_auto_with_its_first_call_planning_included(pytester, monkeypatch):
+    """auto's first call of each case plans (its first_call_s); a CNN's head alone is chosen."""
+    setup = """
+    GRIDS["users"] = [
+        dict(TINY, input=8, width=2, depth=1, output=3, loss="ce", device="cpu", arch="cnn"),
+        dict(TINY, width=3, depth=1, device="cpu", arch="forum"),
+    ]
+    """
+    result, data = _run(
+        pytester, monkeypatch, setup,
+        "--grid", "users", "--strategies", "auto,vmap_vjp", "--threads", "1",
+    )  # fmt: skip
+    assert result.ret == 0, result.stdout.str()
+    rows = {(r["extra_info"]["arch"], r["extra_info"]["strategy"]): r for r in data["benchmarks"]}
+    assert set(rows) == {(a, s) for a in ("cnn", "forum") for s in ("auto", "vmap_vjp")}
+    for (arch, strategy), row in rows.items():
+        info = row["extra_info"]
+        assert info["status"] == OK and info["P"] == (2 * 4 * 4 * 3 + 3 if arch == "cnn" else 16)
+        assert (info["first_call_s"] is not None) is (strategy == "auto")
+    df, _ = results.load([pytester.path / "run.json"])
+    regrets = results.regrets(df)
+    assert len(regrets) == 2 and (regrets["fastest"] == "vmap_vjp").all()
+    assert (regrets["regret"] > 0).all() and (regrets["first_call_regret"] > 0).all()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from bench.grid import GRIDS, Case, cases, expand
-from bench.models import make_problem
+from bench.grid import GRIDS, USER_ARCHS, Case, cases, expand
+from bench.models import chosen_params, make_problem
 from bench.results import size_range
 
 
@@ -36,7 +38,7 @@ def test_design_cases_are_in_the_default_grid_with_their_P():
 
 
 def test_default_grid_spans_P_400_to_13000_on_cpu():
-    sizes = [c.P for c in cases("default", ("cpu",))]
+    sizes = [c.P for c in cases("default", ("cpu",)) if c.arch not in USER_ARCHS]
     assert 300 <= min(sizes) <= 600
     assert 12000 <= max(sizes) <= 14000
 
@@ -44,6 +46,8 @@ def test_default_grid_spans_P_400_to_13000_on_cpu():
 def test_default_grid_has_three_shapes_in_every_size_range():
     by_range: dict = {}
     for c in cases("default", ("cpu",)):
+        if c.arch in USER_ARCHS:  # the users family's P = 49 is alone in its range
+            continue
         by_range.setdefault((c.dtype, size_range(c.P)), set()).add(
             (c.width, c.depth, c.batch, c.activation, c.loss, c.output, c.arch)
         )
@@ -178,3 +182,76 @@ def test_model_matches_the_case_and_is_deterministic(case):
     assert torch.equal(inputs, inputs2) and torch.equal(targets, targets2)
     for p, q in zip(net.parameters(), again.parameters()):
         assert torch.equal(p, q)
+
+
+def test_case_P_is_the_number_of_chosen_parameters_in_every_grid():
+    """Every case of every grid, built (on the cpu: P does not depend on the device)."""
+    every = {c.id: dataclasses.replace(c, device="cpu") for g in GRIDS for c in cases(g)}
+    for case in every.values():
+        net, _, _ = make_problem(case)
+        chosen = chosen_params(case, net)
+        assert sum(p.numel() for p in chosen.values()) == case.P, case.id
+
+
+def test_users_grid_has_every_user_arch_and_is_in_the_default_grid():
+    users = cases("users", ("cpu",))
+    assert {c.arch for c in users} == set(USER_ARCHS)
+    assert {c.id for c in users} <= {c.id for c in cases("default", ("cpu",))}
+    forum = [c for c in users if c.arch == "forum" and c.input == 1]
+    assert [(c.P, c.batch) for c in forum] == [(49, 100)]
+    assert all(c.dtype == "float32" and c.device == "cpu" for c in users)
+
+
+def _tiny(arch: str, **changes) -> Case:
+    fields = dict(input=2, width=4, depth=1, output=1, activation="tanh", loss="mse", batch=6)
+    return Case(**{**fields, "dtype": "float64", "device": "cpu", "arch": arch, **changes})
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        _tiny("forum"),
+        _tiny("cnn", input=8, depth=2, output=3, loss="ce", activation="relu"),
+        _tiny("pinn_grad", depth=2),
+        _tiny("pinn_hessian", depth=2),
+        _tiny("transformer", output=3, loss="ce", activation="gelu"),
+        _tiny("weighted", activation="gelu", depth=2),
+    ],
+    ids=lambda c: c.arch,
+)
+def test_user_nets_make_a_finite_deterministic_loss_of_the_chosen_params(case):
+    net, batch, loss_fn = make_problem(case)
+    chosen = chosen_params(case, net)
+    loss = loss_fn(net(batch[0]), batch[1])
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    # a PINN's output bias leaves the Laplacian as it is: its gradient is None
+    grads = torch.autograd.grad(loss, list(chosen.values()), allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    again, batch2, _ = make_problem(case)
+    assert all(torch.equal(a, b) for a, b in zip(batch, batch2))
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), again.parameters()))
+    if case.arch == "cnn":  # the Linear head alone
+        assert list(chosen) == ["fc.weight", "fc.bias"]
+        assert sum(p.numel() for p in net.parameters()) > case.P
+
+
+def test_the_two_pinns_are_one_function_written_two_ways():
+    by_grad, (x, _), _ = make_problem(_tiny("pinn_grad", depth=2))
+    by_hessian, (x2, _), _ = make_problem(_tiny("pinn_hessian", depth=2))
+    assert torch.equal(x, x2)
+    torch.testing.assert_close(by_grad(x), by_hessian(x))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(arch="forum", depth=2), "forum.*depth 1"),
+        (dict(arch="cnn", input=6, depth=2, loss="ce", output=3), "cnn.*divisible"),
+        (dict(arch="pinn_grad", output=2), "pinn_grad.*output 1"),
+        (dict(arch="transformer", width=5, loss="ce", output=3), "transformer.*heads"),
+        (dict(arch="weighted", loss="ce", output=3), "weighted.*mse"),
+    ],
+)
+def test_user_archs_reject_fields_they_cannot_build(changes, message):
+    with pytest.raises(ValueError, match=message):
+        _case(**changes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import strategies
 from bench import measure, policy
 from bench.grid import Case
 from bench.session import History
@@ -90,3 +91,19 @@ def test_failures_are_recorded_by_kind(exc, status):
     assert outcome.status == status
     if status == CRASHED:
         assert outcome.reason == "the worker was killed by SIGSEGV"
+
+
+def test_a_planner_plans_on_its_first_call_here_with_its_wisdom_emptied():
+    """auto's wisdom is in-process: its cell's first call here is timed, after forgetting."""
+    import types
+
+    events: list[str] = []
+    module = types.ModuleType("planner")
+    module.forget_wisdom = lambda: events.append("forget")
+    strategy = Strategy("planted", "test only", _compute, module=module, family="dispatcher")
+    assert policy.plans(strategy) and not policy.plans(strategies.get("full_autograd"))
+    isolated = policy.isolated_pass(StandIn(), strategy, CASE, History())
+    assert isolated.first_call_here
+    assert policy.first_call(lambda: events.append("call"), strategy) >= 0
+    assert events == ["forget", "call"]
+    assert policy.plans(strategies.get("auto"))

@@ -596,3 +596,35 @@ def test_report_of_the_committed_runs(tmp_path):
     for arch in choices.index:
         assert f"{choices.loc[arch, 'fastest']} (fastest on its" in text
     assert (tmp_path / "p" / "accuracy.png").exists()
+
+
+def test_regrets_are_auto_over_the_fastest_exact_strategy_that_is_no_peer(inputs, tmp_path):
+    """auto planted as torch_func's ok rows at 1.5x its time, first call 4x; a peer planted
+    fastest everywhere must not count; one case where auto is wrong has no regret."""
+    df, _ = results.load(inputs[:1])
+    base = df[(df["strategy"] == "torch_func") & (df["status"] == OK)]
+    assert len(base) >= 2
+    auto = base.assign(strategy="auto", min=base["min"] * 1.5, first_call_s=base["min"] * 4)
+    auto.loc[auto.index[-1], "status"] = WRONG
+    peer = base.assign(strategy="planted_peer", min=base["min"] / 100, peer=True)
+    planted = pd.concat([df, auto, peer], ignore_index=True)
+    table = results.regrets(planted)
+    assert len(table) == len(base)
+    for case, row in table.set_index("case").iterrows():
+        exact = df[(df["case"] == case) & (df["status"] == OK) & ~df["peer"].astype(bool)]
+        exact = exact[~exact["strategy"].isin(results.DISPATCHERS)]
+        fastest = exact.loc[exact["min"].idxmin()]
+        assert row["fastest"] == fastest["strategy"] != "planted_peer"
+        assert row["fastest_s"] == fastest["min"]
+        mine = base[base["case"] == case].iloc[0]
+        if case == auto["case"].iloc[-1]:
+            assert row["planner_status"] == WRONG and math.isnan(row["regret"])
+        else:
+            assert row["regret"] == pytest.approx(1.5 * mine["min"] / fastest["min"])
+            assert row["first_call_regret"] == pytest.approx(4 * mine["min"] / fastest["min"])
+    page = report.render_html("T", planted, [], {}, results.recommend(planted))
+    assert 'id="regrets"' in page and "Largest regret" in page
+    assert results.regrets(df).empty  # no auto in the fixture itself
+    assert "was not timed in these runs" in report.render_html(
+        "T", df, [], {}, results.recommend(df)
+    )
