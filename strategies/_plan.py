@@ -219,14 +219,14 @@ def estimate(
     name: str,
     family: str,
     probes: Probes,
-    kron_rows: tuple[int, int] | None = None,
+    kron_rows: tuple[list[tuple[int, int]], int] | None = None,
 ) -> Estimate:
     """``name``'s predicted time and peak on ``problem`` (see the module docstring).
 
     Args:
         family: the strategy's family (``strategies.FAMILIES``).
-        kron_rows: for ``kron``, (parameters with Kronecker rows, parameters with
-            Hessian-vector rows) on this net.
+        kron_rows: for ``kron``, ``kron.workload``: (rows, positions) of each site with
+            Kronecker directions, and the number of Hessian-vector rows, on this net.
     """
     table = load_table()
     device, dtype = problem.device.type, str(problem.dtype).removeprefix("torch.")
@@ -258,21 +258,27 @@ def estimate(
         )
     if not probes.transforms:
         return Estimate(name, math.inf, peak, "torch.func cannot differentiate this loss twice")
-    structured, other = kron_rows
-    if not probes.forward_mode:
-        # without forward-mode formulas every row is one double backward (kron's fallback)
-        structured, other = 0, P
+    sites, other = kron_rows
     hvp = _VMAPPED_ROWS if probes.forward_mode else _ROW_BY_ROW
     per_hvp = cost(hvp)
     if per_hvp is None:
         per_hvp = per_row
-    seconds = (per_row * structured + per_hvp * other) * probes.grad_s
+    if not probes.forward_mode:
+        # without forward-mode formulas every row is one double backward (kron's fallback)
+        sites, other = [], P
+    # a site's directions cost what the measured MLPs' did per row, once per position; kron
+    # keeps a site with positions only where its own cost model finds the directions
+    # cheaper than the site's Hessian-vector rows, so it costs at most those
+    rows = sum(r for r, _ in sites)
+    gradients = sum(min(per_row * r * T, per_hvp * r) if T > 1 else per_row * r for r, T in sites)
+    seconds = (gradients + per_hvp * other) * probes.grad_s
+    shared = sum(r for r, T in sites if T > 1)
     return Estimate(
         name,
         seconds,
         peak,
-        f"{structured:,} Kronecker rows x {per_row:.3g} gradients, "
-        f"{other:,} Hessian-vector rows x {per_hvp:.3g} (as {hvp})",
+        f"{rows:,} Kronecker rows ({shared:,} of them shared over positions) x {per_row:.3g} "
+        f"gradients, {other:,} Hessian-vector rows x {per_hvp:.3g} (as {hvp})",
         in_range,
     )
 

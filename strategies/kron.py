@@ -181,17 +181,16 @@ def _prepare(
         ) from error
 
 
-def workload(problem: Problem) -> tuple[int, int]:
-    """(Kronecker rows, in MLP-row equivalents, and Hessian-vector rows) on ``problem``: what
-    the planner's estimate of ``kron`` rests on. A site with T positions costs T times the
-    directions of one with one position, so its rows count T times. One forward (and the
-    layout probes), nothing differentiated twice."""
+def workload(problem: Problem) -> tuple[list[tuple[int, int]], int]:
+    """What the planner's estimate of ``kron`` rests on: the rows and positions of each site
+    that gets Kronecker directions, and the number of Hessian-vector rows. One forward (and
+    the layout probes), nothing differentiated twice."""
     with torch.enable_grad():
         sites, others, flops = discover(problem)
     kept, moved = _choose(problem, sites, flops)
     sizes = dict(zip(problem.names, problem.sizes))
     other = sum(sizes[n] for n in problem.names if n in set(others) | moved)
-    return sum(s.rows * s.T for s in kept), other
+    return [(s.rows, s.T) for s in kept], other
 
 
 def _all_hvp_rows(

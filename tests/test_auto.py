@@ -140,7 +140,7 @@ def test_a_net_without_kronecker_structure_is_not_given_to_kron() -> None:
     net, params, batch = _problem(RawWeights(), n_in=8, n=32)
     plan = auto.plan(net, params, batch)
     (kron,) = [c for c in plan.candidates if c.name == "kron"]  # kron takes any net
-    assert kron.basis.startswith("0 Kronecker rows")
+    assert kron.basis.startswith("0 Kronecker rows (0 of them shared")
     assert plan.choice != "kron"
     assert plan.candidates[0].predicted_s < kron.predicted_s
 
