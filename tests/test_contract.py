@@ -676,6 +676,101 @@ def test_verify_is_reproducible_and_leaves_the_global_generator_alone() -> None:
     assert strategies.verify(H, net, params, batch, rtol=1e-12, generator=other)[1] != first[1]
 
 
+def _corrupt_pair(H):
+    H[3, 17] += 0.01 * H.abs().max()
+    H[17, 3] += 0.01 * H.abs().max()
+    return H
+
+
+def _corrupt_block(H, mirror: bool):
+    H[:15, 20:] += 0.01 * H.abs().max()  # 0.weight against 2.weight
+    if mirror:
+        H[20:, :15] += 0.01 * H.abs().max()
+    return H
+
+
+#: float32 Hessians a wrong strategy could return: each off by 1% of max|H| somewhere
+VERIFY_FLOAT32_WRONG = {
+    "one symmetric pair": _corrupt_pair,
+    "one block and its mirror": lambda H: _corrupt_block(H, True),
+    "one block, not its mirror": lambda H: _corrupt_block(H, False),
+    "scaled by 1.001": lambda H: H * 1.001,
+}
+
+
+@pytest.mark.parametrize("wrong", list(VERIFY_FLOAT32_WRONG))
+def test_verify_catches_one_percent_of_max_in_float32(wrong: str) -> None:
+    net, params, batch = _reference_problem(torch.float32)
+    H = strategies.compute("vmap_jvp", net, params, batch)
+    assert strategies.verify(H, net, params, batch)[0]
+    for seed in range(5):
+        generator = torch.Generator().manual_seed(seed)
+        bad = VERIFY_FLOAT32_WRONG[wrong](H.clone())
+        ok, detail = strategies.verify(bad, net, params, batch, generator=generator)
+        assert not ok, detail
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_verify_holds_a_coarser_h_to_its_rounding_only(dtype) -> None:
+    """float64 params, H passed in half precision: rounding passes, 1.2x and 1.3x do not."""
+    net, params, batch = _reference_problem()
+    H = loop_hessian(net, list(params), batch)
+    ok, detail = strategies.verify(H.to(dtype), net, params, batch)
+    assert ok, detail
+    for scale in (1.05, 1.2, 1.3):
+        assert not strategies.verify((H * scale).to(dtype), net, params, batch)[0], scale
+
+
+def test_verify_rejects_a_quarter_of_a_bfloat16_hessian() -> None:
+    net, params, batch = _reference_problem(torch.bfloat16)
+    H = strategies.compute("full_autograd", net, params, batch)
+    ok, detail = strategies.verify(H, net, params, batch)
+    assert ok, detail
+    assert not strategies.verify(H * 0.25, net, params, batch)[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_verify_accepts_a_zero_hessian_up_to_roundoff(name: str, dtype) -> None:
+    """BatchNorm in training mode removes the first bias: the loss does not depend on it,
+    and its Hessian is zero up to roundoff (about 1e-32 in float64)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
+    params, batch = {"0.bias": net[0].bias}, _batch(8, dtype=dtype)
+    if _refused(name, net, None):
+        pytest.skip(strategies.get(name).supports(net, None)[1])
+    if strategies.get(name).compiles:
+        pytest.skip("torch.compile fails on BatchNorm in training mode under forward mode")
+    try:
+        H = strategies.compute(name, net, params, batch)
+    except ValueError as error:
+        assert "refuses" in str(error) or "mixes samples" in str(error), error
+        return
+    assert H.abs().max() < 1e-6
+    ok, detail = strategies.verify(H, net, params, batch)
+    assert ok, detail
+    assert not strategies.verify(H + 1e-2 * torch.eye(4, dtype=dtype), net, params, batch)[0]
+
+
+@pytest.mark.parametrize(
+    "option, error, match",
+    [
+        ({"rtol": -1.0}, ValueError, "rtol must be a finite non-negative number, got -1.0"),
+        ({"rtol": float("nan")}, ValueError, "rtol must be a finite non-negative number, got nan"),
+        ({"rtol": "1e-3"}, TypeError, "rtol must be a non-negative number, got str"),
+        ({"rtol": True}, TypeError, "rtol must be a non-negative number, got bool"),
+        ({"generator": 5}, TypeError, "generator must be a torch.Generator, got int"),
+        ({"generator": "cpu"}, TypeError, "generator must be a torch.Generator, got str"),
+    ],
+    ids=["rtol -1", "rtol nan", "rtol str", "rtol bool", "generator int", "generator str"],
+)
+def test_verify_options_named(option: dict, error: type, match: str) -> None:
+    net, params, batch = _reference_problem()
+    H = loop_hessian(net, list(params), batch)
+    with pytest.raises(error, match=match):
+        strategies.verify(H, net, params, batch, **option)
+
+
 # --- options ---
 
 
