@@ -145,7 +145,7 @@ def verify(
         >>> H = strategies.compute("vmap_jvp", net, params, batch)
         >>> ok, detail = strategies.verify(H, net, params, batch)
     """
-    problem = prepare(net, params, batch, loss_fn)
+    problem = prepare(net, params, batch, loss_fn, nested_autograd=True)
     P = problem.P
     if not isinstance(H, Tensor) or tuple(H.shape) != (P, P):
         shape = tuple(H.shape) if isinstance(H, Tensor) else type(H).__name__
@@ -250,7 +250,10 @@ def _float64_problem(
         twin = copy.deepcopy(net).to(torch.float64)
         own = dict(twin.named_parameters())
         twin_batch = tuple(tree_map(_to_float64, part) for part in batch)
-        return prepare(twin, {n: own[n] for n in params}, twin_batch, loss_fn), "in float64"
+        problem64 = prepare(
+            twin, {n: own[n] for n in params}, twin_batch, loss_fn, nested_autograd=True
+        )
+        return problem64, "in float64"
     except (RuntimeError, ValueError, TypeError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         return problem, f"in {problem.dtype} (the net does not run in float64: {first})"
