@@ -64,6 +64,49 @@ def _bench_without(key: str) -> dict:
     return data
 
 
+def _bench_with(edit: Callable[[dict], None]) -> dict:
+    data = json.loads((DATA / "bench_cpu.json").read_text())
+    edit(data)
+    return data
+
+
+def _nan_times(data: dict) -> None:
+    for bench in data["benchmarks"]:
+        bench["stats"]["min"] = bench["stats"]["median"] = float("nan")
+
+
+def _set(where: Callable[[dict], dict], key: str, value: object) -> Callable[[dict], None]:
+    return lambda data: where(data).__setitem__(key, value)
+
+
+_cell = lambda data: data["benchmarks"][0]["extra_info"]  # noqa: E731
+
+#: (id, edit of a good run, what the one line says): malformed fields of a run JSON
+MALFORMED = [
+    ("NaN min and median in every cell", _nan_times, "no benchmark has a finite stats.min"),
+    ("P a string", _set(_cell, "P", "abc"), "benchmark 0: P must be a positive integer, got 'abc'"),
+    ("P null", _set(_cell, "P", None), "benchmark 0: P must be a positive integer, got None"),
+    (
+        "outcome P a string",
+        _set(lambda d: d["hessbench"]["outcomes"][0], "P", "abc"),
+        "hessbench outcome 0: P must be a positive integer",
+    ),
+    ("commit_info a list", _set(lambda d: d, "commit_info", ["x"]), "'commit_info' must be an"),
+    ("case an object", _set(_cell, "case", {"x": 1}), "benchmark 0: case must be a string"),
+    ("width a string", _set(_cell, "width", "32"), "benchmark 0: width must be a positive"),
+    (
+        "stats.min a word",
+        _set(lambda d: d["benchmarks"][0]["stats"], "min", "fast"),
+        "benchmark 0: stats.min must be a number, got 'fast'",
+    ),
+    (
+        "stats a list",
+        _set(lambda d: d["benchmarks"][0], "stats", [1]),
+        "benchmark 0: 'stats' must be an object, got a list",
+    ),
+]
+
+
 def _audit_without(key: str) -> dict:
     data = json.loads((DATA / "audit.json").read_text())
     del data["records"][0][key]
@@ -89,6 +132,10 @@ REPORT_PROBES: list[tuple[str, Callable[[Path], list[str]], str]] = [
         "audit record without model",
         lambda t: [_write(t / "au.json", _audit_without("model"))],
         "audit record 0 lacks ['model']",
+    ),
+    *(
+        (name, lambda t, edit=edit: [_write(t / "m.json", _bench_with(edit))], says)
+        for name, edit, says in MALFORMED
     ),
     (
         "two inputs, one CSV",
