@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import audit, report
+from bench import audit, cli, report
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -175,6 +175,8 @@ AUDIT_PROBES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("json is a folder", lambda t: ["--json", str(t)], "is a folder, not a file"),
     ("json under a file", lambda t: ["--json", _write(t / "f", "") + "/a.json"], "is not a folder"),
     ("bad option", lambda t: ["--bogus"], "unrecognized arguments: --bogus"),
+    # os.access says yes to root here; opening it does not
+    ("json unwritable", lambda t: ["--json", "/proc/hessbench-audit.json"], "/proc/hessbench"),
 ]
 
 
@@ -254,3 +256,47 @@ def test_the_committed_csvs_are_what_the_report_makes_of_the_committed_runs(tmp_
     inputs = sorted(str(p) for p in tmp_path.glob("*.json"))
     assert report.main([*inputs, "--plots-dir", str(tmp_path / "plots")]) == 0
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.csv")} == committed
+
+
+def test_audit_keeps_its_records_as_they_come(tmp_path, monkeypatch):
+    """A killed audit leaves ``<json>.partial`` with the models done; the next run keeps it
+    as ``<json>.1.partial``, and its own partial file is gone once its JSON is written."""
+    path = tmp_path / "audit.json"
+    argv = ["--json", str(path), "--strategies", "full_autograd", "--models", "tied,mlp_tanh"]
+    real = audit.audit_model
+    done = []
+
+    def killed_on_the_second(model, *args, **kwargs):
+        if done:
+            raise KeyboardInterrupt
+        done.append(model.name)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(audit, "audit_model", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        audit.main(argv)
+    assert not path.exists()
+    partial = json.loads(Path(f"{path}.partial").read_text())
+    assert [(r["strategy"], r["model"]) for r in partial["records"]] == [("full_autograd", "tied")]
+    monkeypatch.setattr(audit, "audit_model", real)
+    assert audit.main(argv) == 0
+    assert json.loads(Path(f"{path}.1.partial").read_text()) == partial
+    assert not Path(f"{path}.partial").exists()
+    assert len(json.loads(path.read_text())["records"]) == 2
+
+
+def test_output_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    out = tmp_path / "run.json"
+    lock = Path(f"{out}.lock")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(str(sleeper.pid))
+        with pytest.raises(ValueError, match=f"another run \\(process {sleeper.pid}"):
+            cli.lock_output(out, "--benchmark-json")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    cli.lock_output(out, "--benchmark-json")  # its holder is gone: taken over
+    assert lock.read_text() == str(os.getpid())
+    cli.unlock_output(out)
+    assert not lock.exists()
