@@ -749,6 +749,14 @@ def explain_autograd_error(error: BaseException, strategy: str) -> ValueError | 
     message = str(error)
     version = _torch_version()
     others = ", ".join(n for n in REVERSE_MODE if n != strategy)
+    if "autograd.Function with functorch transforms" in message or (
+        "implement the jvp function for custom autograd.Function" in message
+    ):
+        return ValueError(
+            f"strategy {strategy!r}: the forward calls a custom torch.autograd.Function "
+            "(a reentrant torch.utils.checkpoint is one) without the vmap or jvp rule its path "
+            f"needs: use a plain autograd loop ({', '.join(NESTED_AUTOGRAD)})"
+        )
     if "modified by an inplace operation" in message:
         found = re.search(
             r"\[(\d+(?:, \d+)*)?\]\], which is output \d+ of (\w+?)(?:Backward\d*)?,", message

@@ -339,6 +339,44 @@ def test_nested_autograd_exact_or_named(name: str, how: str) -> None:
     assert strategies.verify(H, net, _params(net), batch)[0]
 
 
+class _Square(torch.autograd.Function):
+    """A user's own autograd.Function, with no vmap or jvp rule."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _WithFunction(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(_Square.apply(torch.tanh(self.inp(x))))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not strategies.get(n).compiles])
+def test_custom_autograd_function_exact_or_named(name: str) -> None:
+    torch.manual_seed(0)
+    net, batch = _WithFunction().double(), _batch()
+    if _refused(name, net, None):
+        pytest.skip(strategies.get(name).supports(net, None)[1])
+    try:
+        H = strategies.compute(name, net, _params(net), batch)
+    except ValueError as error:
+        assert "calls a custom torch.autograd.Function" in str(error)
+        assert "(full_autograd, symmetric_half)" in str(error)
+        return
+    assert_close_to(H, loop_hessian(net, list(_params(net)), batch), 1e-10)
+
+
 def test_a_failed_strategy_leaves_later_checkpointed_calls_working() -> None:
     """torch 2.13 leaves saved tensor hooks disabled after torch.compile fails inside
     torch.func (every later call through a checkpoint then failed); the registry turns
