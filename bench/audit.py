@@ -24,13 +24,13 @@ Tolerances:
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import shlex
 import socket
 import sys
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +364,7 @@ def run_audit(
     ignore_supports: bool = False,
     command: str | None = None,
     on: str = "cpu",
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Audit strategies on zoo models; returns the audit JSON (see the module docstring).
 
@@ -377,6 +378,8 @@ def run_audit(
         command: the command line recorded in the JSON.
         on: the device the strategies compute on ("cpu" or "cuda"); the references and the
             known bugs' reproductions run on the CPU.
+        progress: called after each model with the audit JSON of what is done so far
+            (``main`` keeps it in ``<json>.partial``).
 
     Raises:
         KeyError: an unknown strategy or model name.
@@ -390,29 +393,36 @@ def run_audit(
     # (measured 5-10x slower with 2 threads than with 1). The caller's setting is restored.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    bugs: list[dict[str, Any]] = []
+
+    def audit_json() -> dict[str, Any]:
+        return {
+            "kind": AUDIT_KIND,
+            "torch_version": torch.__version__,
+            "machine_label": machine_label(),
+            "device": on,
+            **device.precision(),
+            "command": command or "bench.audit.run_audit()",
+            "tolerance": TOL,
+            "reference_tolerance": REFERENCE_TOL,
+            "records": records,
+            "references": references,
+            "known_bugs": bugs,
+            "threads": 1,
+            "wall_s": time.perf_counter() - start,
+        }
+
     try:
         for model in chosen:
             check, model_records = audit_model(model, audited, ignore_supports, on)
             references.append(check)
             records.extend(model_records)
+            if progress is not None:
+                progress(audit_json())
         bugs = run_known_bugs() if known_bugs else []
     finally:
         torch.set_num_threads(threads)
-    return {
-        "kind": AUDIT_KIND,
-        "torch_version": torch.__version__,
-        "machine_label": machine_label(),
-        "device": on,
-        **device.precision(),
-        "command": command or "bench.audit.run_audit()",
-        "tolerance": TOL,
-        "reference_tolerance": REFERENCE_TOL,
-        "records": records,
-        "references": references,
-        "known_bugs": bugs,
-        "threads": 1,
-        "wall_s": time.perf_counter() - start,
-    }
+    return audit_json()
 
 
 def references_agree(audit: dict[str, Any]) -> bool:
@@ -507,14 +517,26 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--device cuda: CUDA is not available on this machine")
     except ValueError as exc:
         return cli.fail(parser.prog, str(exc))
+    partial = cli.partial_path(args.json)
+    if os.path.exists(partial):  # an earlier audit that never reached its end: kept
+        kept = cli.kept_partial_path(args.json)
+        os.rename(partial, kept)
+        print(f"an earlier audit left {partial} unfinished: kept as {kept}")
     audit = run_audit(
         strategy_names,
         models,
         ignore_supports=args.ignore_supports,
         command=shlex.join(["python", "-m", "bench.audit", *argv]),
         on=args.device,
+        progress=lambda so_far: cli.write_json(so_far, partial, indent=1),
     )
-    args.json.write_text(json.dumps(audit, indent=1) + "\n")
+    try:
+        cli.write_json(audit, args.json, indent=1)
+    except OSError as exc:
+        kept = f"; the records are in {partial}" if os.path.exists(partial) else ""
+        return cli.fail(parser.prog, f"cannot write {args.json}: {exc.strerror or exc}{kept}")
+    if os.path.exists(partial):
+        os.remove(partial)  # this audit's own: the JSON holds it all
     print(format_matrix(audit))
     print(f"\n{len(audit['records'])} cells in {audit['wall_s']:.1f} s; wrote {args.json}")
     return 0 if references_agree(audit) else 1

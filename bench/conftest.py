@@ -6,9 +6,10 @@ The session's state is ``bench.session.Run``; what happens in one cell is ``benc
 
 from __future__ import annotations
 
-import json
+import importlib.metadata
 import math
 import os
+import re
 import shlex
 import traceback
 from typing import Any
@@ -18,7 +19,17 @@ import torch
 
 import strategies
 from bench import device, measure
-from bench.cli import check_names, default_strategies, output_file, split_list
+from bench.cli import (
+    check_names,
+    default_strategies,
+    kept_partial_path,
+    lock_output,
+    output_file,
+    partial_path,
+    split_list,
+    unlock_output,
+    write_json,
+)
 from bench.grid import DEVICES, GRIDS, cases
 from bench.session import Run
 from bench.vocabulary import BASELINE
@@ -26,13 +37,13 @@ from bench.worker import Worker
 
 __all__ = [
     "pytest_addoption",
+    "PYTEST_BENCHMARK",
+    "check_pytest_benchmark",
     "pytest_configure",
     "pytest_generate_tests",
     "hessbench",
     "pytest_benchmark_update_machine_info",
     "pytest_benchmark_update_json",
-    "partial_path",
-    "kept_partial_path",
     "pytest_runtest_logfinish",
     "pytest_terminal_summary",
     "pytest_sessionfinish",
@@ -99,19 +110,39 @@ def _positive(config: pytest.Config, option: str) -> float | None:
 
 
 def _benchmark_json(config: pytest.Config) -> None:
-    """``--benchmark-json`` checked and its folder made now: pytest-benchmark opens it only at
-    the end, and a run that cannot write its JSON loses every cell."""
+    """``--benchmark-json`` checked, its folder made and the file claimed now: pytest-benchmark
+    opens it only at the end, and a run that cannot write its JSON loses every cell; two runs
+    started together on one JSON would each overwrite the other's cells, so the second is
+    refused (``cli.lock_output``) until the first ends."""
     path = config.getoption("benchmark_json", default=None)
     if path is not None:
         try:
             output_file(path, "--benchmark-json")
+            lock_output(path, "--benchmark-json")
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
+        _CONFIG["locked"] = path
+
+
+#: the oldest pytest-benchmark whose hooks and JSON this plugin uses (pyproject.toml says so too)
+PYTEST_BENCHMARK = (5, 3)
+
+
+def check_pytest_benchmark(version: str) -> None:
+    """A usage error unless ``version`` of pytest-benchmark is at least ``PYTEST_BENCHMARK``."""
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if found < PYTEST_BENCHMARK:
+        wanted = ".".join(map(str, PYTEST_BENCHMARK))
+        raise pytest.UsageError(
+            f"the hessbench benchmark needs pytest-benchmark>={wanted}, found {version}: "
+            f"pip install 'pytest-benchmark>={wanted}'"
+        )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--grid", default=None) is None:
         return
+    check_pytest_benchmark(importlib.metadata.version("pytest-benchmark"))
     valid = strategies.names()
     try:
         listed = config.getoption("--strategies")
@@ -135,9 +166,9 @@ def pytest_configure(config: pytest.Config) -> None:
         if threads < 1:
             raise pytest.UsageError("--threads must be >= 1")
         torch.set_num_threads(threads)
-    _benchmark_json(config)
     device.prepare_process()  # before anything computes or imports JAX; the worker inherits it
     _CONFIG.clear()
+    _benchmark_json(config)
     _CONFIG["config"] = config
     grid = config.getoption("--grid")
     config._hessbench = Run(
@@ -194,23 +225,6 @@ def pytest_benchmark_update_json(
         }
 
 
-def partial_path(benchmark_json: str | os.PathLike) -> str:
-    """Where a run keeps what it has measured so far: ``<json>.partial``, removed at the end."""
-    return f"{os.fspath(benchmark_json)}.partial"
-
-
-def kept_partial_path(benchmark_json: str | os.PathLike) -> str:
-    """Where an earlier run's unfinished ``<json>.partial`` is kept: ``<json>.<N>.partial``.
-
-    N is the smallest positive integer whose file does not exist yet, so nothing is ever
-    overwritten.
-    """
-    n = 1
-    while os.path.exists(f"{os.fspath(benchmark_json)}.{n}.partial"):
-        n += 1
-    return f"{os.fspath(benchmark_json)}.{n}.partial"
-
-
 def _output_json(config: pytest.Config) -> dict:
     """The benchmark JSON of everything measured so far, made by pytest-benchmark's own hooks."""
     session = config._benchmarksession
@@ -230,12 +244,6 @@ def _output_json(config: pytest.Config) -> dict:
         config=config, benchmarks=session.benchmarks, output_json=output
     )
     return output
-
-
-def _write_json(output: dict, target: str | os.PathLike) -> None:
-    with open(f"{os.fspath(target)}.tmp", "w") as f:
-        json.dump(output, f)
-    os.replace(f"{os.fspath(target)}.tmp", target)  # atomic: a kill never leaves half a file
 
 
 def _note(message: str) -> None:
@@ -265,7 +273,7 @@ def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
         kept = kept_partial_path(path)
         os.rename(target, kept)
         _note(f"an earlier run left {target} unfinished: kept as {kept}")
-    _write_json(_output_json(config), target)
+    write_json(_output_json(config), target)
     _CONFIG["partial_written"] = True
 
 
@@ -333,7 +341,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             print(f"\nhessbench: no cell ran; {path} not written, no report")
             return
         # pytest-benchmark writes no JSON where nothing was timed: the outcomes would be lost
-        _write_json(_output_json(config), path)
+        write_json(_output_json(config), path)
     if _CONFIG.get("partial_written") and os.path.exists(partial_path(path)):
         os.remove(partial_path(path))  # this run's own: it reached its end, the JSON holds it all
     inputs = [str(path)]
@@ -362,3 +370,5 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     run: Run | None = getattr(config, "_hessbench", None)
     if run is not None:
         run.worker.close()
+    if _CONFIG.get("locked"):
+        unlock_output(_CONFIG.pop("locked"))

@@ -190,6 +190,59 @@ def _check_benchmark(path: Path, data: dict) -> None:
         ]
         if missing:
             raise InputFileError(f"{path}: hessbench outcome {i} lacks {missing}")
+        _check_fields(path, f"hessbench outcome {i}", outcome)
+    if not isinstance(data.get("commit_info") or {}, dict):
+        kind = type(data["commit_info"]).__name__
+        raise InputFileError(f"{path}: 'commit_info' must be an object, got a {kind}")
+    timed = []
+    for i, bench in enumerate(data["benchmarks"]):
+        _check_fields(path, f"benchmark {i}", bench["extra_info"])
+        stats = bench.get("stats")
+        if stats is not None and not isinstance(stats, dict):
+            raise InputFileError(
+                f"{path}: benchmark {i}: 'stats' must be an object, got a {type(stats).__name__}"
+            )
+        for key, value in (stats or {}).items():
+            if key in STAT_FIELDS and value is not None and not _is_number(value):
+                raise InputFileError(
+                    f"{path}: benchmark {i}: stats.{key} must be a number, got {value!r}"
+                )
+        timed.append((stats or {}).get("min"))
+    if timed and not any(_is_number(t) and math.isfinite(t) for t in timed):
+        raise InputFileError(
+            f"{path}: no benchmark has a finite stats.min (every one is {timed[0]!r}): "
+            "nothing in it was timed"
+        )
+
+
+#: the type each field of a cell must have, where given (extra_info and outcomes)
+_FIELD_TYPES = {
+    "strategy": str,
+    "case": str,
+    "P": int,
+    **{f.name: f.type for f in dataclasses.fields(Case)},
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_fields(path: Path, where: str, cell: dict) -> None:
+    """Refuse a cell whose fields the analysis keys on have the wrong type."""
+    for key, kind in _FIELD_TYPES.items():
+        if key not in cell:
+            continue
+        value = cell[key]
+        expected = {"int": int, "str": str}.get(kind, kind) if isinstance(kind, str) else kind
+        if expected is int:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            wanted = "a positive integer"
+        else:
+            ok = isinstance(value, expected)
+            wanted = "a string"
+        if not ok:
+            raise InputFileError(f"{path}: {where}: {key} must be {wanted}, got {value!r}")
 
 
 def _check_audit(path: Path, data: dict) -> None:

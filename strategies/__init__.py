@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ._common import (
@@ -34,7 +35,7 @@ from ._common import (
     unflatten,
 )
 from ._kinds import kinds_of
-from ._memory import available_bytes, check_fits
+from ._memory import POSITIVE_INTEGER_OPTIONS, available_bytes, check_fits, check_positive
 from ._plan import peak_ratio
 from ._verify import default_rtol, verify
 
@@ -144,8 +145,9 @@ class Strategy:
         Raises:
             TypeError: a bad input (see ``check_inputs``), or an option the strategy does
                 not accept.
-            ValueError: a bad input, a problem ``supports`` says no to, or one the strategy
-                finds at run time it cannot differentiate exactly (a derivative torch does
+            ValueError: a bad input; ``chunk_size`` or ``memory_budget`` given and not a
+                positive integer (checked here for every strategy that takes them); a
+                problem ``supports`` says no to, or one the strategy finds at run time it cannot differentiate exactly (a derivative torch does
                 not implement, an op torch differentiates wrongly on its path).
             MemoryError: the strategy's predicted peak (its measured peak over the Hessian's
                 size in the committed runs, times this Hessian's size; the Hessian alone where
@@ -160,6 +162,9 @@ class Strategy:
                     raise TypeError(
                         f"strategy {self.name!r} takes no option {option!r} (its options: {takes})"
                     )
+        shared = {k: v for k, v in options.items() if k in POSITIVE_INTEGER_OPTIONS}
+        check_positive(**shared)
+        options = {**options, **{k: int(v) for k, v in shared.items() if v is not None}}
         ok, reason = self.supports(net, loss_fn)
         if not ok:
             raise ValueError(f"strategy {self.name!r} does not support this problem: {reason}")
@@ -173,6 +178,7 @@ class Strategy:
             else peak_ratio(self.name, first.device, first.dtype, P, unmeasured=1.0)
         )
         check_fits(params, ratio, self.name)
+        hooks_enabled = torch._C._autograd._saved_tensors_hooks_is_enabled()
         with autograd_enabled():
             try:
                 return self.compute_fn(net, params, batch, loss_fn, **options)
@@ -181,6 +187,12 @@ class Strategy:
                 if explained is None:
                     raise
                 raise explained from error
+            finally:
+                # torch.compile failing inside torch.func leaves saved tensor hooks disabled
+                # for the rest of the process (torch 2.13), which breaks every later call
+                # through a checkpointed net
+                if hooks_enabled and not torch._C._autograd._saved_tensors_hooks_is_enabled():
+                    torch._C._autograd._saved_tensors_hooks_enable()
 
 
 _REGISTRY: dict[str, Strategy] = {}

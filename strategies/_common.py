@@ -30,6 +30,7 @@ __all__ = [
     "NormCall",
     "Problem",
     "REVERSE_MODE",
+    "NESTED_AUTOGRAD",
     "JACREV_PATH",
     "DOUBLE_BACKWARD",
     "LEGACY_VMAP_FORWARD",
@@ -210,6 +211,12 @@ def _non_finite(tensor: Tensor) -> bool:
     return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
 
 
+_META = (
+    "on the meta device, which holds shapes but no values, so there is no Hessian to compute: "
+    "materialise the net and batch first (e.g. net.to_empty(device='cpu') and load the weights)"
+)
+
+
 def _is_default_mse(loss_fn: Any) -> bool:
     """``F.mse_loss`` itself or ``nn.MSELoss()`` with mean reduction: replaced by ``mse_loss``."""
     return loss_fn is F.mse_loss or (type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean")
@@ -227,11 +234,13 @@ def check_inputs(
 
     Raises:
         TypeError: ``net`` is not a Module, ``params`` not a mapping or not floating,
-            ``batch`` not an ``(inputs, targets)`` pair of tensors, ``loss_fn`` not callable.
+            ``batch`` not an ``(inputs, targets)`` pair of tensors, ``loss_fn`` not callable;
+            integer targets with mean squared error (the default, ``F.mse_loss``,
+            ``nn.MSELoss()``).
         ValueError: ``params`` empty, naming something that is not the net's parameter of
-            that name, on mixed devices or dtypes, or not finite; the batch empty or not
-            finite, or integer targets with the default loss; a stochastic module (dropout,
-            RReLU) in training mode.
+            that name, on mixed devices or dtypes, or not finite; params or batch on the
+            meta device; the batch empty or not finite; a stochastic module (dropout, RReLU)
+            in training mode.
     """
     if not isinstance(net, nn.Module):
         raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
@@ -264,6 +273,8 @@ def check_inputs(
     devices = {t.device for t in params.values()}
     if len(devices) > 1:
         raise ValueError(f"params are on mixed devices {sorted(map(str, devices))}; use one")
+    if next(iter(devices)).type == "meta":
+        raise ValueError(f"params are {_META}")
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(f"batch must be an (inputs, targets) pair, got {type(batch).__name__}")
     inputs, targets = batch
@@ -278,11 +289,12 @@ def check_inputs(
                 f"the batch is empty ({what} of shape {tuple(tensor.shape)}): the loss of no "
                 "samples has no Hessian"
             )
-    # Skipped on the meta device: it holds no values (the check that follows names it).
     named = [("inputs", inputs), ("targets", targets)]
     named += [(f"params[{name!r}]", tensor) for name, tensor in params.items()]
     for what, tensor in named:
-        if tensor.device.type != "meta" and _non_finite(tensor):
+        if tensor.device.type == "meta":
+            raise ValueError(f"{what} is {_META}")
+        if _non_finite(tensor):
             raise ValueError(f"{what} holds NaN or infinite values: the Hessian there is undefined")
     stochastic = _stochastic_module(net)
     if stochastic:
@@ -290,12 +302,14 @@ def check_inputs(
             f"{stochastic}: the loss is random, so it has no Hessian; call net.eval() "
             "(or set the module's p to 0) to take the Hessian of the deterministic loss"
         )
-    if loss_fn is None and not targets.is_floating_point():
-        raise ValueError(
-            f"the default loss (mean squared error) needs floating-point targets, got "
-            f"{targets.dtype}; for class labels pass loss_fn=F.cross_entropy"
-        )
     if loss_fn is None or _is_default_mse(loss_fn):
+        if not targets.is_floating_point():
+            which = "the default loss" if loss_fn is None else "F.mse_loss / nn.MSELoss"
+            raise TypeError(
+                f"{which} (mean squared error) needs floating-point targets, got targets of "
+                f"dtype {targets.dtype}: cast them (targets.float()), or for class labels pass "
+                "loss_fn=F.cross_entropy"
+            )
         return mse_loss
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable(outputs, targets), got {type(loss_fn).__name__}")
@@ -403,6 +417,47 @@ def _torch_version() -> str:
     return torch.__version__.split("+")[0]
 
 
+def _saved_tensor_hooks() -> Any:
+    """The pack hook of the innermost ``saved_tensors_hooks`` in force, or None."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    return None if top is None else top[0]
+
+
+#: the strategies that differentiate through a forward that differentiates itself
+#: (``torch.autograd.grad`` inside it) or saves tensors through hooks (a non-reentrant
+#: ``torch.utils.checkpoint``): the plain autograd loops; torch.func transforms and forward
+#: mode cannot (measured in tests/test_contract.py)
+NESTED_AUTOGRAD = ("full_autograd", "symmetric_half")
+
+
+def _nested_autograd(recorder: _ForwardRecorder, value: Tensor) -> tuple[str, bool]:
+    """What the forward does that only plain autograd loops differentiate, or that none does
+    (the flag), or ``("", False)``."""
+    seen, stack = set(), [value.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CheckpointFunction" in type(node).__name__:
+            return (
+                "calls torch.utils.checkpoint with use_reentrant=True, which torch cannot "
+                "differentiate twice (its backward runs .backward() itself): pass "
+                f"use_reentrant=False, which {', '.join(NESTED_AUTOGRAD)} differentiate",
+                True,
+            )
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    if recorder.saved_tensor_hooks:
+        return "saves tensors through hooks of its own (torch.utils.checkpoint?)", False
+    if recorder.backward_ops:
+        return (
+            f"computes derivatives itself (aten.{recorder.backward_ops[0]}: torch.autograd.grad "
+            "inside the forward?)",
+            False,
+        )
+    return "", False
+
+
 class _ForwardRecorder(TorchDispatchMode):
     """Records, below autograd, the normalisation and random ops a forward calls."""
 
@@ -410,10 +465,19 @@ class _ForwardRecorder(TorchDispatchMode):
         super().__init__()
         self.norm_calls: list[NormCall] = []
         self.random_ops: list[str] = []
+        #: derivatives the forward itself computes (torch.autograd.grad inside it)
+        self.backward_ops: list[str] = []
+        #: the forward saves tensors through hooks of its own (a non-reentrant checkpoint)
+        self.saved_tensor_hooks = False
+        self._outer_hooks = _saved_tensor_hooks()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         op = func.overloadpacket.__name__
+        if op.endswith("_backward"):
+            self.backward_ops.append(op)
+        if _saved_tensor_hooks() != self._outer_hooks:
+            self.saved_tensor_hooks = True
         schema = func._schema.arguments
         bound = {a.name: a.default_value for a in schema if a.has_default_value()}
         bound |= dict(zip((a.name for a in schema), args)) | kwargs
@@ -448,11 +512,21 @@ def prepare(
     params: Mapping[str, Tensor],
     batch: tuple[Tensor, Tensor],
     loss_fn: LossFn | None = None,
+    *,
+    nested_autograd: bool = False,
 ) -> Problem:
     """Check a strategy's inputs, build the loss as a pure function of ``params`` and probe it.
 
     One probe forward of the loss at the params checks what only running the net shows, and
-    records the normalisation ops it calls (``Problem.norm_calls``, for ``hazard``).
+    records the normalisation ops it calls (``Problem.norm_calls``, for ``hazard``). Float
+    targets of another dtype than the outputs are cast to the outputs' dtype for mean squared
+    error (the default, ``F.mse_loss``, ``nn.MSELoss()``), so that the loss is computed in
+    the net's dtype along every path.
+
+    Args:
+        nested_autograd: the caller differentiates with plain autograd loops, which handle
+            a forward that differentiates itself or saves tensors through hooks (see
+            ``NESTED_AUTOGRAD``); other callers get a ValueError for such a forward.
 
     Raises:
         TypeError: the errors of ``check_inputs``; the net returns something other than a
@@ -462,14 +536,17 @@ def prepare(
             with the default loss (``F.mse_loss`` passed explicitly broadcasts them as torch
             does); ``loss_fn`` returns a tensor that is not 0-d, not finite, or detached from
             the outputs; the forward draws random numbers; it calls an op that torch cannot
-            differentiate along any path (``hazard``).
+            differentiate along any path (``hazard``); it calls a reentrant
+            ``torch.utils.checkpoint``; without ``nested_autograd``, it calls
+            ``torch.autograd.grad`` or saves tensors through hooks (a non-reentrant
+            checkpoint), naming the strategies that handle it.
     """
     shared = _SHARED.get()
-    key = _identity(net, params, batch, loss_fn) if shared is not None else None
+    key = _identity(net, params, batch, loss_fn, nested_autograd) if shared is not None else None
     if key is not None and key in shared:
         return shared[key]
     with autograd_enabled():
-        problem = _prepare(net, params, batch, loss_fn)
+        problem = _prepare(net, params, batch, loss_fn, nested_autograd)
     if key is not None:
         shared[key] = problem
     return problem
@@ -481,7 +558,7 @@ _SHARED: contextvars.ContextVar[dict[tuple, Problem] | None] = contextvars.Conte
 )
 
 
-def _identity(net: Any, params: Any, batch: Any, loss_fn: Any) -> tuple | None:
+def _identity(net: Any, params: Any, batch: Any, loss_fn: Any, nested: bool) -> tuple | None:
     """The same objects, unmodified since (tensors' version counters): the same problem."""
     if not isinstance(params, Mapping) or not isinstance(batch, tuple):
         return None
@@ -492,6 +569,7 @@ def _identity(net: Any, params: Any, batch: Any, loss_fn: Any) -> tuple | None:
     if any(t.is_inference() for t in (*tensors, *own)):
         return None  # inference tensors keep no version counter: never shared
     return (
+        nested,
         id(net),
         id(loss_fn),
         net.training if isinstance(net, nn.Module) else None,
@@ -516,6 +594,7 @@ def _prepare(
     params: Mapping[str, Tensor],
     batch: tuple[Tensor, Tensor],
     given_loss_fn: LossFn | None,
+    nested_autograd: bool = False,
 ) -> Problem:
     loss_fn = check_inputs(net, params, batch, given_loss_fn)
     inputs, targets = (_normal(t) for t in batch)
@@ -533,6 +612,8 @@ def _prepare(
     with recorder:
         try:
             outputs = outputs_at(leaves)
+            if loss_fn is mse_loss and isinstance(outputs, Tensor):
+                targets = _in_dtype_of(outputs, targets)
             if given_loss_fn is None:
                 _check_default_loss_outputs(outputs, targets)
             _check_class_targets(loss_fn, outputs, targets)
@@ -554,6 +635,14 @@ def _prepare(
             f"the forward calls aten.{recorder.random_ops[0]}, which draws random numbers: "
             "the loss is random, so it has no Hessian (a dropout in training mode? call "
             "net.eval())"
+        )
+    nested, impossible = _nested_autograd(recorder, value) if value.requires_grad else ("", 0)
+    if impossible:
+        raise ValueError(f"the forward {nested}")
+    if nested and not nested_autograd:
+        raise ValueError(
+            f"the forward {nested}: torch.func transforms and forward mode cannot "
+            f"differentiate through it; use a plain autograd loop ({', '.join(NESTED_AUTOGRAD)})"
         )
     # A loss that none of the chosen params reaches has a zero Hessian; tied to them by a
     # zero term it stays in the graph, so that every strategy finds zero derivatives rather
@@ -579,6 +668,13 @@ def _prepare(
     if reason:
         raise ValueError(f"no strategy can differentiate this loss: {reason}")
     return problem
+
+
+def _in_dtype_of(outputs: Tensor, targets: Tensor) -> Tensor:
+    """``targets`` in the floating dtype of ``outputs`` (a float32 net given float64 targets)."""
+    if outputs.is_floating_point() and targets.is_floating_point():
+        return targets.to(outputs.dtype)
+    return targets
 
 
 def _check_default_loss_outputs(outputs: Any, targets: Tensor) -> None:
@@ -691,11 +787,32 @@ def explain_autograd_error(error: BaseException, strategy: str) -> ValueError | 
     (``unsafe_split`` of nn.GRU in ``torch.autograd.functional``), no second derivative for
     a few (``multi_margin_loss_backward``), and forward-over-reverse of ``F.mse_loss`` with
     mean reduction called from a loss of the caller's own raises "ZeroTensors are
-    immutable". Other errors are not recognised (None): the caller re-raises them as they are.
+    immutable". A forward that changes in place a tensor autograd saved (torch's "modified by
+    an inplace operation") is named with the op whose output it changed. Other errors are not
+    recognised (None): the caller re-raises them as they are.
     """
     message = str(error)
     version = _torch_version()
     others = ", ".join(n for n in REVERSE_MODE if n != strategy)
+    if "autograd.Function with functorch transforms" in message or (
+        "implement the jvp function for custom autograd.Function" in message
+    ):
+        return ValueError(
+            f"strategy {strategy!r}: the forward calls a custom torch.autograd.Function "
+            "(a reentrant torch.utils.checkpoint is one) without the vmap or jvp rule its path "
+            f"needs: use a plain autograd loop ({', '.join(NESTED_AUTOGRAD)})"
+        )
+    if "modified by an inplace operation" in message:
+        found = re.search(
+            r"\[(\d+(?:, \d+)*)?\]\], which is output \d+ of (\w+?)(?:Backward\d*)?,", message
+        )
+        what = f"the [{found.group(1)}] output of {found.group(2)} " if found else "a tensor "
+        return ValueError(
+            f"strategy {strategy!r}: the forward changes {what}in place after autograd saved "
+            "it for the gradient (e.g. `h += 1` on h = torch.tanh(...), or an inplace=True "
+            "activation), so even loss.backward() fails: write that op out of place "
+            "(h = h + 1)"
+        )
     if "ZeroTensors are immutable" in message:
         return ValueError(
             f"strategy {strategy!r} met torch {version}'s forward-over-reverse bug of "

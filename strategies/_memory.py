@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import resource
 import sys
@@ -13,6 +14,7 @@ from torch import Tensor
 from ._common import Problem, autograd_enabled
 
 __all__ = [
+    "POSITIVE_INTEGER_OPTIONS",
     "HEADROOM",
     "MIN_EXTRA_BYTES",
     "available_bytes",
@@ -24,6 +26,8 @@ __all__ = [
     "unit_chunks",
 ]
 
+#: options that mean the same to every strategy that takes them: checked by the registry
+POSITIVE_INTEGER_OPTIONS = ("chunk_size", "memory_budget")
 #: peak memory aimed at, as a multiple of the Hessian's own bytes
 HEADROOM = 1.5
 #: working memory always allowed beyond the Hessian, so that tiny Hessians are not computed
@@ -184,11 +188,16 @@ def choose_chunk(directions: int, per_direction: int, hessian_bytes: int, availa
 
 
 def check_positive(**options: int | None) -> None:
-    """Raise ValueError naming each option given (not None) that is not a positive integer."""
+    """Raise ValueError naming each option given (not None) that is not a positive integer.
+
+    Any integer type passes (``numpy.int64`` too); ``bool``, floats and strings do not.
+    ``Strategy.compute`` applies it to ``POSITIVE_INTEGER_OPTIONS`` of every strategy that
+    declares them.
+    """
     for name, value in options.items():
         if value is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 

@@ -49,6 +49,14 @@ def _layers(net: nn.Module) -> tuple[tuple[str, ...], dict[str, tuple[int, str]]
                 raise ValueError(f"Linear {names[id(m)]!r} is used more than once")
             seen.add(id(m))
             for part in ("weight", "bias"):
+                if getattr(m, part) is not None and m._parameters.get(part) is None:
+                    # a forward pre-hook or a parametrization makes it from other tensors
+                    raise ValueError(
+                        f"Linear {names[id(m)]!r} computes its {part} from "
+                        f"{sorted(n for n, _ in m.named_parameters()) or 'buffers'} (pruning, "
+                        "nn.utils.weight_norm or a parametrization), which jax_hessian does not "
+                        "reproduce"
+                    )
                 if getattr(m, part) is not None:
                     where[f"{names[id(m)]}.{part}"] = (len(kinds), part)
             kinds.append("linear")

@@ -38,7 +38,7 @@ def compute(
     batch: tuple[Tensor, Tensor],
     loss_fn: LossFn | None = None,
 ) -> Tensor:
-    problem = prepare(net, params, batch, loss_fn)
+    problem = prepare(net, params, batch, loss_fn, nested_autograd=True)
     refuse_hazard(problem, DOUBLE_BACKWARD, NAME)
     leaves = [p.clone().requires_grad_(True) for p in problem.primals]
     offsets, sizes = problem.offsets, problem.sizes

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench import report, results
+from bench import conftest, report, results
 from bench.vocabulary import BASELINE, CRASHED, ERROR, OK, OOM, OVER_BUDGET, SKIPPED, WRONG
 
 pytest_plugins = ["pytester"]
@@ -325,3 +327,33 @@ def test_users_nets_time_auto_with_its_first_call_planning_included(pytester, mo
     regrets = results.regrets(df)
     assert len(regrets) == 2 and (regrets["fastest"] == "vmap_vjp").all()
     assert (regrets["regret"] > 0).all() and (regrets["first_call_regret"] > 0).all()
+
+
+def test_a_second_run_on_one_json_is_refused(pytester, monkeypatch):
+    """Two runs started together on one --benchmark-json each overwrote the other's cells."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (pytester.path / "run.json.lock").write_text(str(sleeper.pid))
+        result, data = _run(pytester, monkeypatch, "", "--grid", "smoke")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [f"*run.json is being written by another run (process {sleeper.pid}*"]
+    )
+    assert data is None and (pytester.path / "run.json.lock").read_text() == str(sleeper.pid)
+
+
+@pytest.mark.parametrize("version, refused", [("5.2.1", True), ("4.0.0", True), ("5.3.0", False)])
+def test_an_older_pytest_benchmark_is_a_usage_error(version, refused):
+    if not refused:
+        conftest.check_pytest_benchmark(version)
+        return
+    with pytest.raises(pytest.UsageError, match=f"needs pytest-benchmark>=5.3, found {version}"):
+        conftest.check_pytest_benchmark(version)
+
+
+def test_pyproject_asks_for_the_pytest_benchmark_the_plugin_checks():
+    wanted = ".".join(map(str, conftest.PYTEST_BENCHMARK))
+    assert f'"pytest-benchmark>={wanted}"' in (ROOT / "pyproject.toml").read_text()

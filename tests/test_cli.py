@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import audit, report
+from bench import audit, cli, report
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -64,6 +64,49 @@ def _bench_without(key: str) -> dict:
     return data
 
 
+def _bench_with(edit: Callable[[dict], None]) -> dict:
+    data = json.loads((DATA / "bench_cpu.json").read_text())
+    edit(data)
+    return data
+
+
+def _nan_times(data: dict) -> None:
+    for bench in data["benchmarks"]:
+        bench["stats"]["min"] = bench["stats"]["median"] = float("nan")
+
+
+def _set(where: Callable[[dict], dict], key: str, value: object) -> Callable[[dict], None]:
+    return lambda data: where(data).__setitem__(key, value)
+
+
+_cell = lambda data: data["benchmarks"][0]["extra_info"]  # noqa: E731
+
+#: (id, edit of a good run, what the one line says): malformed fields of a run JSON
+MALFORMED = [
+    ("NaN min and median in every cell", _nan_times, "no benchmark has a finite stats.min"),
+    ("P a string", _set(_cell, "P", "abc"), "benchmark 0: P must be a positive integer, got 'abc'"),
+    ("P null", _set(_cell, "P", None), "benchmark 0: P must be a positive integer, got None"),
+    (
+        "outcome P a string",
+        _set(lambda d: d["hessbench"]["outcomes"][0], "P", "abc"),
+        "hessbench outcome 0: P must be a positive integer",
+    ),
+    ("commit_info a list", _set(lambda d: d, "commit_info", ["x"]), "'commit_info' must be an"),
+    ("case an object", _set(_cell, "case", {"x": 1}), "benchmark 0: case must be a string"),
+    ("width a string", _set(_cell, "width", "32"), "benchmark 0: width must be a positive"),
+    (
+        "stats.min a word",
+        _set(lambda d: d["benchmarks"][0]["stats"], "min", "fast"),
+        "benchmark 0: stats.min must be a number, got 'fast'",
+    ),
+    (
+        "stats a list",
+        _set(lambda d: d["benchmarks"][0], "stats", [1]),
+        "benchmark 0: 'stats' must be an object, got a list",
+    ),
+]
+
+
 def _audit_without(key: str) -> dict:
     data = json.loads((DATA / "audit.json").read_text())
     del data["records"][0][key]
@@ -89,6 +132,10 @@ REPORT_PROBES: list[tuple[str, Callable[[Path], list[str]], str]] = [
         "audit record without model",
         lambda t: [_write(t / "au.json", _audit_without("model"))],
         "audit record 0 lacks ['model']",
+    ),
+    *(
+        (name, lambda t, edit=edit: [_write(t / "m.json", _bench_with(edit))], says)
+        for name, edit, says in MALFORMED
     ),
     (
         "two inputs, one CSV",
@@ -128,6 +175,8 @@ AUDIT_PROBES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("json is a folder", lambda t: ["--json", str(t)], "is a folder, not a file"),
     ("json under a file", lambda t: ["--json", _write(t / "f", "") + "/a.json"], "is not a folder"),
     ("bad option", lambda t: ["--bogus"], "unrecognized arguments: --bogus"),
+    # os.access says yes to root here; opening it does not
+    ("json unwritable", lambda t: ["--json", "/proc/hessbench-audit.json"], "/proc/hessbench"),
 ]
 
 
@@ -207,3 +256,47 @@ def test_the_committed_csvs_are_what_the_report_makes_of_the_committed_runs(tmp_
     inputs = sorted(str(p) for p in tmp_path.glob("*.json"))
     assert report.main([*inputs, "--plots-dir", str(tmp_path / "plots")]) == 0
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.csv")} == committed
+
+
+def test_audit_keeps_its_records_as_they_come(tmp_path, monkeypatch):
+    """A killed audit leaves ``<json>.partial`` with the models done; the next run keeps it
+    as ``<json>.1.partial``, and its own partial file is gone once its JSON is written."""
+    path = tmp_path / "audit.json"
+    argv = ["--json", str(path), "--strategies", "full_autograd", "--models", "tied,mlp_tanh"]
+    real = audit.audit_model
+    done = []
+
+    def killed_on_the_second(model, *args, **kwargs):
+        if done:
+            raise KeyboardInterrupt
+        done.append(model.name)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(audit, "audit_model", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        audit.main(argv)
+    assert not path.exists()
+    partial = json.loads(Path(f"{path}.partial").read_text())
+    assert [(r["strategy"], r["model"]) for r in partial["records"]] == [("full_autograd", "tied")]
+    monkeypatch.setattr(audit, "audit_model", real)
+    assert audit.main(argv) == 0
+    assert json.loads(Path(f"{path}.1.partial").read_text()) == partial
+    assert not Path(f"{path}.partial").exists()
+    assert len(json.loads(path.read_text())["records"]) == 2
+
+
+def test_output_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    out = tmp_path / "run.json"
+    lock = Path(f"{out}.lock")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(str(sleeper.pid))
+        with pytest.raises(ValueError, match=f"another run \\(process {sleeper.pid}"):
+            cli.lock_output(out, "--benchmark-json")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    cli.lock_output(out, "--benchmark-json")  # its holder is gone: taken over
+    assert lock.read_text() == str(os.getpid())
+    cli.unlock_output(out)
+    assert not lock.exists()

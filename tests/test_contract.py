@@ -16,9 +16,12 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
+import torch.utils.checkpoint
 from cases import assert_close_to, assert_unchanged, mlp, snapshot
 from torch import nn
 
@@ -62,6 +65,19 @@ class _FunctionalDropout(nn.Module):
 
     def forward(self, x):
         return F.dropout(self.body(x), 0.5, training=True)
+
+
+class _InPlace(nn.Module):
+    """``h += 1`` on the output of tanh, which autograd saved for tanh's gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h += 1
+        return self.out(h)
 
 
 def _with(net: nn.Module, edit) -> nn.Module:
@@ -141,10 +157,39 @@ def _bad_inputs() -> dict:
             None,
         ),
         "integer targets, default loss": (
-            ValueError,
-            "floating-point targets",
+            TypeError,
+            "needs floating-point targets, got targets of dtype torch.int64",
             _mlp(),
             (x, torch.zeros(5, 2, dtype=torch.long)),
+            None,
+        ),
+        "integer targets, F.mse_loss": (
+            TypeError,
+            r"F.mse_loss / nn.MSELoss \(mean squared error\) needs floating-point targets, got "
+            "targets of dtype torch.int64",
+            _mlp(),
+            (x, torch.zeros(5, 2, dtype=torch.long)),
+            F.mse_loss,
+        ),
+        "params and batch on the meta device": (
+            ValueError,
+            "params are on the meta device, which holds shapes but no values",
+            _mlp().to("meta"),
+            (x.to("meta"), y.to("meta")),
+            None,
+        ),
+        "batch on the meta device": (
+            ValueError,
+            "inputs is on the meta device",
+            _mlp(),
+            (x.to("meta"), y),
+            None,
+        ),
+        "in-place op on a tensor autograd saved": (
+            ValueError,
+            r"the forward changes the \[5, 4\] output of Tanh in place after autograd saved it",
+            _InPlace().double(),
+            (x, y),
             None,
         ),
         "dropout in training mode": (
@@ -185,7 +230,8 @@ BAD = _bad_inputs()
 @pytest.mark.parametrize("bad", list(BAD))
 def test_bad_input_answered(name: str, bad: str) -> None:
     error, match, net, batch, loss_fn = BAD[bad]
-    before = snapshot(net) if bad != "NaN param" else None  # NaN equals nothing, itself included
+    # NaN equals nothing, itself included; meta tensors hold no values to compare
+    before = snapshot(net) if bad != "NaN param" and "meta" not in bad else None
     if _refused(name, net, loss_fn):
         error, match = (error, ValueError), f"{match}|does not support"
     with pytest.raises(error, match=match):
@@ -239,6 +285,153 @@ def test_dropout_with_p_zero_is_deterministic_and_allowed() -> None:
     batch = _batch()
     H = strategies.compute("block_symmetric", net, _params(net), batch)
     assert_close_to(H, loop_hessian(net, list(_params(net)), batch), 1e-10)
+
+
+# --- a forward that differentiates itself: checkpoints, torch.autograd.grad inside ---
+
+
+class _Nested(nn.Module):
+    """Linear -> tanh -> [Linear -> tanh, as the forward's ``how``] -> Linear."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.inp, self.mid, self.out = nn.Linear(3, 3), nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        if self.how == "grad":
+            # an input-gradient feature, as physics-informed nets compute
+            z = h.detach().requires_grad_(True)
+            (dz,) = torch.autograd.grad(torch.tanh(self.mid(z)).sum(), z, create_graph=True)
+            return self.out(torch.tanh(self.mid(h))) + dz[:, :2]
+        segment = lambda z: torch.tanh(self.mid(z))  # noqa: E731
+        reentrant = self.how == "checkpoint, reentrant"
+        return self.out(torch.utils.checkpoint.checkpoint(segment, h, use_reentrant=reentrant))
+
+
+#: how -> what the refusal of a strategy outside NESTED_AUTOGRAD says
+NESTED = {
+    "checkpoint, reentrant": "calls torch.utils.checkpoint with use_reentrant=True",
+    "checkpoint, not reentrant": "saves tensors through hooks of its own",
+    "grad": r"computes derivatives itself \(aten.tanh_backward: torch.autograd.grad",
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("how", list(NESTED))
+def test_nested_autograd_exact_or_named(name: str, how: str) -> None:
+    """Exact from the plain autograd loops (``NESTED_AUTOGRAD``), which the others name; a
+    reentrant checkpoint, which torch cannot differentiate twice, refused by all."""
+    torch.manual_seed(0)
+    net, batch = _Nested(how).double(), _batch()
+    if _refused(name, net, None):
+        pytest.skip(strategies.get(name).supports(net, None)[1])
+    if how == "checkpoint, reentrant" or name not in _common.NESTED_AUTOGRAD:
+        match = NESTED[how]
+        if how != "checkpoint, reentrant":
+            match += ".*use a plain autograd loop \\(full_autograd, symmetric_half\\)"
+        with pytest.raises(ValueError, match=match):
+            strategies.compute(name, net, _params(net), batch)
+        return
+    H = strategies.compute(name, net, _params(net), batch)
+    assert_close_to(H, loop_hessian(net, list(_params(net)), batch), 1e-10)
+    assert strategies.verify(H, net, _params(net), batch)[0]
+
+
+class _Square(torch.autograd.Function):
+    """A user's own autograd.Function, with no vmap or jvp rule."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _WithFunction(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(_Square.apply(torch.tanh(self.inp(x))))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not strategies.get(n).compiles])
+def test_custom_autograd_function_exact_or_named(name: str) -> None:
+    torch.manual_seed(0)
+    net, batch = _WithFunction().double(), _batch()
+    if _refused(name, net, None):
+        pytest.skip(strategies.get(name).supports(net, None)[1])
+    try:
+        H = strategies.compute(name, net, _params(net), batch)
+    except ValueError as error:
+        assert "calls a custom torch.autograd.Function" in str(error)
+        assert "(full_autograd, symmetric_half)" in str(error)
+        return
+    assert_close_to(H, loop_hessian(net, list(_params(net)), batch), 1e-10)
+
+
+def test_a_failed_strategy_leaves_later_checkpointed_calls_working() -> None:
+    """torch 2.13 leaves saved tensor hooks disabled after torch.compile fails inside
+    torch.func (every later call through a checkpoint then failed); the registry turns
+    them back on."""
+
+    def leaky(net, params, batch, loss_fn=None):
+        torch._C._autograd._saved_tensors_hooks_disable("as a failed compile leaves it")
+        raise RuntimeError("compile failed")
+
+    net = _mlp()
+    with pytest.raises(RuntimeError, match="compile failed"):
+        strategies.Strategy("leaky", "", leaky).compute(net, _params(net), _batch())
+    assert torch._C._autograd._saved_tensors_hooks_is_enabled()
+    torch.manual_seed(0)
+    net, batch = _Nested("checkpoint, not reentrant").double(), _batch()
+    H = strategies.compute("full_autograd", net, _params(net), batch)
+    assert_close_to(H, loop_hessian(net, list(_params(net)), batch), 1e-10)
+
+
+# --- dtypes: a float32 net given float64 targets ---
+
+
+# compiled variants run their eager form's prepare, and take seconds to compile
+@pytest.mark.parametrize("name", [n for n in NAMES if not strategies.get(n).compiles])
+@pytest.mark.parametrize("loss", ["default", "F.mse_loss"])
+def test_float32_net_with_float64_targets(name: str, loss: str) -> None:
+    """The targets are cast to the outputs' dtype for mean squared error (five forward-mode
+    strategies failed with "expected m1 and m2 to have the same dtype")."""
+    torch.manual_seed(0)
+    net = _mlp(dtype=torch.float32)
+    x, y = _batch()
+    loss_fn = None if loss == "default" else F.mse_loss
+    if _refused(name, net, loss_fn):
+        pytest.skip(strategies.get(name).supports(net, loss_fn)[1])
+    H = strategies.compute(name, net, _params(net), (x.float(), y), loss_fn)
+    assert H.dtype == torch.float32
+    twin = _with(_mlp(), lambda n: n.load_state_dict(net.state_dict()))
+    assert_close_to(H.double(), loop_hessian(twin, list(_params(twin)), (x, y)), 1e-5)
+
+
+@pytest.mark.parametrize("how", ["pruned", "old weight_norm"])
+def test_jax_hessian_names_a_computed_weight(how: str) -> None:
+    torch.manual_seed(0)
+    net = _mlp()
+    if how == "pruned":
+        torch.nn.utils.prune.l1_unstructured(net[0], "weight", amount=0.3)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            net[0] = nn.utils.weight_norm(net[0])
+    ok, reason = strategies.get("jax_hessian").supports(net, None)
+    assert not ok
+    assert "jax is not installed" in reason or "Linear '0' computes its weight from" in reason
+    with pytest.raises(ValueError, match="does not support"):
+        strategies.compute("jax_hessian", net, _params(net), _batch())
 
 
 # --- broadcast MSE: the default refuses, the caller's own F.mse_loss / nn.MSELoss is exact ---
@@ -676,6 +869,101 @@ def test_verify_is_reproducible_and_leaves_the_global_generator_alone() -> None:
     assert strategies.verify(H, net, params, batch, rtol=1e-12, generator=other)[1] != first[1]
 
 
+def _corrupt_pair(H):
+    H[3, 17] += 0.01 * H.abs().max()
+    H[17, 3] += 0.01 * H.abs().max()
+    return H
+
+
+def _corrupt_block(H, mirror: bool):
+    H[:15, 20:] += 0.01 * H.abs().max()  # 0.weight against 2.weight
+    if mirror:
+        H[20:, :15] += 0.01 * H.abs().max()
+    return H
+
+
+#: float32 Hessians a wrong strategy could return: each off by 1% of max|H| somewhere
+VERIFY_FLOAT32_WRONG = {
+    "one symmetric pair": _corrupt_pair,
+    "one block and its mirror": lambda H: _corrupt_block(H, True),
+    "one block, not its mirror": lambda H: _corrupt_block(H, False),
+    "scaled by 1.001": lambda H: H * 1.001,
+}
+
+
+@pytest.mark.parametrize("wrong", list(VERIFY_FLOAT32_WRONG))
+def test_verify_catches_one_percent_of_max_in_float32(wrong: str) -> None:
+    net, params, batch = _reference_problem(torch.float32)
+    H = strategies.compute("vmap_jvp", net, params, batch)
+    assert strategies.verify(H, net, params, batch)[0]
+    for seed in range(5):
+        generator = torch.Generator().manual_seed(seed)
+        bad = VERIFY_FLOAT32_WRONG[wrong](H.clone())
+        ok, detail = strategies.verify(bad, net, params, batch, generator=generator)
+        assert not ok, detail
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_verify_holds_a_coarser_h_to_its_rounding_only(dtype) -> None:
+    """float64 params, H passed in half precision: rounding passes, 1.2x and 1.3x do not."""
+    net, params, batch = _reference_problem()
+    H = loop_hessian(net, list(params), batch)
+    ok, detail = strategies.verify(H.to(dtype), net, params, batch)
+    assert ok, detail
+    for scale in (1.05, 1.2, 1.3):
+        assert not strategies.verify((H * scale).to(dtype), net, params, batch)[0], scale
+
+
+def test_verify_rejects_a_quarter_of_a_bfloat16_hessian() -> None:
+    net, params, batch = _reference_problem(torch.bfloat16)
+    H = strategies.compute("full_autograd", net, params, batch)
+    ok, detail = strategies.verify(H, net, params, batch)
+    assert ok, detail
+    assert not strategies.verify(H * 0.25, net, params, batch)[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_verify_accepts_a_zero_hessian_up_to_roundoff(name: str, dtype) -> None:
+    """BatchNorm in training mode removes the first bias: the loss does not depend on it,
+    and its Hessian is zero up to roundoff (about 1e-32 in float64)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
+    params, batch = {"0.bias": net[0].bias}, _batch(8, dtype=dtype)
+    if _refused(name, net, None):
+        pytest.skip(strategies.get(name).supports(net, None)[1])
+    if strategies.get(name).compiles:
+        pytest.skip("torch.compile fails on BatchNorm in training mode under forward mode")
+    try:
+        H = strategies.compute(name, net, params, batch)
+    except ValueError as error:
+        assert "refuses" in str(error) or "mixes samples" in str(error), error
+        return
+    assert H.abs().max() < 1e-6
+    ok, detail = strategies.verify(H, net, params, batch)
+    assert ok, detail
+    assert not strategies.verify(H + 1e-2 * torch.eye(4, dtype=dtype), net, params, batch)[0]
+
+
+@pytest.mark.parametrize(
+    "option, error, match",
+    [
+        ({"rtol": -1.0}, ValueError, "rtol must be a finite non-negative number, got -1.0"),
+        ({"rtol": float("nan")}, ValueError, "rtol must be a finite non-negative number, got nan"),
+        ({"rtol": "1e-3"}, TypeError, "rtol must be a non-negative number, got str"),
+        ({"rtol": True}, TypeError, "rtol must be a non-negative number, got bool"),
+        ({"generator": 5}, TypeError, "generator must be a torch.Generator, got int"),
+        ({"generator": "cpu"}, TypeError, "generator must be a torch.Generator, got str"),
+    ],
+    ids=["rtol -1", "rtol nan", "rtol str", "rtol bool", "generator int", "generator str"],
+)
+def test_verify_options_named(option: dict, error: type, match: str) -> None:
+    net, params, batch = _reference_problem()
+    H = loop_hessian(net, list(params), batch)
+    with pytest.raises(error, match=match):
+        strategies.verify(H, net, params, batch, **option)
+
+
 # --- options ---
 
 
@@ -689,12 +977,36 @@ def test_memory_budget_option(name: str) -> None:
         strategies.compute(name, net, params, batch, memory_budget=hessian_bytes - 1)
 
 
-@pytest.mark.parametrize("name", ["auto", "vmap_jvp_chunked", "block_symmetric_chunked"])
-@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def _taking(option: str) -> list[str]:
+    return [n for n in NAMES if option in (strategies.get(n).options or ())]
+
+
+#: values of an integer option that must be refused, naming the option
+BAD_POSITIVE_INTEGERS = [0, -2, 1.5, True, "4"]
+
+
+@pytest.mark.parametrize("name", _taking("memory_budget"))
+@pytest.mark.parametrize("bad", BAD_POSITIVE_INTEGERS, ids=repr)
 def test_memory_budget_must_be_a_positive_integer(name: str, bad) -> None:
     net, params, batch = _reference_problem()
     with pytest.raises(ValueError, match="memory_budget must be a positive integer"):
         strategies.compute(name, net, params, batch, memory_budget=bad)
+
+
+@pytest.mark.parametrize("name", _taking("chunk_size"))
+@pytest.mark.parametrize("bad", BAD_POSITIVE_INTEGERS, ids=repr)
+def test_chunk_size_must_be_a_positive_integer(name: str, bad) -> None:
+    """Checked by the registry for every strategy that takes it (kron accepted 0, -2, '4';
+    block_symmetric's errors for 1.5, '4', True did not name it)."""
+    net, params, batch = _reference_problem()
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        strategies.compute(name, net, params, batch, chunk_size=bad)
+
+
+def test_chunk_size_of_any_integer_type() -> None:
+    net, params, batch = _reference_problem()
+    H = strategies.compute("block_symmetric", net, params, batch, chunk_size=np.int64(4))
+    assert_close_to(H, loop_hessian(net, list(params), batch), 1e-10)
 
 
 @pytest.mark.parametrize("name", NAMES)
