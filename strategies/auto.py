@@ -227,7 +227,7 @@ def _estimates(
     from .kron import NAME as KRON
     from .kron import workload
 
-    problem = prepare(net, params, batch, loss_fn)
+    problem = prepare(net, params, batch, loss_fn, nested_autograd=True)
     probes = _plan.probe(problem)
     table = _plan.load_table()
     kinds = kinds_of(net)
@@ -430,7 +430,9 @@ def _compute(
 ) -> Tensor:
     import strategies
 
-    prepare(net, params, batch, loss_fn)  # a bad input is the caller's, not a strategy's
+    # a bad input is the caller's, not a strategy's; a forward that differentiates itself
+    # is not: the reverse-mode loops compute it
+    prepare(net, params, batch, loss_fn, nested_autograd=True)
     check_positive(memory_budget=memory_budget)
     key = _plan.structure_key(net, params, batch, loss_fn)
     result: Plan | None = None
