@@ -37,6 +37,7 @@ from ._verify import verify
 
 NAME = "auto"
 FAMILY = "dispatcher"
+MULTI_INPUT = True
 DESCRIPTION = "the strategy the committed reference results recommend for this net, size and device"
 
 TABLE_PATH = Path(__file__).with_name("auto_table.json")
@@ -112,6 +113,9 @@ def candidates(
             continue
         strategy = strategies.get(name)
         if strategy.peer:
+            continue
+        if not strategy.multi_input and not isinstance(batch[0], Tensor):
+            passed_over.append(f"{name}: takes the inputs as one tensor")
             continue
         wrong_on = kinds & set(table["wrong_on"].get(name, ()))
         if wrong_on:
