@@ -788,12 +788,17 @@ def _function_name(func: Any) -> str:
     return name if "." in name or not module.startswith("torch") else f"torch.{name}"
 
 
+#: functions whose result is a constant to reverse and forward mode alike
+_DETACH = (Tensor.detach, torch.detach, Tensor.detach_, Tensor.data.__get__)
+
+
 class _ProbeWatch(TorchFunctionMode):
     """Watches the probe forward and loss, above autograd.
 
-    It follows which tensors are computed from the chosen params, and records:
-    ``cut``, the first op that takes such a tensor without autograd's graph (computed under
-    ``torch.no_grad()`` or through ``.detach()``) and returns a tensor in the graph; and
+    It follows which tensors are computed from the chosen params (not through ``.detach()``,
+    whose result every path holds constant), and records: ``cut``, the first op that takes
+    such a tensor computed without autograd's graph (under ``torch.no_grad()``, which stops
+    reverse mode but not forward mode) and returns a tensor in the graph; and
     ``penalty``, the first of the net's own chosen parameters that the loss function reads.
     """
 
@@ -815,7 +820,8 @@ class _ProbeWatch(TorchFunctionMode):
             self.penalty = next((self.chosen[id(t)] for t in given if id(t) in self.chosen), "")
         out = func(*args, **kwargs)
         derived = [t for t in given if t in self.derived]
-        if derived:
+        # what .detach() returns is a constant to every path (forward mode drops its tangent)
+        if derived and func not in _DETACH:
             returned = [t for t in tree_leaves(out) if isinstance(t, Tensor)]
             for t in returned:
                 self.derived[t] = True
@@ -852,11 +858,12 @@ def _refuse_ill_defined(
         )
     if watch.cut:
         raise ValueError(
-            f"a value computed from the chosen params without autograd (under torch.no_grad() "
-            f"or through .detach()) enters {watch.cut}, whose result autograd differentiates: "
-            "reverse and forward mode then differentiate different functions and the matrix "
-            "is not a Hessian; compute that value with autograd on, or leave the params it "
-            "comes from out of params"
+            f"a value computed from the chosen params without autograd (under torch.no_grad()) "
+            f"enters {watch.cut}, whose result autograd differentiates: reverse mode holds it "
+            "constant but forward mode does not, so the paths differentiate different "
+            "functions and the matrix is not a Hessian; compute the value with autograd on, "
+            "hold it constant with .detach() instead (every path agrees on that), or leave "
+            "the params it comes from out of params"
         )
     if recorder.not_derivative:
         raise ValueError(f"the forward calls {recorder.not_derivative}")

@@ -470,16 +470,30 @@ class NoGradGate(nn.Module):
         return self.b(torch.tanh(self.a(x)) * gate)
 
 
-class DetachedFirstLayer(nn.Module):
-    """The first layer's output detached, as when freezing a feature extractor by hand."""
+class FrozenFirstLayer(nn.Module):
+    """The first layer run without autograd, as when freezing a feature extractor by hand:
+    under torch.no_grad() or, held constant on every path, through .detach()."""
 
-    def __init__(self) -> None:
+    def __init__(self, detach: bool = False) -> None:
         super().__init__()
+        self.detach = detach
         self.features = nn.Linear(3, 4)
         self.head = nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.head(torch.tanh(self.features(x).detach()))
+        if self.detach:
+            h = self.features(x).detach()
+        else:
+            with torch.no_grad():
+                h = self.features(x)
+        return self.head(torch.tanh(h))
+
+
+class DetachedGate(NoGradGate):
+    """The side branch's gate held constant through .detach()."""
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)) * torch.sigmoid(self.side(x)).detach())
 
 
 def weight_norm_net(old_api: bool = False) -> nn.Sequential:
@@ -601,14 +615,18 @@ ROBUST_CASES: dict[str, dict] = {
     "no_grad_branch_not_chosen": dict(
         net=NoGradGate, batch=_regress, params=["a.weight", "b.weight"], reference="loop"
     ),
-    "detached_first_layer": dict(
-        net=DetachedFirstLayer,
+    "no_grad_first_layer": dict(
+        net=FrozenFirstLayer,
         batch=_regress,
         refused=r"without autograd.*enters F.linear in module 'head'",
     ),
-    "detached_first_layer_head_only": dict(
-        net=DetachedFirstLayer, batch=_regress, params=["head.weight"], reference="loop"
+    "no_grad_first_layer_head_only": dict(
+        net=FrozenFirstLayer, batch=_regress, params=["head.weight"], reference="loop"
     ),
+    "detached_first_layer": dict(
+        net=lambda: FrozenFirstLayer(detach=True), batch=_regress, reference="loop"
+    ),
+    "detached_side_branch": dict(net=DetachedGate, batch=_regress, reference="loop"),
     "weight_norm": dict(
         net=weight_norm_net,
         batch=_regress,
@@ -712,12 +730,19 @@ def double_backward_hessian(net: nn.Module, names: list[str], batch, loss_fn=Non
     leaves = [own[n].requires_grad_(True) for n in names]
     inputs, targets = batch
     loss_fn = loss_fn or F.mse_loss
+
+    def flat(grads) -> torch.Tensor:  # None: a leaf the output does not use
+        return torch.cat(
+            [torch.zeros(p.numel()) if d is None else d.reshape(-1) for d, p in zip(grads, leaves)]
+        ).to(leaves[0])
+
     with torch.enable_grad():
         loss = loss_fn(call(clone, inputs), targets)
-        grads = torch.autograd.grad(loss, leaves, create_graph=True)
-        g = torch.cat([d.reshape(-1) for d in grads])
+        g = flat(torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True))
         rows = [
-            torch.cat([r.reshape(-1) for r in torch.autograd.grad(gi, leaves, retain_graph=True)])
+            flat(torch.autograd.grad(gi, leaves, retain_graph=True, allow_unused=True))
+            if gi.requires_grad
+            else torch.zeros_like(g)
             for gi in g
         ]
     return torch.stack(rows).detach()
