@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 
 def mlp(act: type[nn.Module] = nn.Tanh, sizes=(3, 5, 4, 2), bias: bool = True) -> nn.Sequential:
@@ -506,6 +507,13 @@ def weight_norm_net(old_api: bool = False) -> nn.Sequential:
     return nn.Sequential(layer, nn.Tanh(), nn.Linear(4, 2))
 
 
+def pruned_net() -> nn.Sequential:
+    """Half the first layer's weights pruned: a forward pre-hook computes weight_orig * mask."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    prune.l1_unstructured(net[0], "weight", amount=0.5)
+    return net
+
+
 def spectral_norm_net(train: bool) -> nn.Sequential:
     net = nn.Sequential(
         nn.utils.parametrizations.spectral_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2)
@@ -639,6 +647,7 @@ ROBUST_CASES: dict[str, dict] = {
         reference=weight_norm_net,  # deepcopy (and so fd_hessian) refuses the old API's net
         allowed="_weight_norm_interface",
     ),
+    "pruned": dict(net=pruned_net, batch=_regress, reference="loop"),
     "spectral_norm_train": dict(
         net=lambda: spectral_norm_net(train=True),
         batch=_regress,
@@ -723,7 +732,15 @@ def double_backward_hessian(net: nn.Module, names: list[str], batch, loss_fn=Non
     Independent of every strategy (no functional_call, no torch.func); takes tuple and dict
     inputs, which ``bench.reference.loop_hessian`` does not.
     """
-    clone = copy.deepcopy(net)
+    # a pruned net keeps its computed weight as a plain attribute, which deepcopy refuses;
+    # the pruning hook computes it again before the copy's forward
+    memo = {
+        id(v): v.detach()
+        for m in net.modules()
+        for v in vars(m).values()
+        if isinstance(v, torch.Tensor)
+    }
+    clone = copy.deepcopy(net, memo)
     own = dict(clone.named_parameters())
     for p in own.values():
         p.requires_grad_(False)
