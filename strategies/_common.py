@@ -508,7 +508,13 @@ def prepare(
             with the default loss (``F.mse_loss`` passed explicitly broadcasts them as torch
             does); ``loss_fn`` returns a tensor that is not 0-d, not finite, or detached from
             the outputs; the forward draws random numbers; it calls an op that torch cannot
-            differentiate along any path (``hazard``).
+            differentiate along any path (``hazard``); what leaves the Hessian ill-defined
+            (``_probe``: a value computed from the chosen params under ``torch.no_grad()``
+            re-entering the graph, an embedding with ``padding_idx`` meeting that index, a
+            buffer updated in place, a ``loss_fn`` reading the net's chosen parameters).
+
+    Weight norm (``aten._weight_norm_interface``) is evaluated in plain ops on a copy of the
+    net (``plain_weight_norm``); the net's buffers are as they were afterwards.
     """
     with autograd_enabled(), buffers_kept(net):
         return _prepare(net, params, batch, loss_fn)
