@@ -25,6 +25,7 @@ from ._common import (
     LossFn,
     Problem,
     autograd_enabled,
+    buffers_kept,
     check_inputs,
     explain_autograd_error,
     flatten,
@@ -102,6 +103,9 @@ class Strategy:
     family: str = "transforms"
     #: for a compiled variant, the name of the strategy it compiles; else None
     eager: str | None = None
+    #: takes inputs as a tuple (``net(*inputs)``) or a dict (``net(**inputs)``), not only a
+    #: tensor; a strategy says so with ``MULTI_INPUT = True`` once it passes them on
+    multi_input: bool = False
 
     def __getattr__(self, attr: str) -> Any:
         module = self.__dict__.get("module")
@@ -147,13 +151,33 @@ class Strategy:
                 not accept.
             ValueError: a bad input; ``chunk_size`` or ``memory_budget`` given and not a
                 positive integer (checked here for every strategy that takes them); a
-                problem ``supports`` says no to, or one the strategy finds at run time it cannot differentiate exactly (a derivative torch does
-                not implement, an op torch differentiates wrongly on its path).
+                problem ``supports`` says no to (tuple or dict inputs included, unless
+                ``multi_input``), or one the strategy finds at run time it cannot
+                differentiate exactly (a derivative torch does not implement, an op torch
+                differentiates wrongly on its path).
             MemoryError: the strategy's predicted peak (its measured peak over the Hessian's
                 size in the committed runs, times this Hessian's size; the Hessian alone where
                 it was never measured) does not fit in the memory of the params' device.
+
+        The net's buffers are as they were afterwards, whatever the strategy did.
         """
+        with buffers_kept(net):
+            return self._compute(net, params, batch, loss_fn, options)
+
+    def _compute(
+        self,
+        net: nn.Module,
+        params: Mapping[str, Tensor],
+        batch: tuple[Tensor, Tensor],
+        loss_fn: LossFn | None,
+        options: dict[str, Any],
+    ) -> Tensor:
         check_inputs(net, params, batch, loss_fn)
+        if not isinstance(batch[0], Tensor) and not self.multi_input:
+            raise ValueError(
+                f"strategy {self.name!r} does not support this problem: it takes the inputs as "
+                f"one tensor, got a {type(batch[0]).__name__} of them"
+            )
         accepted = self.options
         if accepted is not None:
             for option in options:
@@ -208,6 +232,7 @@ def register(
     module: ModuleType | None = None,
     family: str = "transforms",
     eager: str | None = None,
+    multi_input: bool = False,
 ) -> Strategy:
     """Add a strategy; a name that is already registered, or a family not in ``FAMILIES``,
     raises ValueError."""
@@ -225,6 +250,7 @@ def register(
         module,
         family,
         eager,
+        multi_input,
     )
     _REGISTRY[name] = strategy
     return strategy
@@ -241,6 +267,7 @@ def _register_module(module: ModuleType) -> None:
         module,
         module.FAMILY,
         getattr(module, "EAGER", None),
+        getattr(module, "MULTI_INPUT", False),
     )
 
 
@@ -270,8 +297,8 @@ def compute(
 
 
 # One module per strategy; each defines NAME, FAMILY, DESCRIPTION, compute (its keyword
-# arguments after the first four are its options) and optionally supports, PEER, COMPILES and
-# EAGER. Registration order is the order of names().
+# arguments after the first four are its options) and optionally supports, PEER, COMPILES,
+# EAGER and MULTI_INPUT. Registration order is the order of names().
 _MODULES = [
     "full_autograd",
     "symmetric_half",

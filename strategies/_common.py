@@ -15,6 +15,7 @@ import copy
 import functools
 import math
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules import module as module_hooks
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "LossFn",
+    "Inputs",
     "NormCall",
     "Problem",
     "REVERSE_MODE",
@@ -49,9 +55,18 @@ __all__ = [
     "from_blocks",
     "mirror_upper",
     "mse_loss",
+    "WEIGHT_NORM_OP",
+    "input_parts",
+    "map_inputs",
+    "call_net",
+    "plain_weight_norm",
+    "buffers_kept",
+    "user_hooks",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+#: what the net is called on: ``net(inputs)``, ``net(*inputs)`` or ``net(**inputs)``
+Inputs = Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]
 
 #: strategies that differentiate twice in reverse mode, and so never need a forward-mode
 #: derivative; where torch lacks one, these are what a user should turn to
@@ -117,17 +132,19 @@ class Problem:
         module: the module the loss evaluates (the net, or a copy that does not update
             BatchNorm running statistics).
         norm_calls: the normalisation ops the forward called (see ``hazard``).
+        ops: the names of every aten op the forward and loss called (e.g. ``"addmm"``).
     """
 
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
     primals: tuple[Tensor, ...]
     loss: Callable[[Mapping[str, Tensor]], Tensor]
-    inputs: Tensor
+    inputs: Inputs
     targets: Tensor
     loss_fn: LossFn
     module: nn.Module
     norm_calls: tuple[NormCall, ...] = ()
+    ops: frozenset[str] = frozenset()
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -174,6 +191,21 @@ def _updates_running_stats(net: nn.Module) -> bool:
     )
 
 
+def _copy(net: nn.Module) -> nn.Module:
+    """``copy.deepcopy(net)``, also where a forward left a computed tensor on a module.
+
+    ``nn.utils.weight_norm`` and ``spectral_norm`` (the hook forms) keep the weight they
+    computed as a plain attribute, which deepcopy refuses (not a leaf); each hook computes
+    it again before the copy's forward uses it, so the copy holds it detached.
+    """
+    memo: dict[int, Any] = {}
+    for m in net.modules():
+        for value in vars(m).values():
+            if isinstance(value, Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach()
+    return copy.deepcopy(net, memo)
+
+
 def _stateless(net: nn.Module) -> nn.Module:
     """The net itself, or where a forward would update running statistics, a copy that does not.
 
@@ -183,7 +215,7 @@ def _stateless(net: nn.Module) -> nn.Module:
     """
     if not _updates_running_stats(net):
         return net
-    clone = copy.deepcopy(net)
+    clone = _copy(net)
     for m in clone.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             m.running_mean = None
@@ -234,13 +266,14 @@ def check_inputs(
 
     Raises:
         TypeError: ``net`` is not a Module, ``params`` not a mapping or not floating,
-            ``batch`` not an ``(inputs, targets)`` pair of tensors, ``loss_fn`` not callable;
+            ``batch`` not an ``(inputs, targets)`` pair (inputs a tensor, a tuple of
+            tensors or a dict of tensors; targets one tensor), ``loss_fn`` not callable;
             integer targets with mean squared error (the default, ``F.mse_loss``,
             ``nn.MSELoss()``).
         ValueError: ``params`` empty, naming something that is not the net's parameter of
             that name, on mixed devices or dtypes, or not finite; params or batch on the
-            meta device; the batch empty or not finite; a stochastic module (dropout, RReLU)
-            in training mode.
+            meta device; the batch empty or not finite; tuple or dict inputs that are empty
+            or differ in batch size; a stochastic module (dropout, RReLU) in training mode.
     """
     if not isinstance(net, nn.Module):
         raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
@@ -278,18 +311,20 @@ def check_inputs(
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(f"batch must be an (inputs, targets) pair, got {type(batch).__name__}")
     inputs, targets = batch
-    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+    if not isinstance(targets, Tensor):
         raise TypeError(
-            "batch must be an (inputs, targets) pair of tensors, got "
-            f"({type(inputs).__name__}, {type(targets).__name__})"
+            "batch must be an (inputs, targets) pair with targets one tensor, got targets "
+            f"of type {type(targets).__name__}"
         )
-    for what, tensor in (("inputs", inputs), ("targets", targets)):
+    parts = input_parts(inputs)
+    for what, tensor in (*parts, ("targets", targets)):
         if tensor.numel() == 0 or (tensor.dim() > 0 and tensor.shape[0] == 0):
             raise ValueError(
                 f"the batch is empty ({what} of shape {tuple(tensor.shape)}): the loss of no "
                 "samples has no Hessian"
             )
-    named = [("inputs", inputs), ("targets", targets)]
+    # Skipped on the meta device: it holds no values (the check that follows names it).
+    named = [*parts, ("targets", targets)]
     named += [(f"params[{name!r}]", tensor) for name, tensor in params.items()]
     for what, tensor in named:
         if tensor.device.type == "meta":
@@ -459,10 +494,13 @@ def _nested_autograd(recorder: _ForwardRecorder, value: Tensor) -> tuple[str, bo
 
 
 class _ForwardRecorder(TorchDispatchMode):
-    """Records, below autograd, the normalisation and random ops a forward calls."""
+    """Records, below autograd, the ops a forward calls: all by name, normalisation and random
+    ops in detail, and embeddings whose gradient is not their derivative."""
 
-    def __init__(self) -> None:
+    def __init__(self, module_names: Mapping[int, str] | None = None) -> None:
         super().__init__()
+        #: id -> name of the modules of the net, to say where an op was called
+        self.module_names = module_names or {}
         self.norm_calls: list[NormCall] = []
         self.random_ops: list[str] = []
         #: derivatives the forward itself computes (torch.autograd.grad inside it)
@@ -470,6 +508,9 @@ class _ForwardRecorder(TorchDispatchMode):
         #: the forward saves tensors through hooks of its own (a non-reentrant checkpoint)
         self.saved_tensor_hooks = False
         self._outer_hooks = _saved_tensor_hooks()
+        self.ops: set[str] = set()
+        #: the first op whose gradient is not the derivative of its forward, and where
+        self.not_derivative = ""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -481,6 +522,12 @@ class _ForwardRecorder(TorchDispatchMode):
         schema = func._schema.arguments
         bound = {a.name: a.default_value for a in schema if a.has_default_value()}
         bound |= dict(zip((a.name for a in schema), args)) | kwargs
+        self.ops.add(op)
+        if not self.not_derivative:
+            reason = _embedding_gradient_hazard(op, bound)
+            if reason:
+                where = _module_on_stack(self.module_names)
+                self.not_derivative = f"aten.{op}{where} {reason}"
         # seeded ops with a training flag (rrelu_with_noise, native_dropout) draw only in training
         if torch.Tag.nondeterministic_seeded in func.tags and bound.get(
             "training", bound.get("train", True)
@@ -539,13 +586,19 @@ def prepare(
             differentiate along any path (``hazard``); it calls a reentrant
             ``torch.utils.checkpoint``; without ``nested_autograd``, it calls
             ``torch.autograd.grad`` or saves tensors through hooks (a non-reentrant
-            checkpoint), naming the strategies that handle it.
+            checkpoint), naming the strategies that handle it; what leaves the Hessian ill-defined
+            (``_probe``: a value computed from the chosen params under ``torch.no_grad()``
+            re-entering the graph, an embedding with ``padding_idx`` meeting that index, a
+            buffer updated in place, a ``loss_fn`` reading the net's chosen parameters).
+
+    Weight norm (``aten._weight_norm_interface``) is evaluated in plain ops on a copy of the
+    net (``plain_weight_norm``); the net's buffers are as they were afterwards.
     """
     shared = _SHARED.get()
     key = _identity(net, params, batch, loss_fn, nested_autograd) if shared is not None else None
     if key is not None and key in shared:
         return shared[key]
-    with autograd_enabled():
+    with autograd_enabled(), buffers_kept(net):
         problem = _prepare(net, params, batch, loss_fn, nested_autograd)
     if key is not None:
         shared[key] = problem
@@ -597,45 +650,18 @@ def _prepare(
     nested_autograd: bool = False,
 ) -> Problem:
     loss_fn = check_inputs(net, params, batch, given_loss_fn)
-    inputs, targets = (_normal(t) for t in batch)
-    module = _stateless(net)
+    inputs = map_inputs(_normal, batch[0])
+    targets = _normal(batch[1])
     names = tuple(params)
-    fixed = {n: _normal(t.detach()) for n, t in module.named_parameters() if n not in params}
-    fixed.update((n, _normal(t)) for n, t in module.named_buffers())
-
-    def outputs_at(p: Mapping[str, Tensor]) -> Any:
-        return functional_call(module, {**fixed, **p}, (inputs,))
-
     primals = tuple(_normal(params[n].detach()) for n in names)
-    recorder = _ForwardRecorder()
-    leaves = {n: p.detach().requires_grad_(True) for n, p in zip(names, primals)}
-    with recorder:
-        try:
-            outputs = outputs_at(leaves)
-            if loss_fn is mse_loss and isinstance(outputs, Tensor):
-                targets = _in_dtype_of(outputs, targets)
-            if given_loss_fn is None:
-                _check_default_loss_outputs(outputs, targets)
-            _check_class_targets(loss_fn, outputs, targets)
-            value = loss_fn(outputs, targets)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, IndexError) as error:
-            # the first run of the caller's net and loss: what fails here is the input
-            failure = f"{type(error).__name__}: {error}"
-            if inputs.is_floating_point() and inputs.dtype != primals[0].dtype:
-                raise ValueError(
-                    f"inputs must be in the params' dtype {primals[0].dtype}, got "
-                    f"{inputs.dtype}: the loss fails with {failure}"
-                ) from error
-            raise ValueError(f"the loss fails at these params and batch: {failure}") from error
-    _check_loss_value(value, outputs)
-    if recorder.random_ops:
-        raise ValueError(
-            f"the forward calls aten.{recorder.random_ops[0]}, which draws random numbers: "
-            "the loss is random, so it has no Hessian (a dropout in training mode? call "
-            "net.eval())"
-        )
+    module = _stateless(net)
+    probe = _probe(module, params, primals, inputs, targets, loss_fn, given_loss_fn)
+    if WEIGHT_NORM_OP in probe.recorder.ops:
+        # torch's double backward of this op is wrong: the same weight norm in plain ops
+        module = plain_weight_norm(module)
+        probe = _probe(module, params, primals, inputs, targets, loss_fn, given_loss_fn)
+    outputs_at, value, recorder = probe.outputs_at, probe.value, probe.recorder
+    targets = probe.targets
     nested, impossible = _nested_autograd(recorder, value) if value.requires_grad else ("", 0)
     if impossible:
         raise ValueError(f"the forward {nested}")
@@ -663,6 +689,7 @@ def _prepare(
         loss_fn=loss_fn,
         module=module,
         norm_calls=tuple(recorder.norm_calls),
+        ops=frozenset(recorder.ops),
     )
     reason = hazard(problem, _ANY_PATH)
     if reason:
@@ -675,6 +702,373 @@ def _in_dtype_of(outputs: Tensor, targets: Tensor) -> Tensor:
     if outputs.is_floating_point() and targets.is_floating_point():
         return targets.to(outputs.dtype)
     return targets
+
+
+@dataclass
+class _Probe:
+    """What one probe forward of the loss found (see ``_probe``)."""
+
+    outputs_at: Callable[[Mapping[str, Tensor]], Any]
+    value: Tensor
+    recorder: _ForwardRecorder
+    #: the targets the loss is computed with (cast to the outputs' dtype for MSE)
+    targets: Tensor
+
+
+def _probe(
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    primals: tuple[Tensor, ...],
+    inputs: Inputs,
+    targets: Tensor,
+    loss_fn: LossFn,
+    given_loss_fn: LossFn | None,
+) -> _Probe:
+    """Run the loss once at the params, checking what only running it shows.
+
+    Raises ValueError where the forward or the loss draws random numbers, updates a buffer
+    in place, feeds a value computed from the chosen params without autograd back into a
+    differentiated op, takes an embedding gradient that is not the derivative of its
+    forward, or where ``loss_fn`` reads the net's own chosen parameters.
+    """
+    names = tuple(params)
+    fixed = {n: _normal(t.detach()) for n, t in module.named_parameters() if n not in params}
+    fixed.update((n, _normal(t)) for n, t in module.named_buffers())
+
+    def outputs_at(p: Mapping[str, Tensor]) -> Any:
+        return call_net(module, {**fixed, **p}, inputs)
+
+    leaves = {n: p.detach().requires_grad_(True) for n, p in zip(names, primals)}
+    watch = _ProbeWatch(leaves.values(), params, module)
+    recorder = _ForwardRecorder(watch.names)
+    versions = _buffer_versions(module)
+    with recorder, watch:
+        try:
+            outputs = outputs_at(leaves)
+            if loss_fn is mse_loss and isinstance(outputs, Tensor):
+                targets = _in_dtype_of(outputs, targets)
+            if given_loss_fn is None:
+                _check_default_loss_outputs(outputs, targets)
+            _check_class_targets(loss_fn, outputs, targets)
+            watch.in_loss = True
+            value = loss_fn(outputs, targets)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, IndexError) as error:
+            # the first run of the caller's net and loss: what fails here is the input
+            failure = f"{type(error).__name__}: {error}"
+            for what, part in input_parts(inputs):
+                if part.is_floating_point() and part.dtype != primals[0].dtype:
+                    raise ValueError(
+                        f"{what} must be in the params' dtype {primals[0].dtype}, got "
+                        f"{part.dtype}: the loss fails with {failure}"
+                    ) from error
+            raise ValueError(f"the loss fails at these params and batch: {failure}") from error
+    _check_loss_value(value, outputs)
+    if recorder.random_ops:
+        raise ValueError(
+            f"the forward calls aten.{recorder.random_ops[0]}, which draws random numbers: "
+            "the loss is random, so it has no Hessian (a dropout in training mode? call "
+            "net.eval())"
+        )
+    _refuse_ill_defined(watch, recorder, _changed_buffers(module, versions))
+    return _Probe(outputs_at, value, recorder, targets)
+
+
+# --- the batch users bring: one tensor, a tuple of tensors, a dict of tensors ---
+
+
+def input_parts(inputs: Any) -> list[tuple[str, Tensor]]:
+    """The tensors of ``inputs``, each with the name an error message gives it.
+
+    Raises:
+        TypeError: ``inputs`` is not a tensor, a non-empty tuple (or list) of tensors, or a
+            non-empty dict of tensors with string keys.
+        ValueError: the tensors of a tuple or dict differ in batch size (the first dimension
+            of each), or one has no batch dimension.
+    """
+    if isinstance(inputs, Tensor):
+        return [("inputs", inputs)]
+    if isinstance(inputs, (tuple, list)):
+        parts = [(f"inputs[{i}]", t) for i, t in enumerate(inputs)]
+    elif isinstance(inputs, Mapping):
+        bad = [k for k in inputs if not isinstance(k, str)]
+        if bad:
+            raise TypeError(
+                f"dict inputs need str keys (the forward's argument names), got {bad[0]!r}"
+            )
+        parts = [(f"inputs[{k!r}]", t) for k, t in inputs.items()]
+    else:
+        raise TypeError(
+            "inputs must be a tensor, a tuple of tensors (passed as net(*inputs)) or a dict of "
+            f"tensors (passed as net(**inputs)), got {type(inputs).__name__}"
+        )
+    if not parts:
+        raise ValueError("inputs is an empty tuple or dict: give the net at least one tensor")
+    for what, t in parts:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
+        if t.dim() == 0:
+            raise ValueError(f"{what} has no batch dimension: the batch dimension comes first")
+    first, size = parts[0][0], parts[0][1].shape[0]
+    for what, t in parts[1:]:
+        if t.shape[0] != size:
+            raise ValueError(
+                f"{what} has batch size {t.shape[0]} but {first} has {size}: the batch "
+                "dimension comes first in every input"
+            )
+    return parts
+
+
+def map_inputs(fn: Callable[[Tensor], Tensor], inputs: Inputs) -> Inputs:
+    """``fn`` applied to each tensor of ``inputs``, keeping its form (a list becomes a tuple)."""
+    if isinstance(inputs, Tensor):
+        return fn(inputs)
+    if isinstance(inputs, Mapping):
+        return {k: fn(t) for k, t in inputs.items()}
+    return tuple(fn(t) for t in inputs)
+
+
+def call_net(module: nn.Module, tensors: Mapping[str, Tensor], inputs: Inputs) -> Any:
+    """``module`` called on ``inputs`` with ``tensors`` in place of its own (functional_call).
+
+    A tensor is passed as ``module(inputs)``, a tuple as ``module(*inputs)``, a dict as
+    ``module(**inputs)``.
+    """
+    if isinstance(inputs, Tensor):
+        return functional_call(module, tensors, (inputs,))
+    if isinstance(inputs, Mapping):
+        return functional_call(module, tensors, (), dict(inputs))
+    return functional_call(module, tensors, tuple(inputs))
+
+
+# --- forwards whose Hessian is ill-defined, or that would silently lose part of the loss ---
+
+#: the fused weight-norm op (``torch._weight_norm`` on CPU and CUDA), whose double backward is
+#: wrong in torch 2.13 (28% to 87% off central differences); ``prepare`` routes around it
+WEIGHT_NORM_OP = "_weight_norm_interface"
+
+
+def _weight_norm_plain(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    """``torch._weight_norm(v, g, dim)`` in plain ops: ``v * g / ||v||`` over all dims but ``dim``."""
+    if dim == -1:  # torch's "no dim": one norm of the whole tensor
+        return v * (g / v.square().sum().sqrt())
+    dim %= v.dim()
+    others = [d for d in range(v.dim()) if d != dim]
+    return v * (g / v.square().sum(others, keepdim=True).sqrt())
+
+
+class _PlainWeightNormMode(TorchFunctionMode):
+    """Every ``torch._weight_norm`` call (both weight-norm APIs use it) in plain ops."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch._weight_norm:
+            return _weight_norm_plain(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def plain_weight_norm(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` whose forward computes weight norm with plain ops; ``net`` is untouched.
+
+    ``nn.utils.weight_norm`` and ``nn.utils.parametrizations.weight_norm`` call
+    ``torch._weight_norm``, which runs the fused ``aten._weight_norm_interface``: torch 2.13's
+    double backward of that op is wrong, while the same values written as ``v * g / ||v||``
+    differentiate exactly along every path. The copy has the same parameter and buffer names.
+    """
+    clone = _copy(net)
+    forward = clone.forward
+
+    def routed(*args: Any, **kwargs: Any) -> Any:
+        with _PlainWeightNormMode():
+            return forward(*args, **kwargs)
+
+    clone.forward = routed  # an instance attribute: what Module.__call__ runs
+    return clone
+
+
+def _embedding_gradient_hazard(op: str, bound: Mapping[str, Any]) -> str:
+    """Why the gradient of this embedding call is not the derivative of its forward, or "".
+
+    With ``padding_idx``, torch's embedding backward zeroes the padding row's gradient although
+    the forward reads that row wherever the index occurs; with ``scale_grad_by_freq`` it
+    scales each row's gradient by how often the row occurs. Either way the "Hessian" of the
+    forward is not defined by autograd (reverse and forward mode disagree; the matrix is not
+    symmetric). Only where the weight is differentiated, and the padding index occurs.
+    """
+    if op not in ("embedding", "_embedding_bag", "_embedding_bag_forward_only"):
+        return ""
+    weight, indices = bound.get("weight"), bound.get("indices")
+    if not isinstance(weight, Tensor) or not weight.requires_grad:
+        return ""
+    padding = bound.get("padding_idx")
+    if padding is not None and padding >= 0 and bool((indices == padding).any()):
+        return (
+            f"with padding_idx={padding} meets index {padding} in the batch: torch "
+            "zeroes the padding row's gradient though the forward reads that row, so the "
+            "gradient is not the derivative of the forward and its Hessian is undefined; leave "
+            "the embedding's weight out of params, or keep the padding index out of the batch"
+        )
+    if bound.get("scale_grad_by_freq"):
+        return (
+            "with scale_grad_by_freq=True: torch scales the gradient by the "
+            "frequency of each index in the batch, so it is not the derivative of the forward "
+            "and its Hessian is undefined; leave the embedding's weight out of params"
+        )
+    return ""
+
+
+def _module_on_stack(names: Mapping[int, str]) -> str:
+    """ " in module 'name'" for the innermost module of ``names`` whose code is running, or ""."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            return f" in module {names[id(owner)] or 'net'!r}"
+        frame = frame.f_back
+    return ""
+
+
+def _function_name(func: Any) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    name = name.replace("TensorBase.", "Tensor.")
+    module = getattr(func, "__module__", None) or ""
+    if module.startswith(("torch.nn.functional", "torch._C._nn")):
+        return f"F.{name}"
+    return name if "." in name or not module.startswith("torch") else f"torch.{name}"
+
+
+#: functions whose result is a constant to reverse and forward mode alike
+_DETACH = (Tensor.detach, torch.detach, Tensor.detach_, Tensor.data.__get__)
+
+
+class _ProbeWatch(TorchFunctionMode):
+    """Watches the probe forward and loss, above autograd.
+
+    It follows which tensors are computed from the chosen params (not through ``.detach()``,
+    whose result every path holds constant), and records: ``cut``, the first op that takes
+    such a tensor computed without autograd's graph (under ``torch.no_grad()``, which stops
+    reverse mode but not forward mode) and returns a tensor in the graph; and
+    ``penalty``, the first of the net's own chosen parameters that the loss function reads.
+    """
+
+    def __init__(self, leaves: Any, params: Mapping[str, Tensor], module: nn.Module) -> None:
+        super().__init__()
+        self.derived = WeakIdKeyDictionary()
+        for leaf in leaves:
+            self.derived[leaf] = True
+        self.chosen = {id(t): n for n, t in params.items()}
+        self.names = {id(m): n for n, m in module.named_modules()}
+        self.in_loss = False
+        self.cut = ""
+        self.penalty = ""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        given = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        if self.in_loss and not self.penalty:
+            self.penalty = next((self.chosen[id(t)] for t in given if id(t) in self.chosen), "")
+        out = func(*args, **kwargs)
+        derived = [t for t in given if t in self.derived]
+        # what .detach() returns is a constant to every path (forward mode drops its tangent)
+        if derived and func not in _DETACH:
+            returned = [t for t in tree_leaves(out) if isinstance(t, Tensor)]
+            for t in returned:
+                self.derived[t] = True
+            cut = any(
+                (t.is_floating_point() or t.is_complex()) and not t.requires_grad for t in derived
+            )
+            if cut and not self.cut and any(t.requires_grad for t in returned):
+                self.cut = f"{_function_name(func)}{_module_on_stack(self.names)}"
+        return out
+
+
+def _buffer_versions(module: nn.Module) -> dict[str, int]:
+    out = {}
+    for name, t in module.named_buffers():
+        if not t.is_inference():  # inference tensors keep no version counter
+            out[name] = t._version
+    return out
+
+
+def _changed_buffers(module: nn.Module, versions: Mapping[str, int]) -> list[str]:
+    now = _buffer_versions(module)
+    return [n for n, v in versions.items() if now.get(n, v) != v]
+
+
+def _refuse_ill_defined(
+    watch: _ProbeWatch, recorder: _ForwardRecorder, changed_buffers: list[str]
+) -> None:
+    """ValueError for what the probe found that leaves no Hessian every strategy agrees on."""
+    if changed_buffers:
+        raise ValueError(
+            f"the forward updates the net's buffer {changed_buffers[0]!r} in place (spectral_norm "
+            "in training mode?): the loss changes at every call, so it has no Hessian; call "
+            "net.eval() to take the Hessian at the buffers as they are"
+        )
+    if watch.cut:
+        raise ValueError(
+            f"a value computed from the chosen params without autograd (under torch.no_grad()) "
+            f"enters {watch.cut}, whose result autograd differentiates: reverse mode holds it "
+            "constant but forward mode does not, so the paths differentiate different "
+            "functions and the matrix is not a Hessian; compute the value with autograd on, "
+            "hold it constant with .detach() instead (every path agrees on that), or leave "
+            "the params it comes from out of params"
+        )
+    if recorder.not_derivative:
+        raise ValueError(f"the forward calls {recorder.not_derivative}")
+    if watch.penalty:
+        raise ValueError(
+            f"loss_fn reads the net's parameter {watch.penalty!r} directly (a weight penalty?): "
+            "strategies evaluate the net at parameters of their own (torch.func.functional_call), "
+            "so such a term would be silently dropped from the Hessian; compute it in the net's "
+            "forward from self's parameters and return it with the outputs, or add its Hessian "
+            "yourself (2 * c * I for c * sum(p ** 2))"
+        )
+
+
+@contextlib.contextmanager
+def buffers_kept(net: nn.Module) -> Iterator[None]:
+    """Whatever runs inside leaves the buffers of ``net`` as they were (values and objects).
+
+    A strategy never changes the net; a forward that updates a buffer in place (spectral_norm
+    in training mode) would, even in the probe forward of a strategy that then refuses.
+    """
+    saved = []
+    for module in net.modules():
+        for name, t in module._buffers.items():
+            if t is not None and not t.is_inference():
+                saved.append((module, name, t, t._version, t.detach().clone()))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, t, version, value in saved:
+                if module._buffers.get(name) is not t:
+                    module._buffers[name] = t
+                if t._version != version:
+                    t.copy_(value)
+
+
+def user_hooks(net: nn.Module) -> list[str]:
+    """The forward hooks and pre-hooks that run when ``net`` is called, each in words.
+
+    Module hooks (``register_forward_hook``, ``register_forward_pre_hook``, also those of
+    ``nn.utils.weight_norm``, ``spectral_norm`` and pruning) and global ones
+    (``nn.modules.module.register_module_forward_hook`` ...). A strategy that rebuilds the
+    net from its layers, rather than calling it, ignores them and must refuse such a net.
+    """
+    found = []
+    global_hooks = (
+        ("global forward pre-hook", module_hooks._global_forward_pre_hooks),
+        ("global forward hook", module_hooks._global_forward_hooks),
+    )
+    found += [kind for kind, hooks in global_hooks if hooks]
+    for name, m in net.named_modules():
+        if m._forward_pre_hooks:
+            found.append(f"forward pre-hook on module {name or 'net'!r}")
+        if m._forward_hooks:
+            found.append(f"forward hook on module {name or 'net'!r}")
+    return found
 
 
 def _check_default_loss_outputs(outputs: Any, targets: Tensor) -> None:

@@ -62,6 +62,7 @@ as well, so static shapes cost nothing and keep the cache key exact.
 from __future__ import annotations
 
 import functools
+import re
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
@@ -70,15 +71,26 @@ from typing import NamedTuple
 import torch
 import torch.fx
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from ._common import LossFn, Problem, explain_autograd_error, prepare, refuse_hazard
+from ._common import (
+    Inputs,
+    LossFn,
+    Problem,
+    call_net,
+    explain_autograd_error,
+    input_parts,
+    prepare,
+    refuse_hazard,
+)
 
 __all__ = [
     "MAX_ENTRIES",
     "CompiledHessian",
     "Structure",
+    "COMPILE_WRONG_OPS",
     "compile_supports",
+    "refuse_compile_hazard",
+    "check_symmetric",
     "materialise_zero_tensors",
     "problem_of",
 ]
@@ -197,7 +209,7 @@ def problem_of(
     structure: Structure,
     primals: tuple[Tensor, ...],
     fixed: tuple[Tensor, ...],
-    inputs: Tensor,
+    inputs: Inputs,
     targets: Tensor,
 ) -> Problem:
     """The problem of ``structure`` at these values: what the compiled function rebuilds."""
@@ -205,7 +217,7 @@ def problem_of(
     others = dict(zip(structure.fixed_names, fixed))
 
     def loss(p: Mapping[str, Tensor]) -> Tensor:
-        return loss_fn(functional_call(module, {**others, **p}, (inputs,)), targets)
+        return loss_fn(call_net(module, {**others, **p}, inputs), targets)
 
     return Problem(
         names=structure.names,
@@ -224,6 +236,50 @@ def _own_code(fn: types.FunctionType) -> types.FunctionType:
     return types.FunctionType(
         fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
     )
+
+
+#: aten ops through which inductor's code for a Hessian is wrong in torch 2.13, though
+#: eager torch.func is exact: ``nn.Upsample(mode="nearest")`` in a small U-Net gave
+#: relative errors of 1e2 to 1e4 and an asymmetric matrix (``torch.compile`` of
+#: ``torch.func.hessian`` alone gives the same wrong matrix)
+COMPILE_WRONG_OPS = re.compile(r"_?upsample_nearest(?:_exact)?\d?d?")
+
+
+def refuse_compile_hazard(problem: Problem, strategy: str) -> None:
+    """ValueError where the probe forward called an op of ``COMPILE_WRONG_OPS``."""
+    wrong = sorted(op for op in problem.ops if COMPILE_WRONG_OPS.fullmatch(op))
+    if wrong:
+        raise ValueError(
+            f"strategy {strategy!r} refuses this problem: the forward calls aten.{wrong[0]}, "
+            f"through which torch {torch.__version__.split('+')[0]}'s compiled Hessian is "
+            "wrong (1e2 to 1e4 relative error); use the eager strategy"
+        )
+
+
+def check_symmetric(H: Tensor, strategy: str) -> Tensor:
+    """``H``, or ValueError where it is further from symmetric than roundoff allows.
+
+    A cheap last check on what compiled code returns (one pass over ``H``): a Hessian is
+    symmetric, and the wrong matrices compiled code was found to return were not. The
+    tolerance is the square root of the dtype's machine epsilon, relative to ``max|H|``.
+    """
+    scale = H.abs().max()
+    if not bool(torch.isfinite(scale)):
+        raise ValueError(f"strategy {strategy!r} returned NaN or infinite entries")
+    # in blocks of rows, so that the check holds no second P x P matrix
+    rows = max(1, 2**22 // max(1, H.shape[0]))
+    asymmetry = torch.zeros((), dtype=H.dtype, device=H.device)
+    for start in range(0, H.shape[0], rows):
+        block = H[start : start + rows] - H[:, start : start + rows].T
+        asymmetry = torch.maximum(asymmetry, block.abs().max())
+    allowed = torch.finfo(H.dtype).eps ** 0.5 * scale
+    if bool(asymmetry > allowed):
+        raise ValueError(
+            f"strategy {strategy!r} returned a matrix that is not symmetric (max |H - Hᵀ| = "
+            f"{asymmetry.item():.2e}, max |H| = {scale.item():.2e}): compiled code is wrong "
+            "on this net; use the eager strategy"
+        )
+    return H
 
 
 class CompiledHessian:
@@ -262,6 +318,10 @@ class CompiledHessian:
         problem = prepare(net, params, batch, loss_fn)
         if self._hazard_path is not None:
             refuse_hazard(problem, self._hazard_path, self.name)
+        refuse_compile_hazard(problem, self.name)
+        return check_symmetric(self._run(net, problem), self.name)
+
+    def _run(self, net: nn.Module, problem: Problem) -> Tensor:
         fixed = _fixed(problem)
         key = (
             id(net),
@@ -269,7 +329,7 @@ class CompiledHessian:
             problem.names,
             tuple(_meta(p) for p in problem.primals),
             tuple((n, _meta(t)) for n, t in fixed.items()),
-            _meta(problem.inputs),
+            tuple((what, _meta(t)) for what, t in input_parts(problem.inputs)),
             _meta(problem.targets),
             id(problem.loss_fn),
         )

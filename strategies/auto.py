@@ -68,6 +68,7 @@ __all__ = [
 
 NAME = "auto"
 FAMILY = "dispatcher"
+MULTI_INPUT = True
 DESCRIPTION = (
     "a planner: the strategy predicted fastest for this net's structure (or measured, on "
     "request), remembered per structure, verified"
@@ -235,6 +236,9 @@ def _estimates(
     for name in strategies.names():
         strategy = strategies.get(name)
         if name == NAME or strategy.peer or strategy.compiles:
+            continue
+        if not strategy.multi_input and not isinstance(batch[0], Tensor):
+            passed_over.append(f"{name}: takes the inputs as one tensor")
             continue
         wrong_on = kinds & set(table["wrong_on"].get(name, ()))
         if wrong_on:

@@ -11,6 +11,7 @@ from ._common import LEGACY_VMAP_FORWARD, LossFn, prepare, refuse_hazard
 
 NAME = "autograd_functional"
 FAMILY = "forward-over-reverse"
+MULTI_INPUT = True
 DESCRIPTION = (
     "torch.autograd.functional.hessian(vectorize=True, outer_jacobian_strategy='forward-mode')"
 )

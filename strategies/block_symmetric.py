@@ -18,6 +18,7 @@ from ._common import LossFn, Problem, flatten, mirror_upper, prepare
 
 NAME = "block_symmetric"
 FAMILY = "forward-over-reverse"
+MULTI_INPUT = True
 DESCRIPTION = "vmap of jvp with tangents in tensor k over grad w.r.t. tensors k.. only; mirrored"
 
 

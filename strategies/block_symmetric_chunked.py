@@ -22,6 +22,7 @@ from .block_symmetric import tail_hvp
 
 NAME = "block_symmetric_chunked"
 FAMILY = "forward-over-reverse"
+MULTI_INPUT = True
 DESCRIPTION = "block_symmetric with rows in chunks sized to free memory, written in place"
 
 

@@ -11,6 +11,7 @@ from ._common import DOUBLE_BACKWARD, LossFn, flat_or_zeros, prepare, refuse_haz
 
 NAME = "full_autograd"
 FAMILY = "loops"
+MULTI_INPUT = True
 DESCRIPTION = "autograd.grad with create_graph=True, then one autograd.grad per gradient entry"
 
 

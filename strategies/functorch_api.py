@@ -12,6 +12,7 @@ from ._common import JACREV_PATH, LossFn, from_blocks, jacrev_path_supports, pre
 
 NAME = "functorch"
 FAMILY = "transforms"
+MULTI_INPUT = True
 DESCRIPTION = "functorch.hessian (the legacy API shipped inside torch) over the params dict"
 
 

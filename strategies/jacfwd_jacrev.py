@@ -11,6 +11,7 @@ from ._common import JACREV_PATH, LossFn, jacrev_path_supports, prepare, refuse_
 
 NAME = "jacfwd_jacrev"
 FAMILY = "transforms"
+MULTI_INPUT = True
 DESCRIPTION = "jacfwd(jacrev(f)) with f the loss of one flat parameter vector"
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._common import LossFn, prepare
+from ._common import LossFn, prepare, user_hooks
 from ._memory import available_bytes
 from ._mlp import flat_modules, parse_loss
 
@@ -77,12 +77,16 @@ def _layers(net: nn.Module) -> tuple[tuple[str, ...], dict[str, tuple[int, str]]
 
 
 def supports(net: nn.Module, loss_fn: LossFn | None) -> tuple[bool, str]:
-    """Whether jax is installed, ``net`` an MLP of Linear layers and the activations above, and
-    ``loss_fn`` MSE or cross-entropy (as ``mlp_kron`` detects them), and if not, why."""
+    """Whether jax is installed, ``net`` an MLP of Linear layers and the activations above with
+    no forward hook or pre-hook (``user_hooks``), and ``loss_fn`` MSE or cross-entropy (as
+    ``mlp_kron`` detects them), and if not, why."""
     try:
         import jax  # noqa: F401
     except ImportError:
         return False, "jax is not installed"
+    hooks = user_hooks(net)
+    if hooks:
+        return False, f"it rebuilds the net from its layers, so it would ignore the {hooks[0]}"
     try:
         _layers(net)
         parse_loss(loss_fn)

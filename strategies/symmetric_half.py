@@ -27,6 +27,7 @@ from ._common import (
 
 NAME = "symmetric_half"
 FAMILY = "loops"
+MULTI_INPUT = True
 DESCRIPTION = (
     "double-backward rows of tensor k w.r.t. tensors k, k+1, ... only; lower blocks by symmetry"
 )

@@ -11,6 +11,7 @@ from ._common import JACREV_PATH, LossFn, from_blocks, jacrev_path_supports, pre
 
 NAME = "torch_func"
 FAMILY = "transforms"
+MULTI_INPUT = True
 DESCRIPTION = "torch.func.hessian of the loss as a function of the params dict"
 
 

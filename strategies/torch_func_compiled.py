@@ -19,6 +19,7 @@ from ._compiled import CompiledHessian, compile_supports
 
 NAME = "torch_func_compiled"
 FAMILY = "transforms"
+MULTI_INPUT = True
 EAGER = "torch_func"
 DESCRIPTION = "torch.compile(fullgraph, static shapes) of torch.func.hessian over the params dict"
 COMPILES = True

@@ -12,6 +12,7 @@ from ._common import LossFn, Problem, prepare
 
 NAME = "vmap_jvp"
 FAMILY = "forward-over-reverse"
+MULTI_INPUT = True
 DESCRIPTION = "forward-over-reverse: vmap of jvp(grad(f)) over the identity basis"
 
 

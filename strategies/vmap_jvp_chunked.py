@@ -19,6 +19,7 @@ from .vmap_jvp import hvp
 
 NAME = "vmap_jvp_chunked"
 FAMILY = "forward-over-reverse"
+MULTI_INPUT = True
 DESCRIPTION = "vmap of jvp(grad(f)) over chunks of the identity basis sized to free memory"
 
 

@@ -22,6 +22,7 @@ from .vmap_jvp import hvp
 
 NAME = "vmap_jvp_compiled"
 FAMILY = "forward-over-reverse"
+MULTI_INPUT = True
 EAGER = "vmap_jvp"
 DESCRIPTION = "torch.compile(fullgraph, static shapes) of vmap of jvp(grad(f)) over the identity"
 COMPILES = True

@@ -12,6 +12,7 @@ from ._common import DOUBLE_BACKWARD, LossFn, prepare, refuse_hazard
 
 NAME = "vmap_vjp"
 FAMILY = "transforms"
+MULTI_INPUT = True
 DESCRIPTION = "reverse-over-reverse: vmap of vjp(grad(f)) over the identity basis"
 
 

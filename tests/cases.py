@@ -8,12 +8,14 @@ the first three of which every strategy is checked on too.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 
 def mlp(act: type[nn.Module] = nn.Tanh, sizes=(3, 5, 4, 2), bias: bool = True) -> nn.Sequential:
@@ -444,3 +446,346 @@ def _user_case(name: str):
 # every strategy is checked on the first nets users write, too
 for _name in ("thread_model", "residual_silu_gelu", "layernorm_mlp"):
     CASES[_name] = functools.partial(_user_case, _name)
+
+
+# --- nets whose Hessian autograd leaves ill-defined or wrong, and batches of several inputs ---
+
+
+class HookedLinear(nn.Module):
+    """A user's forward hook doubles a Linear's output, or a pre-hook doubles its input."""
+
+    def __init__(self, pre: bool = False) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+        if pre:
+            self.b.register_forward_pre_hook(lambda module, args: (2 * args[0],))
+        else:
+            self.a.register_forward_hook(lambda module, args, output: 2 * output)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+class PaddedEmbedding(nn.Module):
+    """Token ids with padding index 0, mean-pooled over the sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 3, padding_idx=0)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, ids):
+        return self.fc(torch.tanh(self.emb(ids))).mean(1)
+
+
+_IDS = [[0, 1, 2], [3, 0, 4], [1, 2, 3], [4, 4, 0]]
+
+
+class NoGradGate(nn.Module):
+    """A side branch computed under torch.no_grad() gates the main branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.side = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            gate = torch.sigmoid(self.side(x))
+        return self.b(torch.tanh(self.a(x)) * gate)
+
+
+class FrozenFirstLayer(nn.Module):
+    """The first layer run without autograd, as when freezing a feature extractor by hand:
+    under torch.no_grad() or, held constant on every path, through .detach()."""
+
+    def __init__(self, detach: bool = False) -> None:
+        super().__init__()
+        self.detach = detach
+        self.features = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if self.detach:
+            h = self.features(x).detach()
+        else:
+            with torch.no_grad():
+                h = self.features(x)
+        return self.head(torch.tanh(h))
+
+
+class DetachedGate(NoGradGate):
+    """The side branch's gate held constant through .detach()."""
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)) * torch.sigmoid(self.side(x)).detach())
+
+
+def weight_norm_net(old_api: bool = False) -> nn.Sequential:
+    torch.manual_seed(0)  # both APIs start from the same weights
+    layer = nn.Linear(3, 4)
+    if old_api:
+        layer = nn.utils.weight_norm(layer)
+    else:
+        layer = nn.utils.parametrizations.weight_norm(layer)
+    return nn.Sequential(layer, nn.Tanh(), nn.Linear(4, 2))
+
+
+def pruned_net() -> nn.Sequential:
+    """Half the first layer's weights pruned: a forward pre-hook computes weight_orig * mask."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    prune.l1_unstructured(net[0], "weight", amount=0.5)
+    return net
+
+
+def spectral_norm_net(train: bool) -> nn.Sequential:
+    net = nn.Sequential(
+        nn.utils.parametrizations.spectral_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2)
+    )
+    return net.train(train)
+
+
+class PenaltyInForward(nn.Module):
+    """The supported way to a weight penalty: the forward computes it from its own parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        penalty = sum(p.pow(2).sum() for p in self.parameters())
+        return self.b(torch.tanh(self.a(x))), penalty
+
+
+class TinyUNet(nn.Module):
+    """Down, pool, up by nearest-neighbour upsampling, and a skip connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(1, 2, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.mid = nn.Conv2d(2, 2, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.out = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        d = torch.tanh(self.down(x))
+        return self.out(torch.cat([d, self.up(torch.tanh(self.mid(self.pool(d))))], 1))
+
+
+class TwoInputs(nn.Module):
+    """forward(x, z): called as net(*inputs) with a tuple of inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.c = nn.Linear(2, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x, z):
+        return self.b(torch.tanh(self.a(x) + self.c(z)))
+
+
+class TokenClassifier(nn.Module):
+    """A HuggingFace-style model: forward(input_ids, attention_mask), called as net(**inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(6, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, input_ids, attention_mask):
+        h = torch.tanh(self.emb(input_ids)) * attention_mask[..., None]
+        return self.head(h.sum(1) / attention_mask.sum(1, keepdim=True))
+
+
+def _weight_penalty_loss(net: nn.Module):
+    return lambda o, t: F.mse_loss(o, t) + 1e-3 * sum(p.pow(2).sum() for p in net.parameters())
+
+
+def _with_penalty(outputs, targets):
+    out, penalty = outputs
+    return ((out - targets) ** 2).mean() + 1e-3 * penalty
+
+
+def _regress(n: int = 6, d: int = 3, out: int = 2):
+    return torch.randn(n, d), torch.randn(n, out)
+
+
+def _mask() -> torch.Tensor:
+    return torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+
+
+#: name -> dict(net, batch, loss (or loss_of_net: a function of the net giving the loss), params
+#: (absent: all), then either refused (what every strategy's ValueError must say) or reference:
+#: "loop" (float64 double backward), "fd" (central differences, where torch's double
+#: backward is wrong), or a builder of an equivalent net to take central differences of;
+#: allowed: what a refusal of an exact case may say, for the strategies that refuse it)
+ROBUST_CASES: dict[str, dict] = {
+    "forward_hook": dict(net=HookedLinear, batch=_regress, reference="loop"),
+    "forward_pre_hook": dict(net=lambda: HookedLinear(pre=True), batch=_regress, reference="loop"),
+    "embedding_padding_in_batch": dict(
+        net=PaddedEmbedding,
+        batch=lambda: (torch.tensor(_IDS), torch.randn(4, 2)),
+        refused=r"module 'emb'.*padding_idx=0 meets index 0",
+    ),
+    "embedding_padding_not_in_batch": dict(
+        net=PaddedEmbedding,
+        batch=lambda: (torch.tensor(_IDS).clamp_min(1), torch.randn(4, 2)),
+        reference="loop",
+    ),
+    "embedding_padding_weight_not_chosen": dict(
+        net=PaddedEmbedding,
+        batch=lambda: (torch.tensor(_IDS), torch.randn(4, 2)),
+        params=["fc.weight", "fc.bias"],
+        reference="loop",
+    ),
+    "no_grad_side_branch": dict(
+        net=NoGradGate, batch=_regress, refused=r"without autograd.*enters Tensor.mul in module"
+    ),
+    "no_grad_branch_not_chosen": dict(
+        net=NoGradGate, batch=_regress, params=["a.weight", "b.weight"], reference="loop"
+    ),
+    "no_grad_first_layer": dict(
+        net=FrozenFirstLayer,
+        batch=_regress,
+        refused=r"without autograd.*enters F.linear in module 'head'",
+    ),
+    "no_grad_first_layer_head_only": dict(
+        net=FrozenFirstLayer, batch=_regress, params=["head.weight"], reference="loop"
+    ),
+    "detached_first_layer": dict(
+        net=lambda: FrozenFirstLayer(detach=True), batch=_regress, reference="loop"
+    ),
+    "detached_side_branch": dict(net=DetachedGate, batch=_regress, reference="loop"),
+    "weight_norm": dict(
+        net=weight_norm_net,
+        batch=_regress,
+        reference="fd",
+        allowed="_weight_norm_interface",
+    ),
+    "weight_norm_old_api": dict(
+        net=lambda: weight_norm_net(old_api=True),
+        batch=_regress,
+        reference=weight_norm_net,  # deepcopy (and so fd_hessian) refuses the old API's net
+        allowed="_weight_norm_interface",
+    ),
+    "pruned": dict(net=pruned_net, batch=_regress, reference="loop"),
+    "spectral_norm_train": dict(
+        net=lambda: spectral_norm_net(train=True),
+        batch=_regress,
+        refused=r"updates the net's buffer '0.parametrizations.weight.0._u' in place",
+    ),
+    "spectral_norm_eval": dict(
+        net=lambda: spectral_norm_net(train=False), batch=_regress, reference="loop"
+    ),
+    "weight_penalty_in_loss": dict(
+        net=lambda: seq(3, 4, 2),
+        batch=_regress,
+        loss_of_net=_weight_penalty_loss,
+        refused=r"loss_fn reads the net's parameter '0.weight' directly",
+    ),
+    "weight_penalty_in_forward": dict(
+        net=PenaltyInForward,
+        batch=_regress,
+        loss=_with_penalty,
+        reference="loop",
+        allowed="outputs to be a tensor",  # kron takes one output tensor
+    ),
+    "upsample_nearest_unet": dict(
+        net=TinyUNet,
+        batch=lambda: (torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)),
+        reference="loop",
+        allowed="upsample_nearest2d",
+    ),
+    "tuple_inputs": dict(
+        net=TwoInputs,
+        batch=lambda: ((torch.randn(6, 3), torch.randn(6, 2)), torch.randn(6, 2)),
+        reference="loop",
+        allowed="takes the inputs as one tensor",
+    ),
+    "dict_inputs": dict(
+        net=TokenClassifier,
+        batch=lambda: (
+            {"input_ids": torch.randint(0, 6, (4, 3)), "attention_mask": _mask()},
+            torch.randint(0, 2, (4,)),
+        ),
+        loss=F.cross_entropy,
+        reference="loop",
+        allowed="takes the inputs as one tensor",
+    ),
+}
+
+
+def _to(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def build_robust(case: str, dtype: torch.dtype = torch.float64):
+    """``(net, params, batch, loss_fn)`` of ``ROBUST_CASES[case]`` in ``dtype``, deterministic."""
+    spec = ROBUST_CASES[case]
+    torch.manual_seed(0)
+    net = spec["net"]().to(dtype)
+    torch.manual_seed(1)
+    inputs, targets = spec["batch"]()
+    if isinstance(inputs, dict):
+        inputs = {k: _to(t, dtype) for k, t in inputs.items()}
+    elif isinstance(inputs, tuple):
+        inputs = tuple(_to(t, dtype) for t in inputs)
+    else:
+        inputs = _to(inputs, dtype)
+    loss = spec["loss_of_net"](net) if "loss_of_net" in spec else spec.get("loss")
+    own = dict(net.named_parameters())
+    names = spec.get("params") or list(own)
+    return net, {n: own[n] for n in names}, (inputs, _to(targets, dtype)), loss
+
+
+def call(net: nn.Module, inputs):
+    """``net`` called on inputs as the contract says: a tensor, ``*tuple`` or ``**dict``."""
+    if isinstance(inputs, dict):
+        return net(**inputs)
+    if isinstance(inputs, tuple):
+        return net(*inputs)
+    return net(inputs)
+
+
+def double_backward_hessian(net: nn.Module, names: list[str], batch, loss_fn=None) -> torch.Tensor:
+    """The float64 Hessian by a double-backward loop on a copy of ``net``, called directly.
+
+    Independent of every strategy (no functional_call, no torch.func); takes tuple and dict
+    inputs, which ``bench.reference.loop_hessian`` does not.
+    """
+    # a pruned net keeps its computed weight as a plain attribute, which deepcopy refuses;
+    # the pruning hook computes it again before the copy's forward
+    memo = {
+        id(v): v.detach()
+        for m in net.modules()
+        for v in vars(m).values()
+        if isinstance(v, torch.Tensor)
+    }
+    clone = copy.deepcopy(net, memo)
+    own = dict(clone.named_parameters())
+    for p in own.values():
+        p.requires_grad_(False)
+    leaves = [own[n].requires_grad_(True) for n in names]
+    inputs, targets = batch
+    loss_fn = loss_fn or F.mse_loss
+
+    def flat(grads) -> torch.Tensor:  # None: a leaf the output does not use
+        return torch.cat(
+            [torch.zeros(p.numel()) if d is None else d.reshape(-1) for d, p in zip(grads, leaves)]
+        ).to(leaves[0])
+
+    with torch.enable_grad():
+        loss = loss_fn(call(clone, inputs), targets)
+        g = flat(torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True))
+        rows = [
+            flat(torch.autograd.grad(gi, leaves, retain_graph=True, allow_unused=True))
+            if gi.requires_grad
+            else torch.zeros_like(g)
+            for gi in g
+        ]
+    return torch.stack(rows).detach()
