@@ -1034,7 +1034,8 @@ def buffers_kept(net: nn.Module) -> Iterator[None]:
     in training mode) would, even in the probe forward of a strategy that then refuses.
     """
     saved = []
-    for module in net.modules():
+    # not a Module: check_inputs, which runs inside, says so
+    for module in net.modules() if isinstance(net, nn.Module) else ():
         for name, t in module._buffers.items():
             if t is not None and not t.is_inference():
                 saved.append((module, name, t, t._version, t.detach().clone()))
