@@ -937,8 +937,23 @@ def _function_name(func: Any) -> str:
     return name if "." in name or not module.startswith("torch") else f"torch.{name}"
 
 
-#: functions whose result is a constant to reverse and forward mode alike
-_DETACH = (Tensor.detach, torch.detach, Tensor.detach_, Tensor.data.__get__)
+#: functions whose result is a constant to reverse and forward mode alike: detached values,
+#: and tensors made from another's shape and dtype alone (``torch.ones_like(u)`` as the
+#: ``grad_outputs`` of a PINN's ``autograd.grad``)
+_DETACH = (
+    Tensor.detach,
+    torch.detach,
+    Tensor.detach_,
+    Tensor.data.__get__,
+    torch.ones_like,
+    torch.zeros_like,
+    torch.empty_like,
+    torch.full_like,
+    Tensor.new_ones,
+    Tensor.new_zeros,
+    Tensor.new_empty,
+    Tensor.new_full,
+)
 
 
 class _ProbeWatch(TorchFunctionMode):

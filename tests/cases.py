@@ -295,7 +295,7 @@ class PINN(nn.Module):
     def forward(self, x):
         x = x if x.requires_grad else x.detach().requires_grad_(True)
         u = self.u(x)
-        (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+        (du,) = torch.autograd.grad(u, x, torch.ones_like(u), create_graph=True)
         return torch.cat([u, du], dim=1)
 
 
