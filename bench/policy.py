@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from bench import measure
+from bench.cell import CaseData
 from bench.grid import Case
 from bench.reference import ProbeReference
-from bench.session import CaseData, History, Run
+from bench.session import History, Run
 from bench.vocabulary import (
     CRASHED,
     ERROR,

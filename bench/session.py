@@ -2,64 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bench import measure
+from bench.cell import CaseData
 from bench.grid import Case
-from bench.models import chosen_params, make_problem
-from bench.reference import ProbeReference, batched_loop_hessian, probe_reference
-from strategies import Strategy
+from bench.models import chosen_params
+from bench.reference import batched_loop_hessian, probe_reference
+from bench.worker import Worker
 
-if TYPE_CHECKING:
-    from bench.worker import Worker
-
-__all__ = ["DENSE_REFERENCE_MAX_P", "CaseData", "hessian_call", "History", "Timed", "Run"]
+__all__ = ["DENSE_REFERENCE_MAX_P", "History", "Timed", "Run"]
 
 
 #: the largest P whose benchmark reference is the dense float64 Hessian (1.7 GiB at 15,000)
 DENSE_REFERENCE_MAX_P = 15_000
-
-
-@dataclass
-class CaseData:
-    """What one case computes once and every strategy shares."""
-
-    case: Case
-    net: torch.nn.Module
-    batch: tuple[torch.Tensor, torch.Tensor]
-    loss_fn: Any
-    reference: torch.Tensor | ProbeReference | None = None
-    grad_s: float | None = None
-    gemm_s: float | None = None
-
-    @classmethod
-    def of(cls, case: Case) -> CaseData:
-        """The case's seeded net, batch and loss (``bench.models.make_problem``), no baselines."""
-        net, batch, loss_fn = make_problem(case)
-        return cls(case, net, batch, loss_fn)
-
-
-def hessian_call(strategy: Strategy, data: CaseData) -> Callable[[], torch.Tensor]:
-    """One Hessian of the case by the strategy, between two waits for the device.
-
-    The same call runs in the worker's isolated pass, the first call and the timed rounds
-    (pytest-benchmark's timer is around it): on a GPU, where work is queued, the wait before
-    keeps earlier work out of the time and the wait after puts all of the call's work in it.
-    """
-    params = chosen_params(data.case, data.net)
-    device = torch.device(data.case.device)
-
-    def call() -> torch.Tensor:
-        measure.sync(device)
-        H = strategy.compute(data.net, params, data.batch, data.loss_fn)
-        measure.sync(device)
-        return H
-
-    return call
 
 
 @dataclass

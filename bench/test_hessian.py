@@ -6,7 +6,8 @@ import pytest
 
 import strategies
 from bench import policy
-from bench.session import Run, Timed, hessian_call
+from bench.cell import hessian_call
+from bench.session import Run, Timed
 from bench.vocabulary import OOM
 
 __all__ = ["test_hessian"]

@@ -29,8 +29,8 @@ import torch
 
 import strategies
 from bench import device, measure
+from bench.cell import CaseData, hessian_call
 from bench.grid import Case
-from bench.session import CaseData, hessian_call
 from strategies import Strategy
 
 __all__ = [

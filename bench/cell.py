@@ -1,0 +1,60 @@
+"""One cell's problem: the case's data every strategy shares, and one Hessian call of it.
+
+Below both the session (``bench.session``, which keeps the current case's data and its
+baselines) and the worker (``bench.worker``, which computes the same call in a child
+process), so that neither imports the other for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bench import measure
+from bench.grid import Case
+from bench.models import chosen_params, make_problem
+from bench.reference import ProbeReference
+from strategies import Strategy
+
+__all__ = ["CaseData", "hessian_call"]
+
+
+@dataclass
+class CaseData:
+    """What one case computes once and every strategy shares."""
+
+    case: Case
+    net: torch.nn.Module
+    batch: tuple[torch.Tensor, torch.Tensor]
+    loss_fn: Any
+    reference: torch.Tensor | ProbeReference | None = None
+    grad_s: float | None = None
+    gemm_s: float | None = None
+
+    @classmethod
+    def of(cls, case: Case) -> CaseData:
+        """The case's seeded net, batch and loss (``bench.models.make_problem``), no baselines."""
+        net, batch, loss_fn = make_problem(case)
+        return cls(case, net, batch, loss_fn)
+
+
+def hessian_call(strategy: Strategy, data: CaseData) -> Callable[[], torch.Tensor]:
+    """One Hessian of the case by the strategy, between two waits for the device.
+
+    The same call runs in the worker's isolated pass, the first call and the timed rounds
+    (pytest-benchmark's timer is around it): on a GPU, where work is queued, the wait before
+    keeps earlier work out of the time and the wait after puts all of the call's work in it.
+    """
+    params = chosen_params(data.case, data.net)
+    device = torch.device(data.case.device)
+
+    def call() -> torch.Tensor:
+        measure.sync(device)
+        H = strategy.compute(data.net, params, data.batch, data.loss_fn)
+        measure.sync(device)
+        return H
+
+    return call
