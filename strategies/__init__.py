@@ -96,8 +96,8 @@ class Strategy:
     peer: bool = False
     #: compiles on its first call for a given problem shape: first-call time is apart
     compiles: bool = False
-    #: the module that defines it; its other public functions (e.g. auto's ``choose``) are
-    #: reachable as attributes of the strategy
+    #: the module that defines it (None for a strategy registered from a function); its other
+    #: names (e.g. auto's ``choose``) are used from the module, not through the strategy
     module: ModuleType | None = field(default=None, repr=False)
     #: one of ``FAMILIES``
     family: str = "transforms"
@@ -106,12 +106,6 @@ class Strategy:
     #: takes inputs as a tuple (``net(*inputs)``) or a dict (``net(**inputs)``), not only a
     #: tensor; a strategy says so with ``MULTI_INPUT = True`` once it passes them on
     multi_input: bool = False
-
-    def __getattr__(self, attr: str) -> Any:
-        module = self.__dict__.get("module")
-        if module is not None and not attr.startswith("_") and hasattr(module, attr):
-            return getattr(module, attr)
-        raise AttributeError(f"strategy {self.__dict__.get('name')!r} has no attribute {attr!r}")
 
     def supports(self, net: nn.Module, loss_fn: LossFn | None = None) -> tuple[bool, str]:
         """Whether this strategy handles ``net`` with ``loss_fn``, and if not, why."""

@@ -7,7 +7,15 @@ from collections.abc import Mapping
 import torch.func
 from torch import Tensor, nn
 
-from ._common import JACREV_PATH, LossFn, from_blocks, jacrev_path_supports, prepare, refuse_hazard
+from ._common import (
+    JACREV_PATH,
+    LossFn,
+    Problem,
+    from_blocks,
+    jacrev_path_supports,
+    prepare,
+    refuse_hazard,
+)
 
 NAME = "torch_func"
 FAMILY = "transforms"
@@ -28,5 +36,10 @@ def compute(
     problem = prepare(net, params, batch, loss_fn)
     # the modules were checked by supports; functional calls (F.layer_norm ...) only show here
     refuse_hazard(problem, JACREV_PATH, NAME)
+    return hessian(problem)
+
+
+def hessian(problem: Problem) -> Tensor:
+    """The dense Hessian of a prepared problem; ``torch_func_compiled`` compiles the same."""
     point = problem.primal_dict()
     return from_blocks(torch.func.hessian(problem.loss)(point), point)

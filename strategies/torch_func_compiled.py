@@ -11,11 +11,11 @@ residual nets, parameter subsets) compiled into one graph and was exact.
 
 from __future__ import annotations
 
-import torch.func
-from torch import Tensor, nn
+from torch import nn
 
-from ._common import JACREV_PATH, LossFn, Problem, from_blocks, jacrev_path_supports
+from ._common import JACREV_PATH, LossFn, jacrev_path_supports
 from ._compiled import CompiledHessian, compile_supports
+from .torch_func import hessian
 
 NAME = "torch_func_compiled"
 FAMILY = "transforms"
@@ -25,14 +25,9 @@ DESCRIPTION = "torch.compile(fullgraph, static shapes) of torch.func.hessian ove
 COMPILES = True
 
 
-def _hessian(problem: Problem) -> Tensor:
-    point = problem.primal_dict()
-    return from_blocks(torch.func.hessian(problem.loss)(point), point)
-
-
 #: ``compute(net, params, batch, loss_fn)``: the dense Hessian, compiled once per problem
 #: structure; ``cache.clear()`` frees the compiled structures
-compute = cache = CompiledHessian(NAME, _hessian, JACREV_PATH)
+compute = cache = CompiledHessian(NAME, hessian, JACREV_PATH)
 
 
 def supports(net: nn.Module, loss_fn: LossFn | None = None) -> tuple[bool, str]:

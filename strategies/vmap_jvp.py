@@ -22,7 +22,11 @@ def compute(
     batch: tuple[Tensor, Tensor],
     loss_fn: LossFn | None = None,
 ) -> Tensor:
-    problem = prepare(net, params, batch, loss_fn)
+    return hessian(prepare(net, params, batch, loss_fn))
+
+
+def hessian(problem: Problem) -> Tensor:
+    """The dense Hessian of a prepared problem; ``vmap_jvp_compiled`` compiles the same."""
     basis = torch.eye(problem.P, dtype=problem.dtype, device=problem.device)
     return vmap(hvp(problem))(basis)
 

@@ -12,13 +12,8 @@ raises ValueError, as eager ``vmap_jvp`` raises.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-from torch.func import vmap
-
-from ._common import Problem
 from ._compiled import CompiledHessian, compile_supports
-from .vmap_jvp import hvp
+from .vmap_jvp import hessian
 
 NAME = "vmap_jvp_compiled"
 FAMILY = "forward-over-reverse"
@@ -28,14 +23,9 @@ DESCRIPTION = "torch.compile(fullgraph, static shapes) of vmap of jvp(grad(f)) o
 COMPILES = True
 
 
-def _hessian(problem: Problem) -> Tensor:
-    basis = torch.eye(problem.P, dtype=problem.dtype, device=problem.device)
-    return vmap(hvp(problem))(basis)
-
-
 #: ``compute(net, params, batch, loss_fn)``: the dense Hessian, compiled once per problem
 #: structure; ``cache.clear()`` frees the compiled structures
-compute = cache = CompiledHessian(NAME, _hessian)
+compute = cache = CompiledHessian(NAME, hessian)
 
 #: refuses what dynamo cannot trace in one graph
 supports = compile_supports

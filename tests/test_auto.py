@@ -86,7 +86,7 @@ def _small_mlp(width: int = 3):
 def test_choice_follows_the_cost_per_row_and_is_visible_through_the_registry(table) -> None:
     net, params, batch = _small_mlp()
     assert sum(p.numel() for p in params.values()) == 13
-    assert strategies.get("auto").choose(net, params, batch) == "kron"
+    assert strategies.get("auto").module.choose(net, params, batch) == "kron"
     plan = auto.plan(net, params, batch)
     times = {c.name: c.predicted_s for c in plan.candidates}
     # the same gradient time scales every strategy: the ratios are the table's

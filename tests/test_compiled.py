@@ -7,6 +7,7 @@ The cache logic is tested in-process with ``torch.compile`` replaced by the iden
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -36,6 +37,11 @@ def _mlp() -> nn.Sequential:
 
 def _batch(n: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3), torch.randn(n, 2)
+
+
+def _cache(name: str) -> _compiled.CompiledHessian:
+    """The compiled structures of strategy ``name``: its module's ``cache``."""
+    return importlib.import_module(f"strategies.{name}").cache
 
 
 def _rel_err(H: torch.Tensor, ref: torch.Tensor) -> float:
@@ -72,10 +78,10 @@ def test_graph_break_raises_named_error_not_an_eager_fallback() -> None:
 
     net = _mlp()
     strategy = strategies.get("vmap_jvp_compiled")
-    strategy.cache.clear()
+    _cache("vmap_jvp_compiled").clear()
     with pytest.raises(ValueError, match="'vmap_jvp_compiled': torch.compile failed.*graph_break"):
         strategy.compute(net, dict(net.named_parameters()), _batch(), loss_with_break)
-    assert len(strategy.cache) == 0  # the failed entry is not kept
+    assert len(_cache("vmap_jvp_compiled")) == 0  # the failed entry is not kept
 
 
 # --- the cache, with torch.compile replaced by the identity (no inductor) ---------------
@@ -92,10 +98,10 @@ def compile_calls(monkeypatch) -> list:
 
     monkeypatch.setattr(torch, "compile", identity)
     for name in COMPILED:
-        strategies.get(name).cache.clear()
+        _cache(name).clear()
     yield calls
     for name in COMPILED:
-        strategies.get(name).cache.clear()
+        _cache(name).clear()
 
 
 @pytest.mark.parametrize("name", COMPILED)
@@ -125,7 +131,7 @@ def test_cache_is_bounded_least_recently_used_first_out(name, compile_calls):
     sizes = range(2, 3 + _compiled.MAX_ENTRIES)  # one more structure than the cache holds
     for n in sizes:
         strategy.compute(net, params, _batch(n))
-    assert len(strategy.cache) == _compiled.MAX_ENTRIES
+    assert len(_cache(name)) == _compiled.MAX_ENTRIES
     calls = len(compile_calls)
     strategy.compute(net, params, _batch(sizes[-1]))  # kept
     assert len(compile_calls) == calls
@@ -175,7 +181,7 @@ def test_zero_tensors_become_ordinary_zeros():
 
 _SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import importlib, json, sys
     import torch, torch.nn as nn
     from torch._dynamo.utils import counters
     import strategies
@@ -198,7 +204,7 @@ _SCRIPT = textwrap.dedent(
             "rel_err": float((H.double() - ref).abs().max() / ref.abs().max()),
             "dtype": str(H.dtype),
             "graphs": counters["stats"]["unique_graphs"],
-            "entries": len(strategies.get(name).cache),
+            "entries": len(importlib.import_module("strategies." + name).cache),
         }
     out["graph_breaks"] = sum(counters["graph_break"].values())
     print("RESULT " + json.dumps(out))
