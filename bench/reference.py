@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from strategies import uses_batch_statistics
+
 __all__ = [
     "float64_copy",
     "loop_hessian",
@@ -39,7 +41,7 @@ def float64_copy(
     """
     clone = copy.deepcopy(net).to(torch.float64)
     for m in clone.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+        if uses_batch_statistics(m):
             m.running_mean = m.running_var = m.num_batches_tracked = None
     own = dict(clone.named_parameters())
     for p in own.values():

@@ -35,7 +35,7 @@ from ._common import (
     to_blocks,
     unflatten,
 )
-from ._kinds import kinds_of
+from ._kinds import kinds_of, uses_batch_statistics
 from ._memory import POSITIVE_INTEGER_OPTIONS, available_bytes, check_fits, check_positive
 from ._plan import peak_ratio
 from ._verify import default_rtol, verify
@@ -62,6 +62,7 @@ __all__ = [
     "from_blocks",
     "mse_loss",
     "kinds_of",
+    "uses_batch_statistics",
     "available_bytes",
 ]
 

@@ -30,6 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ._kinds import uses_batch_statistics
+
 __all__ = [
     "LossFn",
     "Inputs",
@@ -217,7 +219,7 @@ def _stateless(net: nn.Module) -> nn.Module:
         return net
     clone = _copy(net)
     for m in clone.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+        if uses_batch_statistics(m):
             m.running_mean = None
             m.running_var = None
             m.num_batches_tracked = None
@@ -363,9 +365,7 @@ def jacrev_normalisation_hazard(net: nn.Module) -> str:
     (``F.layer_norm`` ...) in a custom forward, from the probe forward of ``prepare``.
     """
     for name, m in net.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
-            m.training or not m.track_running_stats
-        ):
+        if uses_batch_statistics(m):
             return f"{name or 'net'} is {type(m).__name__} using batch statistics (functorch#534)"
         if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
             return f"{name or 'net'} is an affine LayerNorm (functorch#534)"

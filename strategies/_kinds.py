@@ -1,12 +1,25 @@
-"""Model-kind tags of a net (layernorm, batchnorm-train, conv, ...), used to route ``auto``."""
+"""Model-kind tags of a net (layernorm, batchnorm-train, conv, ...), used to route ``auto``,
+and what a module does with the batch (``uses_batch_statistics``)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["kinds_of"]
+__all__ = ["kinds_of", "uses_batch_statistics"]
 
 _MLP_LAYERS = (nn.Linear, nn.Identity, nn.Tanh, nn.Sigmoid, nn.ReLU, nn.GELU, nn.SiLU, nn.Softplus)
+
+
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm that normalises with the batch's own statistics.
+
+    torch's rule (``_BatchNorm.forward``): in training mode, and in eval mode where it keeps
+    no running statistics (``track_running_stats=False``). Such a module mixes the samples
+    of a batch, and its Hessian is what torch.func's batching rules get wrong (functorch#534).
+    """
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+        module.training or (module.running_mean is None and module.running_var is None)
+    )
 
 
 def kinds_of(net: nn.Module) -> set[str]:

@@ -59,6 +59,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.utils._pytree import tree_flatten
 
 from ._common import LossFn, Problem, flatten, prepare
+from ._kinds import uses_batch_statistics
 from ._kron_sites import Site, discover, has_linear, run
 from ._memory import check_positive, problem_chunk, unit_chunks
 
@@ -96,9 +97,7 @@ def supports(net: nn.Module, loss_fn: LossFn | None) -> tuple[bool, str]:
     if not isinstance(net, nn.Module):
         return False, f"net must be a torch.nn.Module, got {type(net).__name__}"
     for name, m in net.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
-            m.training or not m.track_running_stats
-        ):
+        if uses_batch_statistics(m):
             return False, (
                 f"module {name or 'net'!r} is {type(m).__name__} using batch statistics: "
                 "it mixes samples, so the Kronecker structure does not hold"
