@@ -37,7 +37,8 @@ def kinds_of(net: nn.Module) -> set[str]:
         elif isinstance(m, nn.modules.instancenorm._InstanceNorm):
             tags.add("instancenorm")
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            tags.add("batchnorm-train" if m.training else "batchnorm-eval")
+            # by the statistics it normalises with: eval mode without running ones is "train"
+            tags.add("batchnorm-train" if uses_batch_statistics(m) else "batchnorm-eval")
         elif isinstance(m, nn.modules.conv._ConvNd):
             tags.add("conv")
         elif isinstance(m, nn.MultiheadAttention):

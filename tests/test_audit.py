@@ -199,6 +199,18 @@ def test_zoo_tags_are_what_kinds_of_finds():
         assert ("mlp" in found) == (model.model_kind == ("mlp",)), model.name
 
 
+def test_kinds_of_tags_batchnorm_by_the_statistics_it_normalises_with():
+    """Eval mode without running statistics normalises with the batch's: batchnorm-train."""
+    tracked, untracked = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3, track_running_stats=False)
+    assert strategies.kinds_of(tracked) == {"batchnorm-train"}
+    assert strategies.kinds_of(untracked) == {"batchnorm-train"}
+    tracked.eval(), untracked.eval()
+    assert strategies.kinds_of(tracked) == {"batchnorm-eval"}
+    assert strategies.kinds_of(untracked) == {"batchnorm-train"}
+    assert strategies.uses_batch_statistics(untracked)
+    assert not strategies.uses_batch_statistics(tracked)
+
+
 def test_unknown_names_raise_key_error():
     with pytest.raises(KeyError, match="valid names"):
         zoo.get("no_such_model")
