@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.models import LayerNormMLP
 from strategies import kinds_of
 
-__all__ = ["ZooModel", "ZOO", "names", "get", "build", "kinds_of", "LayerNormMLP"]
+__all__ = ["ZooModel", "ZOO", "names", "get", "build", "kinds_of"]
 
 Built = tuple[nn.Module, tuple[Tensor, Tensor], Callable[[Tensor, Tensor], Tensor]]
 
@@ -41,13 +42,6 @@ class ZooModel:
     builder: Callable[[], Built]
     params: tuple[str, ...] | None = None
     seed: int = 0
-
-
-class LayerNormMLP(nn.Sequential):
-    """``Linear(4, 6) -> LayerNorm(6) -> Tanh -> Linear(6, 1)``: where torch.func.hessian is wrong."""
-
-    def __init__(self) -> None:
-        super().__init__(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 1))
 
 
 class _Residual(nn.Module):
@@ -117,7 +111,8 @@ def _mlp_gelu_ce() -> Built:
 
 
 def _mlp_layernorm() -> Built:
-    net = LayerNormMLP().double()
+    # Linear(4, 6) -> LayerNorm(6) -> Tanh -> Linear(6, 1): where torch.func.hessian is wrong
+    net = LayerNormMLP([nn.Linear(4, 6), nn.Linear(6, 1)], "tanh").double()
     return net, (torch.randn(8, 4).double(), torch.randn(8, 1).double()), F.mse_loss
 
 

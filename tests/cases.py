@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
+from bench.models import LayerNormMLP
+
 
 def mlp(act: type[nn.Module] = nn.Tanh, sizes=(3, 5, 4, 2), bias: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -44,8 +46,13 @@ def relu_mse():
     return _regression(mlp(nn.ReLU, sizes=(3, 6, 6, 2)), 3, 2)
 
 
+def conv() -> nn.Sequential:
+    """A 3x3 convolution of a 5x5 image, then a Linear head of 3 classes."""
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
+
+
 def conv_net():
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
+    net = conv()
     return net, (torch.randn(4, 1, 5, 5), torch.randint(0, 3, (4,))), F.cross_entropy
 
 
@@ -211,18 +218,9 @@ class Residual(nn.Module):
         return self.out(h)
 
 
-class LayerNormMLP(nn.Module):
+def layernorm_mlp(dims=(6, 12, 12, 2)) -> LayerNormMLP:
     """LayerNorm after each hidden Linear: its affine parameters get Hessian-vector rows."""
-
-    def __init__(self, dims=(6, 12, 12, 2)):
-        super().__init__()
-        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.norms = nn.ModuleList(nn.LayerNorm(b) for b in dims[1:-1])
-
-    def forward(self, x):
-        for linear, norm in zip(self.linears[:-1], self.norms):
-            x = torch.tanh(norm(linear(x)))
-        return self.linears[-1](x)
+    return LayerNormMLP([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])], "tanh")
 
 
 class FunctionalNorm(nn.Module):
@@ -324,12 +322,9 @@ class MeanOverBatch(nn.Module):
         return self.b(h - h.mean(0))
 
 
-def seq(*dims, act=nn.Tanh):
-    layers: list[nn.Module] = []
-    for k, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        layers += [act()] if k else []
-        layers.append(nn.Linear(a, b))
-    return nn.Sequential(*layers)
+def seq(*dims, act=nn.Tanh) -> nn.Sequential:
+    """``mlp`` with its sizes as arguments."""
+    return mlp(act, dims)
 
 
 def _x(n: int, d: int):
@@ -340,7 +335,7 @@ def _x(n: int, d: int):
 USER_CASES = {
     "thread_model": (Model, lambda: (_x(16, 8), torch.randn(16)), mean_over_batch_mse, None),
     "residual_silu_gelu": (Residual, lambda: (_x(12, 5), torch.randn(12, 3)), None, None),
-    "layernorm_mlp": (LayerNormMLP, lambda: (_x(10, 6), torch.randn(10, 2)), None, None),
+    "layernorm_mlp": (layernorm_mlp, lambda: (_x(10, 6), torch.randn(10, 2)), None, None),
     "functional_layer_norm": (FunctionalNorm, lambda: (_x(9, 4), torch.randn(9, 2)), None, None),
     "huber": (Residual, lambda: (_x(12, 5), 3 * torch.randn(12, 3)), F.huber_loss, None),
     "smooth_l1_sum": (
@@ -387,17 +382,17 @@ USER_CASES = {
         ["4.weight", "4.bias"],
     ),
     "shuffled_order": (
-        LayerNormMLP,
+        layernorm_mlp,
         lambda: (_x(10, 6), torch.randn(10, 2)),
         None,
         [
-            "linears.2.bias",
+            "fcs.2.bias",
             "norms.0.weight",
-            "linears.0.weight",
-            "linears.1.bias",
-            "linears.2.weight",
+            "fcs.0.weight",
+            "fcs.1.bias",
+            "fcs.2.weight",
             "norms.1.bias",
-            "linears.1.weight",
+            "fcs.1.weight",
         ],
     ),  # fmt: skip
     "bias_without_weight": (
@@ -416,7 +411,7 @@ USER_CASES = {
     ),
     "gru_then_linear": (Recurrent, lambda: (torch.randn(5, 4, 3), torch.randn(5, 2)), None, None),
     "conv_then_linear": (
-        lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)),
+        conv,
         lambda: (torch.randn(5, 1, 5, 5), torch.randint(0, 3, (5,))),
         F.cross_entropy,
         None,
