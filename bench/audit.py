@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 import strategies
-from bench import cli, device, zoo
+from bench import cli, device, known_bugs, zoo
 from bench.measure import machine_label
 from bench.reference import fd_hessian, loop_hessian
 from bench.vocabulary import AUDIT_KIND, ERROR, OK, UNSUPPORTED, WRONG
@@ -60,23 +60,9 @@ FD_STEP = 1e-5
 REFERENCE_TOL = 1e-6
 TOL = 1e-7
 
-#: pytorch/functorch#534 through one normalisation layer (module 1 of ``net``): the block
-#: d2L/d(its weight)d(first weight) and its mirror differ, which a Hessian's blocks never do
-_NORMALISATION_BUG = """\
-import torch
-from torch import nn
-from torch.func import functional_call, hessian
-net = {net}.double()
-x, y = {batch}
-p = {{k: v.detach() for k, v in net.named_parameters()}}
-H = hessian(lambda p: ((functional_call(net, p, (x,)) - y) ** 2).mean())(p)
-# d2L/d({layer} weight)d(first weight) must be the transpose of its mirror block
-a, b = H["1.weight"]["0.weight"], H["0.weight"]["1.weight"].permute({mirror})
-bug_shows = bool((a - b).abs().max() > 1e-6 * a.abs().max())
-"""
-
 #: Bugs in torch itself that the audit found or that the strategies work around. Each
-#: reproduction runs in a fresh namespace under a fixed seed and sets ``bug_shows``.
+#: reproduction is a module of ``bench.known_bugs``, whose text runs in a fresh namespace
+#: under a fixed seed and sets ``bug_shows``.
 KNOWN_BUGS: tuple[dict[str, Any], ...] = (
     {
         "title": (
@@ -89,12 +75,7 @@ KNOWN_BUGS: tuple[dict[str, Any], ...] = (
         "strategies": ["torch_func", "functorch", "jacfwd_jacrev"],
         "models": ["mlp_layernorm", "batchnorm_train"],
         "upstream": "pytorch/functorch#534",
-        "reproduction": _NORMALISATION_BUG.format(
-            layer="LayerNorm",
-            net="nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 1))",
-            batch="torch.randn(8, 4).double(), torch.randn(8, 1).double()",
-            mirror="2, 0, 1",
-        ),
+        "reproduction": known_bugs.source("normalisation_jacrev"),
     },
     {
         "title": (
@@ -105,13 +86,7 @@ KNOWN_BUGS: tuple[dict[str, Any], ...] = (
         "strategies": ["torch_func", "functorch", "jacfwd_jacrev"],
         "models": ["conv_instancenorm"],
         "upstream": "pytorch/functorch#534",
-        "reproduction": _NORMALISATION_BUG.format(
-            layer="InstanceNorm",
-            net="nn.Sequential(nn.Conv1d(2, 3, 2), nn.InstanceNorm1d(3, affine=True), nn.Tanh(),\n"
-            "                    nn.Flatten(), nn.Linear(12, 1))",
-            batch="torch.randn(4, 2, 5).double(), torch.randn(4, 1).double()",
-            mirror="3, 0, 1, 2",
-        ),
+        "reproduction": known_bugs.source("instancenorm_jacrev"),
     },
     {
         "title": (
@@ -122,19 +97,7 @@ KNOWN_BUGS: tuple[dict[str, Any], ...] = (
         "strategies": ["vmap_jvp", "block_symmetric", "autograd_functional"],
         "models": [],
         "upstream": None,
-        "reproduction": """\
-import torch
-import torch.nn.functional as F
-from torch.func import grad, jvp
-x, y = torch.randn(5).double(), torch.randn(5).double()
-f = lambda w: F.mse_loss(w * x, y)
-w, v = torch.ones(5).double(), torch.ones(5).double()
-try:
-    jvp(grad(f), (w,), (v,))
-    bug_shows = False
-except RuntimeError as e:
-    bug_shows = "ZeroTensors are immutable" in str(e)
-""",
+        "reproduction": known_bugs.source("mse_loss_forward_over_reverse"),
     },
     {
         "title": (
@@ -144,26 +107,7 @@ except RuntimeError as e:
         "strategies": ["autograd_functional"],
         "models": ["gru"],
         "upstream": None,
-        "reproduction": """\
-import torch
-from torch import nn
-from torch.func import functional_call
-gru = nn.GRU(3, 4, batch_first=True).double()
-x = torch.randn(2, 3, 3).double()
-names = [n for n, _ in gru.named_parameters()]
-flat = torch.cat([p.detach().reshape(-1) for p in gru.parameters()])
-shapes = [p.shape for p in gru.parameters()]
-def f(v):
-    parts = torch.split(v, [s.numel() for s in shapes])
-    p = {n: t.reshape(s) for n, t, s in zip(names, parts, shapes)}
-    return functional_call(gru, p, (x,))[0].pow(2).sum()
-try:
-    torch.autograd.functional.hessian(f, flat, vectorize=True,
-                                      outer_jacobian_strategy="forward-mode")
-    bug_shows = False
-except RuntimeError as e:
-    bug_shows = "Batching rule not implemented" in str(e)
-""",
+        "reproduction": known_bugs.source("gru_vectorized_hessian"),
     },
     {
         "title": (
@@ -174,20 +118,7 @@ except RuntimeError as e:
         "strategies": [],
         "models": [],
         "upstream": "pytorch/pytorch#116350",
-        "reproduction": """\
-import torch
-from torch import nn
-attn = nn.MultiheadAttention(4, 2, batch_first=True).double().eval()
-x = torch.randn(3, 5, 4).double()
-w = attn.in_proj_weight
-g = torch.autograd.grad(attn(x, x, x, need_weights=False)[0].pow(2).sum(), w,
-                        create_graph=True)[0]
-try:
-    torch.autograd.grad(g.sum(), w)
-    bug_shows = False
-except RuntimeError as e:
-    bug_shows = "not implemented" in str(e)
-""",
+        "reproduction": known_bugs.source("attention_double_backward"),
     },
 )
 
