@@ -20,6 +20,8 @@ from torch import Tensor, nn
 import strategies
 from bench.reference import loop_hessian
 
+__all__ = ["main"]
+
 #: strategies whose correct float32 Hessians must pass
 _STRATEGIES = ("full_autograd", "symmetric_half", "vmap_jvp", "block_symmetric", "kron")
 

@@ -26,6 +26,8 @@ from torch.utils._pytree import tree_flatten
 
 from ._common import Problem
 
+__all__ = ["Site", "LinearMode", "run", "discover", "has_linear"]
+
 _OPENED: dict[Callable, Callable] = {}
 
 

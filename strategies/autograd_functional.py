@@ -9,6 +9,8 @@ from torch import Tensor, nn
 
 from ._common import LEGACY_VMAP_FORWARD, LossFn, prepare, refuse_hazard
 
+__all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "supports", "compute"]
+
 NAME = "autograd_functional"
 FAMILY = "forward-over-reverse"
 MULTI_INPUT = True

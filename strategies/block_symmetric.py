@@ -16,6 +16,8 @@ from torch.func import grad, jvp, vmap
 
 from ._common import LossFn, Problem, flatten, mirror_upper, prepare
 
+__all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "compute", "upper_rows", "tail_hvp"]
+
 NAME = "block_symmetric"
 FAMILY = "forward-over-reverse"
 MULTI_INPUT = True

@@ -20,6 +20,8 @@ from ._common import LossFn, mirror_upper, prepare
 from ._memory import problem_chunk, unit_chunks
 from .block_symmetric import tail_hvp
 
+__all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "compute"]
+
 NAME = "block_symmetric_chunked"
 FAMILY = "forward-over-reverse"
 MULTI_INPUT = True

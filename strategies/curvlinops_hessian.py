@@ -25,6 +25,8 @@ from ._common import (
     refuse_hazard,
 )
 
+__all__ = ["NAME", "FAMILY", "DESCRIPTION", "PEER", "loss_module", "supports", "compute"]
+
 NAME = "curvlinops"
 FAMILY = "peers"
 DESCRIPTION = "peer: curvlinops.HessianLinearOperator(net, loss, params, [(X, y)]) @ I"

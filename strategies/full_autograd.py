@@ -9,6 +9,8 @@ from torch import Tensor, nn
 
 from ._common import DOUBLE_BACKWARD, LossFn, flat_or_zeros, prepare, refuse_hazard
 
+__all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "compute"]
+
 NAME = "full_autograd"
 FAMILY = "loops"
 MULTI_INPUT = True

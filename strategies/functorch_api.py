@@ -10,6 +10,8 @@ from torch import Tensor, nn
 
 from ._common import JACREV_PATH, LossFn, from_blocks, jacrev_path_supports, prepare, refuse_hazard
 
+__all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "supports", "compute"]
+
 NAME = "functorch"
 FAMILY = "transforms"
 MULTI_INPUT = True

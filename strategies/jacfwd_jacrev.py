@@ -9,6 +9,8 @@ from torch.func import jacfwd, jacrev
 
 from ._common import JACREV_PATH, LossFn, jacrev_path_supports, prepare, refuse_hazard
 
+__all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "supports", "compute"]
+
 NAME = "jacfwd_jacrev"
 FAMILY = "transforms"
 MULTI_INPUT = True

@@ -18,6 +18,8 @@ from ._common import LossFn, prepare, user_hooks
 from ._memory import available_bytes
 from ._mlp import flat_modules, parse_loss
 
+__all__ = ["NAME", "FAMILY", "DESCRIPTION", "PEER", "COMPILES", "supports", "compute"]
+
 NAME = "jax_hessian"
 FAMILY = "peers"
 DESCRIPTION = "peer: jax.jit(jax.hessian) of the same MLP with the weights as one flat vector"

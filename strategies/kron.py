@@ -63,6 +63,8 @@ from ._kinds import uses_batch_statistics
 from ._kron_sites import Site, discover, has_linear, run
 from ._memory import check_positive, problem_chunk, unit_chunks
 
+__all__ = ["NAME", "FAMILY", "DESCRIPTION", "supports", "compute", "has_linear", "workload"]
+
 NAME = "kron"
 FAMILY = "structured"
 DESCRIPTION = (
@@ -103,9 +105,6 @@ def supports(net: nn.Module, loss_fn: LossFn | None) -> tuple[bool, str]:
                 "it mixes samples, so the Kronecker structure does not hold"
             )
     return True, ""
-
-
-__all__ = ["compute", "has_linear", "supports", "workload"]
 
 
 def compute(

@@ -25,6 +25,8 @@ from ._common import (
     refuse_hazard,
 )
 
+__all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "compute"]
+
 NAME = "symmetric_half"
 FAMILY = "loops"
 MULTI_INPUT = True

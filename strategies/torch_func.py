@@ -17,6 +17,8 @@ from ._common import (
     refuse_hazard,
 )
 
+__all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "supports", "compute", "hessian"]
+
 NAME = "torch_func"
 FAMILY = "transforms"
 MULTI_INPUT = True

@@ -17,6 +17,18 @@ from ._common import JACREV_PATH, LossFn, jacrev_path_supports
 from ._compiled import CompiledHessian, compile_supports
 from .torch_func import hessian
 
+__all__ = [
+    "NAME",
+    "FAMILY",
+    "MULTI_INPUT",
+    "EAGER",
+    "DESCRIPTION",
+    "COMPILES",
+    "compute",
+    "cache",
+    "supports",
+]
+
 NAME = "torch_func_compiled"
 FAMILY = "transforms"
 MULTI_INPUT = True

@@ -10,6 +10,8 @@ from torch.func import grad, jvp, vmap
 
 from ._common import LossFn, Problem, prepare
 
+__all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "compute", "hessian", "hvp"]
+
 NAME = "vmap_jvp"
 FAMILY = "forward-over-reverse"
 MULTI_INPUT = True

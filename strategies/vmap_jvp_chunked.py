@@ -17,6 +17,8 @@ from ._common import LossFn, prepare
 from ._memory import problem_chunk, unit_chunks
 from .vmap_jvp import hvp
 
+__all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "compute"]
+
 NAME = "vmap_jvp_chunked"
 FAMILY = "forward-over-reverse"
 MULTI_INPUT = True

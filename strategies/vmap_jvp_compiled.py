@@ -15,6 +15,18 @@ from __future__ import annotations
 from ._compiled import CompiledHessian, compile_supports
 from .vmap_jvp import hessian
 
+__all__ = [
+    "NAME",
+    "FAMILY",
+    "MULTI_INPUT",
+    "EAGER",
+    "DESCRIPTION",
+    "COMPILES",
+    "compute",
+    "cache",
+    "supports",
+]
+
 NAME = "vmap_jvp_compiled"
 FAMILY = "forward-over-reverse"
 MULTI_INPUT = True

@@ -10,6 +10,8 @@ from torch.func import grad, vjp, vmap
 
 from ._common import DOUBLE_BACKWARD, LossFn, prepare, refuse_hazard
 
+__all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "compute"]
+
 NAME = "vmap_vjp"
 FAMILY = "transforms"
 MULTI_INPUT = True
