@@ -671,7 +671,17 @@ def _gemms(
     wide = row_w is not None and d_in >= _WIDE_ROWS
     if col_w is not None:
         if wide:
-            _wide_rows(H, row_w + i0 * d_in, d_in, col_w, a_t, u, v, col, diagonal, i0)
+            _wide_rows(
+                H,
+                u,
+                v,
+                col=col,
+                a_t=a_t,
+                first_row=row_w + i0 * d_in,
+                col_w=col_w,
+                i0=i0,
+                diagonal=diagonal,
+            )
         features = [] if row_w is None or wide else [
             (row_w + i0 * d_in + j, d_in, a_t[j]) for j in range(d_in)
         ]  # fmt: skip
@@ -701,11 +711,28 @@ def _gemms(
             torch.matmul(ones, u, out=out.view(c, 1, -1))
 
 
-def _wide_rows(H, first_row, d_in, col_w, a_t, u, v, col, diagonal, i0) -> None:
+def _wide_rows(
+    H: Tensor,
+    u: Tensor,
+    v: Tensor | None,
+    *,
+    col: Site,
+    a_t: Tensor,
+    first_row: int,
+    col_w: int,
+    i0: int,
+    diagonal: bool,
+) -> None:
     """Weight rows with many features: one GEMM per direction against its ``B x P_l``
     product, a few directions at a time so that the product stays in cache. On the
-    diagonal block direction i needs only the columns ``p >= i``."""
+    diagonal block direction i needs only the columns ``p >= i``.
+
+    ``u``, ``v``, ``col`` and ``diagonal`` as for ``_gemms``; ``a_t``: the row site's
+    features, ``(d_in, B)``; ``first_row``: the row of direction ``i0``'s first feature;
+    ``col_w``: the column of ``col``'s weight.
+    """
     c, B, d_l = u.shape
+    d_in = a_t.shape[0]
     d_in_l = col.d_in
     if diagonal:
         for s in range(c):
