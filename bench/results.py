@@ -47,7 +47,6 @@ from bench.vocabulary import (
     AUDIT_KIND,
     BASELINE,
     ERROR,
-    FAILED,
     OK,
     TIMED,
     UNSUPPORTED,
@@ -93,6 +92,7 @@ __all__ = [
     "accuracy_statuses",
     "accuracy_matrix",
     "REFUSALS",
+    "counts_against",
     "audit_findings",
     "wrong_kinds",
     "merged_wrong_kinds",
@@ -958,6 +958,14 @@ def accuracy_matrix(records: pd.DataFrame) -> pd.DataFrame:
 REFUSALS = frozenset({"ValueError", "TypeError"})
 
 
+def counts_against(status: str, exception: Any = None) -> bool:
+    """Whether an audit cell counts against its strategy: a wrong Hessian (no error raised),
+    or an exception that is not a refusal (:data:`REFUSALS`). A refusal is the strategy
+    contract at work, a clear error in place of a wrong matrix: it counts against nothing.
+    The one rule of ``audit_findings`` (the report) and ``wrong_kinds`` (``auto``'s routing)."""
+    return status == WRONG or (status == ERROR and exception not in REFUSALS)
+
+
 def audit_findings(audits: list[dict[str, Any]]) -> pd.DataFrame:
     """What the audits found against each strategy: silently wrong, or failing.
 
@@ -973,8 +981,8 @@ def audit_findings(audits: list[dict[str, Any]]) -> pd.DataFrame:
     columns += ["upstream", "refused"]
     if "exception" not in records:
         records = records.assign(exception=None)
-    refusal = records["exception"].isin(REFUSALS)
-    found = records[(records["status"] == WRONG) | ((records["status"] == ERROR) & ~refusal)]
+    against = [counts_against(s, e) for s, e in zip(records["status"], records["exception"])]
+    found = records[pd.Series(against, index=records.index, dtype=bool)]
     if found.empty:
         return pd.DataFrame(columns=columns)
     unsupported = set(
@@ -1010,11 +1018,12 @@ def audit_findings(audits: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def wrong_kinds(audit: dict[str, Any]) -> dict[str, set[str]]:
-    """For each audited strategy, the model_kind tags of models where it was wrong or raised."""
+    """For each audited strategy, the model_kind tags of models where it was wrong or failed
+    (``counts_against``: a refusal is neither)."""
     out: dict[str, set[str]] = {}
     for r in audit["records"]:
         kinds = out.setdefault(r["strategy"], set())
-        if r["status"] in FAILED:
+        if counts_against(r["status"], r.get("exception")):
             kinds.update(r["model_kind"])
     return out
 

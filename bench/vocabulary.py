@@ -19,7 +19,6 @@ __all__ = [
     "CRASHED",
     "STATUSES",
     "TIMED",
-    "FAILED",
     "OLD_STATUSES",
     "canonical_status",
     "AUDIT_KIND",
@@ -50,8 +49,6 @@ CRASHED = "crashed"
 STATUSES = (OK, WRONG, ERROR, OOM, UNSUPPORTED, SKIPPED, OVER_BUDGET, OVER_MEMORY, CRASHED)
 #: benchmark cells that were timed (pytest-benchmark statistics exist); only OK is trusted
 TIMED = (OK, WRONG)
-#: cells that count against a strategy in the audit: "wrong or failing"
-FAILED = (WRONG, ERROR)
 
 #: words of files written before the benchmark and the audit shared one vocabulary
 OLD_STATUSES = {"pass": OK, "inaccurate": WRONG}

@@ -199,6 +199,21 @@ def test_zoo_tags_are_what_kinds_of_finds():
         assert ("mlp" in found) == (model.model_kind == ("mlp",)), model.name
 
 
+def test_a_refusal_counts_against_nothing_in_the_findings_nor_in_auto_s_table():
+    """A ValueError or TypeError is the contract's refusal: neither a finding nor a kind."""
+    records = [
+        {"strategy": "s", "model": "a", "model_kind": ["gru"], "status": ERROR,
+         "exception": "ValueError", "max_rel_err": None},
+        {"strategy": "s", "model": "b", "model_kind": ["conv"], "status": ERROR,
+         "exception": "RuntimeError", "max_rel_err": None},
+    ]  # fmt: skip
+    audit_json = {"records": records}
+    assert results.wrong_kinds(audit_json) == {"s": {"conv"}}
+    assert results.merged_wrong_kinds([audit_json]) == {"s": ["conv"]}
+    assert not results.counts_against(ERROR, "TypeError")
+    assert results.counts_against(WRONG) and results.counts_against(ERROR, "RuntimeError")
+
+
 def test_kinds_of_tags_batchnorm_by_the_statistics_it_normalises_with():
     """Eval mode without running statistics normalises with the batch's: batchnorm-train."""
     tracked, untracked = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3, track_running_stats=False)
