@@ -212,7 +212,7 @@ def _arch_sentence(choice: pd.Series, rows: pd.DataFrame, winners: set[str]) -> 
     span = f"its one case, {P}" if choice["cases"] == 1 else f"its {choice['cases']} cases, {P}"
     text = f"for {words}, <b>{_code(choice['fastest'])}</b> (fastest on {span}"
     if choice["tie"]:
-        text += f", tied with {_code(choice['runner_up'])} within the spread of rounds"
+        text += f", tied with {_code(choice['runner_up'])} (not {results.FASTER_RATIO:g}x and significantly faster)"
     if choice["fastest_single"] != choice["fastest"]:
         text += f"; for a single Hessian, first call included, {_code(choice['fastest_single'])}"
     if choice["versus"] is not None and not pd.isna(choice["versus"]):
@@ -591,8 +591,9 @@ def render_html(
         "<p>Per machine, device, dtype and range of P: the fastest strategy that ran "
         "accurately on every case of the range (peers and dispatchers excluded), how many "
         "cases that rests on, the fastest for one Hessian when the first call (compile "
-        "included) counts, and the leanest in peak memory. A tie means the runner-up is "
-        "within the spread of rounds (stddev / min). Size ranges have edges at 1 and 3 times "
+        "included) counts, and the leanest in peak memory. A tie means the fastest is not "
+        f"at least {results.FASTER_RATIO:g}x faster than the runner-up and significantly so "
+        "(Mann-Whitney U over rounds) on most of the range's cases. Size ranges have edges at 1 and 3 times "
         "powers of ten.</p>",
         _table(_recommendation_view(recommendations, audits), "recommendations", escape=False),
     ]
@@ -666,11 +667,14 @@ def _write_csvs(runs: dict[str, pd.DataFrame], audits: list[dict]) -> None:
     """Each input's own CSV, with all of its cells; a file already holding it is not rewritten.
 
     One CSV per input, never the merged frame: two runs of one machine share cells, and the
-    merged frame keeps only the later run's.
+    merged frame keeps one of them (`results.merge`).
     """
     paths = _csv_paths(runs, audits)
     for source, frame in runs.items():
-        _write_if_changed(paths[source], frame.drop(columns="source").to_csv(index=False))
+        _write_if_changed(
+            paths[source],
+            frame.drop(columns=["source", *results.NOT_IN_CSV]).to_csv(index=False),
+        )
     for source, rows in results.audit_frame(audits).groupby("source"):
         _write_if_changed(paths[source], results.accuracy_matrix(rows).to_csv())
 

@@ -17,8 +17,14 @@ Recommendation rule, per machine, device, dtype and size range of P (docs/DESIGN
   largest ``peak_bytes`` over those cases.
 - Ranges where nothing at all was timed (e.g. CUDA cases on a machine without CUDA) are
   left out; their cells are listed by :func:`not_timed`.
-- The fastest is a tie with the runner-up unless ``runner_up_s / fastest_s - 1`` exceeds the
-  spread of rounds, the largest ``stddev / min`` of the two strategies over the range's cases.
+- A cell too slow to repeat (``too_slow``: one round) is left out, as if it had not run.
+- The fastest is called faster than the runner-up only where ``runner_up_s / fastest_s``
+  is at least ``FASTER_RATIO`` (1.1) and, case by case (:func:`versus`), it is faster on
+  more than half of the range's cases and slower on none; otherwise the two tie. On one
+  case, a strategy is faster where its median is at least 1.1x smaller and a two-sided
+  Mann-Whitney U test over the two cells' rounds gives p < ``ALPHA`` (0.05); where the
+  rounds are too few for the test ever to reach that, only a ratio of at least
+  ``HUGE_RATIO`` (2x) counts.
 - The fastest for a single Hessian of one structure ranks the same candidates by the time of
   their first call where it was recorded (compile included, for strategies that compile),
   else by their min time; the fastest above is the choice for many Hessians.
@@ -58,6 +64,11 @@ from bench.vocabulary import (
 __all__ = [
     "InputFileError",
     "STAT_FIELDS",
+    "NOT_IN_CSV",
+    "FASTER_RATIO",
+    "NOISY_IQR",
+    "ALPHA",
+    "HUGE_RATIO",
     "DISPATCHERS",
     "FULL_LOOP",
     "HALF_LOOP",
@@ -69,6 +80,9 @@ __all__ = [
     "merge",
     "family",
     "strategy_facts",
+    "testable",
+    "versus",
+    "ranked",
     "size_range",
     "regimes",
     "summaries",
@@ -100,6 +114,17 @@ __all__ = [
 
 #: pytest-benchmark's statistics kept per timed cell (seconds; ``rounds`` a count)
 STAT_FIELDS = ("min", "max", "mean", "stddev", "median", "iqr", "rounds")
+#: the round times of a timed cell (a list, from pytest-benchmark's ``stats.data``): in the
+#: frame for the tests, never in a CSV (which keeps the JSON's statistics)
+NOT_IN_CSV = ("rounds_s",)
+#: one strategy is faster than another only by at least this ratio (as asv's default)...
+FASTER_RATIO = 1.1
+#: ...and significantly: a two-sided Mann-Whitney U test over rounds, p below this
+ALPHA = 0.05
+#: where the rounds are too few for the test to reach ``ALPHA``, only this ratio counts
+HUGE_RATIO = 2.0
+#: a cell is noisy where its IQR over its median exceeds this (torch.utils.benchmark.Compare)
+NOISY_IQR = 0.1
 #: strategies that only choose and run another one (``auto``): timed, never recommended
 DISPATCHERS = frozenset({"auto"})
 #: the loop most users write first, and the same loop over half the Hessian: whether the
@@ -297,7 +322,15 @@ def _benchmark_rows(path: Path, data: dict) -> pd.DataFrame:
         if extra["status"] == OK and extra.get("accurate") is False:
             extra["status"] = WRONG
         stats = bench.get("stats") or {}
-        rows.append({**run, **extra, **{k: stats.get(k) for k in STAT_FIELDS}})
+        data = stats.get("data")
+        rows.append(
+            {
+                **run,
+                **extra,
+                **{k: stats.get(k) for k in STAT_FIELDS},
+                "rounds_s": [float(t) for t in data] if isinstance(data, list) else None,
+            }
+        )
     for outcome in meta.get("outcomes") or []:
         rows.append({**run, **outcome, "status": _status(path, outcome["status"])})
     frame = pd.DataFrame(rows)
@@ -331,6 +364,7 @@ _TIMED_COLUMNS = (
     "vs_gemm",
     "first_call_s",
     "threads",
+    "rounds_s",
 )
 
 
@@ -343,7 +377,7 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[dict[str, pd.DataFrame], lis
     """Each benchmark file's own tidy frame, by its path (``source``), and the audits.
 
     A file's frame holds all of its cells, whatever other files hold: it is what the file's
-    CSV is made from (``bench.report``). ``load`` merges them.
+    CSV is made from (``bench.report``, less :data:`NOT_IN_CSV`). ``merge`` merges them.
 
     Raises:
         InputFileError: as ``load``.
@@ -354,24 +388,61 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[dict[str, pd.DataFrame], lis
         if data.get("kind") == AUDIT_KIND:
             audits.append(_audit(path, data))
         else:
-            runs[str(path)] = merge([_benchmark_rows(path, data)])
+            runs[str(path)] = _tidy([_benchmark_rows(path, data)])
     return runs, audits
 
 
-def merge(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
-    """One tidy frame of runs' frames; where two hold the same cell of one machine, the later wins."""
-    frames = list(frames)
+_CELL_KEY = ["machine", "strategy", "case"]
+
+
+def _tidy(frames: list[pd.DataFrame]) -> pd.DataFrame:
     if not frames:
         empty = ["machine", "source", "strategy", "case", "status", "P", "peer"]
         return pd.DataFrame(columns=empty)
     df = pd.concat([f for f in frames if not f.empty] or frames, ignore_index=True)
-    df = df.drop_duplicates(["machine", "strategy", "case"], keep="last").reset_index(drop=True)
     # Outcomes carry no "peer" flag: borrow it from the strategy's timed rows.
     peers = df.dropna(subset=["peer"]).groupby("strategy")["peer"].any()
     df["peer"] = df["strategy"].map(peers).eq(True)
     for column in ("P", "hessian_bytes"):
         df[column] = pd.to_numeric(df[column])
     return df
+
+
+def merge(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    """One tidy frame of runs' frames, the same whatever their order (docs/DESIGN.md, "The
+    recommendation rule").
+
+    Where several runs hold the same cell of one machine, the merged cell is the first by:
+    timed before not timed; repeated before too slow to repeat; more rounds; the smaller
+    median; then the source's name. ``runs`` counts the runs that timed the cell and
+    ``runs_lo_s``/``runs_hi_s`` give the range of their min times (the spread across runs).
+    Adds ``too_slow`` (false where a run predates the flag) and ``noisy`` (IQR over median
+    above :data:`NOISY_IQR`).
+    """
+    df = _tidy(list(frames))
+    if df.empty:
+        return df
+    df["too_slow"] = df["too_slow"].eq(True) if "too_slow" in df else False
+    timed = df["status"].isin(TIMED)
+    for column in ("min", "median", "iqr", "rounds"):
+        df[column] = pd.to_numeric(df[column])
+    df["noisy"] = (df["iqr"] / df["median"] > NOISY_IQR) & timed
+    order = df.assign(
+        _untimed=~timed, _rounds=-df["rounds"].fillna(0), _median=df["median"].fillna(np.inf)
+    ).sort_values(["_untimed", "too_slow", "_rounds", "_median", "source"], kind="stable")
+    spread = (
+        df[timed]
+        .groupby(_CELL_KEY)["min"]
+        .agg(runs="count", runs_lo_s="min", runs_hi_s="max")
+        .reset_index()
+    )
+    df = order.drop_duplicates(_CELL_KEY, keep="first").drop(
+        columns=["_untimed", "_rounds", "_median"]
+    )
+    df = df.merge(spread, on=_CELL_KEY, how="left")
+    df["runs"] = df["runs"].fillna(0).astype(int)
+    keys = [k for k in ("machine", "device", "P", "case", "strategy") if k in df]
+    return df.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
 def load(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
@@ -381,7 +452,7 @@ def load(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
     torch_version, source, grid, command, commit, run_datetime), the case fields, the
     extra_info keys, pytest-benchmark's stats (min, max, mean, stddev, median, iqr, rounds;
     NaN for cells not timed), ``status`` and ``reason``. Where two files hold the same cell
-    of one machine, the later file wins. Each audit dict gains a ``source`` key. Statuses of
+    of one machine, ``merge`` chooses by a rule that does not depend on the files' order. Each audit dict gains a ``source`` key. Statuses of
     both kinds are in ``bench.vocabulary``'s words, whichever words the file used.
 
     Raises:
@@ -489,8 +560,67 @@ def _geomean(values: pd.Series) -> float:
     return float(np.exp(np.log(values.astype(float)).mean()))
 
 
+def testable(n: int, m: int) -> bool:
+    """Whether a two-sided Mann-Whitney U test over ``n`` rounds against ``m`` can reach
+    p < :data:`ALPHA` at all: its least p-value, ``2 / C(n + m, n)``, is below it."""
+    if n < 1 or m < 1:
+        return False
+    return 2.0 / math.comb(n + m, n) < ALPHA
+
+
+def _rounds_of(cell: Any) -> list[float]:
+    """A cell's round times: its ``rounds_s``, else its min alone (an older run)."""
+    data = cell.get("rounds_s") if hasattr(cell, "get") else None
+    if isinstance(data, (list, tuple, np.ndarray)) and len(data):
+        return [float(t) for t in data]
+    return [float(cell["min"])]
+
+
+def versus(a: Sequence[float], b: Sequence[float]) -> int:
+    """1 where rounds ``a`` are faster than rounds ``b``, -1 where slower, 0 for a tie.
+
+    Faster: ``median(b) / median(a)`` is at least :data:`FASTER_RATIO` and a two-sided
+    Mann-Whitney U test (``scipy.stats.mannwhitneyu``) over the rounds gives p < :data:`ALPHA`;
+    where the rounds are too few for that (:func:`testable`), the ratio must reach
+    :data:`HUGE_RATIO`. Slower is the same the other way round.
+
+    Raises:
+        ValueError: either has no rounds, or a round that is not a positive finite time.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    for name, rounds in (("a", a), ("b", b)):
+        if rounds.size == 0 or not np.all(np.isfinite(rounds) & (rounds > 0)):
+            raise ValueError(f"rounds {name} must be positive finite times, got {rounds.tolist()}")
+    ratio = float(np.median(b) / np.median(a))
+    sign = 1 if ratio >= 1 else -1
+    if max(ratio, 1 / ratio) < FASTER_RATIO:
+        return 0
+    if testable(a.size, b.size):
+        from scipy.stats import mannwhitneyu
+
+        return sign if mannwhitneyu(a, b, alternative="two-sided").pvalue < ALPHA else 0
+    return sign if max(ratio, 1 / ratio) >= HUGE_RATIO else 0
+
+
+def ranked(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows every ranking uses: "ok", and not too slow to repeat."""
+    slow = rows["too_slow"].eq(True) if "too_slow" in rows else False
+    return rows[(rows["status"] == OK) & ~slow]
+
+
+def _faster_on_range(rows: pd.DataFrame, fast: str, slow: str) -> bool:
+    """Whether ``fast`` beats ``slow`` case by case: faster on more than half, slower on none."""
+    cells = ranked(rows).set_index(["case", "strategy"])
+    verdicts = [
+        versus(_rounds_of(cells.loc[(case, fast)]), _rounds_of(cells.loc[(case, slow)]))
+        for case in sorted(set(rows["case"]))
+    ]
+    return -1 not in verdicts and 2 * verdicts.count(1) > len(verdicts)
+
+
 def summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
-    """Per strategy that ran accurately on every case in ``cases``: time, spread, memory.
+    """Per strategy that ran accurately on every case in ``cases``, each cell repeated (not
+    too slow to repeat, :func:`ranked`): time, spread, memory.
 
     ``time_s`` is the geometric mean of the min times, ``cost_vs_grad`` that of min time over
     P gradients (the same ranking, as every candidate ran the same cases: what ``auto``
@@ -500,7 +630,8 @@ def summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
     ``single_s`` is the geometric mean of the time of one Hessian of a new structure: the
     first call where it was recorded (strategies that compile), else the min time.
     """
-    ok = rows[(rows["status"] == OK) & ~rows["strategy"].isin(DISPATCHERS)]
+    ok = ranked(rows)
+    ok = ok[~ok["strategy"].isin(DISPATCHERS)]
     if ok.empty:
         return pd.DataFrame(
             columns=["time_s", "cost_vs_grad", "single_s", "spread", "peak_bytes", "peer"]
@@ -552,8 +683,11 @@ def _recommendation(regime: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any
         if len(candidates) > 1:
             second = candidates.iloc[1]
             record["runner_up"] = candidates.index[1]
-            spread = max(best["spread"], second["spread"])
-            record["tie"] = bool(second["time_s"] / best["time_s"] - 1.0 <= spread)
+            ratio = second["time_s"] / best["time_s"]
+            record["tie"] = not (
+                ratio >= FASTER_RATIO
+                and _faster_on_range(rows, candidates.index[0], candidates.index[1])
+            )
         record["peers"] = {
             name: float(row["time_s"] / best["time_s"])
             for name, row in summary.loc[peer].iterrows()
@@ -853,9 +987,8 @@ def regrets(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
     mine = rows[rows["strategy"] == planner]
     if mine.empty:
         return pd.DataFrame(columns=columns)
-    exact = rows[
-        (rows["status"] == OK) & ~rows["peer"].astype(bool) & ~rows["strategy"].isin(DISPATCHERS)
-    ]
+    exact = ranked(rows)
+    exact = exact[~exact["peer"].astype(bool) & ~exact["strategy"].isin(DISPATCHERS)]
     best = exact.loc[exact.groupby(["machine", "device", "case"])["min"].idxmin()]
     best = best[["machine", "device", "case", "strategy", "min"]].rename(
         columns={"strategy": "fastest", "min": "fastest_s"}

@@ -20,6 +20,7 @@ from bench import plots, report, results
 from bench.vocabulary import (
     BASELINE,
     ERROR,
+    MIN_ROUNDS,
     OK,
     OLD_STATUSES,
     OOM,
@@ -131,7 +132,8 @@ def test_size_range_rejects_nonpositive():
 
 
 def _cells(*cells: tuple) -> pd.DataFrame:
-    """(strategy, case, min, stddev, status, peak_bytes, peer) rows of one machine and range."""
+    """(strategy, case, min, stddev, status, peak_bytes, peer) rows of one machine and range,
+    each timed cell with five rounds ``min + k x stddev``."""
     rows = [
         {
             "machine": "m",
@@ -142,6 +144,7 @@ def _cells(*cells: tuple) -> pd.DataFrame:
             "strategy": strategy,
             "min": t,
             "stddev": sd,
+            "rounds_s": [t + k * sd for k in range(MIN_ROUNDS)],
             "status": status,
             "peak_bytes": peak,
             "peer": peer,
@@ -180,6 +183,119 @@ def test_recommend_tie_within_spread_of_rounds():
         )
     )
     assert row["fastest"] == "a" and row["runner_up"] == "b" and row["tie"]
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ([1.0, 1.01, 1.02, 1.03, 1.04], [1.2, 1.21, 1.22, 1.23, 1.24], 1),  # 1.2x, p < 0.01
+        ([1.2, 1.21, 1.22, 1.23, 1.24], [1.0, 1.01, 1.02, 1.03, 1.04], -1),
+        ([1.0, 1.01, 1.02, 1.03, 1.04], [1.05, 1.06, 1.07, 1.08, 1.09], 0),  # under 1.1x
+        ([1.0, 1.5, 1.0, 1.5, 1.0], [1.1, 1.6, 1.1, 1.6, 1.2], 0),  # 1.1x, rounds overlap
+        ([1.0], [1.9], 0),  # one round each: no test, under HUGE_RATIO
+        ([1.0], [2.5], 1),  # one round each, at least HUGE_RATIO
+        ([1.0, 1.0, 1.0], [1.5, 1.5, 1.5], 0),  # 3 against 3 cannot reach p < 0.05
+    ],
+)
+def test_versus_needs_ratio_and_significance(a, b, expected):
+    assert results.versus(a, b) == expected
+
+
+def test_testable_is_where_the_rank_test_can_reach_alpha():
+    assert results.testable(MIN_ROUNDS, MIN_ROUNDS) and results.testable(4, 4)
+    assert not results.testable(3, 3) and not results.testable(1, 20)
+
+
+@pytest.mark.parametrize("bad", [[], [0.0], [float("nan")], [-1.0]])
+def test_versus_refuses_rounds_that_are_no_times(bad):
+    with pytest.raises(ValueError, match="positive finite"):
+        results.versus(bad, [1.0])
+
+
+def test_a_win_must_hold_case_by_case():
+    """1.25x faster on the range's geometric mean, but slower on one case: a tie."""
+    cells = _cells(
+        ("a", "c1", 1.0, 0.01, OK, 100, False),
+        ("b", "c1", 2.0, 0.01, OK, 100, False),
+        ("a", "c2", 1.0, 0.01, OK, 100, False),
+        ("b", "c2", 0.8, 0.01, OK, 100, False),
+    )
+    row = _only_row(cells)
+    assert (row["fastest"], row["runner_up"]) == ("a", "b") and row["tie"]
+    clear = _cells(
+        *[("a", case, 1.0, 0.01, OK, 100, False) for case in ("c1", "c2", "c3")],
+        ("b", "c1", 2.0, 0.01, OK, 100, False),
+        ("b", "c2", 2.0, 0.01, OK, 100, False),
+        ("b", "c3", 1.0, 0.01, OK, 100, False),
+    )
+    assert not _only_row(clear)["tie"]  # faster on two cases of three, tied on the third
+    assert _only_row(clear[clear["case"] != "c2"])["tie"]  # one of two is not more than half
+
+
+def test_cells_too_slow_to_repeat_are_left_out_of_the_rankings():
+    cells = _cells(
+        ("slow_flagged", "c1", 0.5, 0.0, OK, 100, False),
+        ("repeated", "c1", 1.0, 0.01, OK, 100, False),
+        (results.PLANNER, "c1", 1.1, 0.01, OK, 100, False),
+    ).assign(too_slow=[True, False, False])
+    row = _only_row(cells)
+    assert row["fastest"] == "repeated" and row["runner_up"] is None
+    frame = cells.assign(arch="mlp", first_call_s=np.nan)
+    assert results.regrets(frame)["fastest"].tolist() == ["repeated"]
+
+
+def _run_json(path: Path, minimum: float, rounds: int, when: str) -> Path:
+    """A one-cell benchmark JSON of machine "m" whose rounds start at ``minimum``."""
+    data = [minimum * (1 + 0.01 * k) for k in range(rounds)]
+    stats = {
+        "min": min(data),
+        "max": max(data),
+        "mean": float(np.mean(data)),
+        "stddev": float(np.std(data)),
+        "median": float(np.median(data)),
+        "iqr": float(np.subtract(*np.percentile(data, [75, 25]))),
+        "rounds": rounds,
+        "data": data,
+    }
+    extra = {"strategy": "kron", "case": "w8-d1", "P": 81, "input": 8, "width": 8, "depth": 1}
+    extra.update({"output": 1, "activation": "tanh", "loss": "mse", "batch": 4})
+    extra.update({"dtype": "float32", "device": "cpu", "status": OK, "accurate": True})
+    path.write_text(
+        json.dumps(
+            {
+                "machine_info": {"machine_label": "m"},
+                "datetime": when,
+                "benchmarks": [{"group": "w8-d1", "stats": stats, "extra_info": extra}],
+                "hessbench": {"grid": "t", "command": "t", "outcomes": []},
+            }
+        )
+    )
+    return path
+
+
+def test_runs_merge_by_a_rule_whatever_their_order(tmp_path):
+    files = [
+        _run_json(tmp_path / "a.json", 2.0, 1, "2026-01-01"),
+        _run_json(tmp_path / "b.json", 1.0, MIN_ROUNDS, "2026-01-02"),
+        _run_json(tmp_path / "c.json", 1.5, MIN_ROUNDS, "2026-01-03"),
+    ]
+    merged = [results.load(order)[0] for order in (files, files[::-1], files[1:] + files[:1])]
+    for df in merged[1:]:
+        pd.testing.assert_frame_equal(df, merged[0])
+    [cell] = merged[0].to_dict("records")
+    # more rounds first, then the smaller median; the spread across the three runs beside it
+    assert cell["source"] == str(files[1]) and cell["rounds"] == MIN_ROUNDS
+    assert (cell["runs"], cell["runs_lo_s"], cell["runs_hi_s"]) == (3, 1.0, 2.0)
+
+
+def test_noisy_cells_are_flagged_by_iqr_over_median(tmp_path):
+    quiet = _run_json(tmp_path / "q.json", 1.0, MIN_ROUNDS, "2026-01-01")
+    data = json.loads(quiet.read_text())
+    data["benchmarks"][0]["stats"]["iqr"] = 0.2
+    noisy = tmp_path / "n.json"
+    noisy.write_text(json.dumps({**data, "machine_info": {"machine_label": "other"}}))
+    df = results.load([quiet, noisy])[0].set_index("machine")
+    assert df.loc["other", "noisy"] and not df.loc["m", "noisy"]
 
 
 @pytest.mark.parametrize(("status", "peer"), [(WRONG, False), (OK, True)])
