@@ -632,7 +632,14 @@ def render_html(
 
 def _parser() -> argparse.ArgumentParser:
     parser = cli.Parser(prog="python -m bench.report", description=__doc__)
-    parser.add_argument("files", nargs="+", type=Path, help="benchmark and audit JSON files")
+    parser.add_argument("files", nargs="*", type=Path, help="benchmark and audit JSON files")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("OLD", "NEW"),
+        help="list the cells whose time changed by 10%% or more, significantly, from OLD to NEW",
+    )
     parser.add_argument("--plots-dir", type=Path, default=Path("plots"))
     parser.add_argument("--html", type=Path, default=None, help="default: PLOTS_DIR/report.html")
     parser.add_argument("--title", default="hessbench report")
@@ -679,11 +686,37 @@ def _write_csvs(runs: dict[str, pd.DataFrame], audits: list[dict]) -> None:
         _write_if_changed(paths[source], results.accuracy_matrix(rows).to_csv())
 
 
+def _compare(prog: str, old: Path, new: Path) -> int:
+    """Print the cells that changed from ``old`` to ``new`` (``results.changes``); 0, or 2."""
+    try:
+        frames = [results.load([path])[0] for path in (old, new)]
+    except results.InputFileError as exc:
+        return cli.fail(prog, str(exc))
+    table = results.changes(*frames)
+    print(
+        f"{len(table)} cells changed by {results.FASTER_RATIO - 1:.0%} or more, significantly "
+        f"(Mann-Whitney U over rounds, p < {results.ALPHA:g}), from {old} to {new}:"
+    )
+    for row in table.itertuples():
+        print(
+            f"  {row.change:6} {row.new_over_old:6.2f}x  {row.strategy} on {row.case} "
+            f"(P = {row.P:,}): {row.old_s:.4g} s -> {row.new_s:.4g} s "
+            f"({row.rounds_old} -> {row.rounds_new} rounds)"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Build the report; returns 0, or 2 (one line on stderr) for a bad argument or input."""
     parser = _parser()
     args = parser.parse_args(argv)
     prog = parser.prog
+    if args.compare:
+        if args.files:
+            return cli.fail(prog, "--compare OLD NEW takes no other files")
+        return _compare(prog, *args.compare)
+    if not args.files:
+        return cli.fail(prog, "no input files (benchmark and audit JSON, or --compare OLD NEW)")
     try:
         runs, audits = results.load_runs(args.files)
         df = results.merge(runs.values())

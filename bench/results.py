@@ -102,6 +102,7 @@ __all__ = [
     "PLANNER",
     "regrets",
     "runs",
+    "changes",
     "audit_frame",
     "NOT_RUN",
     "accuracy_statuses",
@@ -1009,6 +1010,46 @@ def regrets(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
     )
     order = table.sort_values(["regret", "P"], ascending=[False, True], na_position="first")
     return order[columns].reset_index(drop=True)
+
+
+def changes(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """Cells timed accurately in both runs whose time changed, by :func:`versus`: at least
+    :data:`FASTER_RATIO` (10%) and significantly, faster or slower (asv's compare).
+
+    Cells are matched by strategy and case (a run of another machine compares too; its
+    ``machine`` columns say so). Columns: strategy, case, P, ``old_s`` and ``new_s``
+    (medians), ``new_over_old``, ``rounds_old``/``rounds_new``, ``change`` ("faster" or
+    "slower"), machines; the largest changes first.
+    """
+    keys = ["strategy", "case"]
+    columns = [*keys, "P", "old_s", "new_s", "new_over_old", "rounds_old", "rounds_new"]
+    columns += ["change", "machine_old", "machine_new"]
+    both = ranked(old).merge(ranked(new), on=keys, suffixes=("_old", "_new"))
+    records = []
+    for _, cell in both.iterrows():
+        old_rounds = _rounds_of({"rounds_s": cell["rounds_s_old"], "min": cell["min_old"]})
+        new_rounds = _rounds_of({"rounds_s": cell["rounds_s_new"], "min": cell["min_new"]})
+        verdict = versus(new_rounds, old_rounds)
+        if verdict:
+            old_s, new_s = float(np.median(old_rounds)), float(np.median(new_rounds))
+            records.append(
+                {
+                    "strategy": cell["strategy"],
+                    "case": cell["case"],
+                    "P": int(cell["P_new"]),
+                    "old_s": old_s,
+                    "new_s": new_s,
+                    "new_over_old": new_s / old_s,
+                    "rounds_old": len(old_rounds),
+                    "rounds_new": len(new_rounds),
+                    "change": "faster" if verdict > 0 else "slower",
+                    "machine_old": cell["machine_old"],
+                    "machine_new": cell["machine_new"],
+                }
+            )
+    table = pd.DataFrame(records, columns=columns)
+    order = (np.log(table["new_over_old"].astype(float))).abs().sort_values(ascending=False)
+    return table.loc[order.index].reset_index(drop=True)
 
 
 def runs(df: pd.DataFrame, audits: list[dict]) -> pd.DataFrame:

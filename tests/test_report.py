@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import json
@@ -744,3 +745,44 @@ def test_regrets_are_auto_over_the_fastest_exact_strategy_that_is_no_peer(inputs
     assert "was not timed in these runs" in report.render_html(
         "T", df, [], {}, results.recommend(df)
     )
+
+
+def test_compare_lists_cells_changed_by_10_percent_and_significantly(tmp_path, capsys):
+    old = _run_json(tmp_path / "old.json", 1.0, MIN_ROUNDS, "2026-01-01")
+    slower = _run_json(tmp_path / "slower.json", 1.5, MIN_ROUNDS, "2026-01-02")
+    same = _run_json(tmp_path / "same.json", 1.05, MIN_ROUNDS, "2026-01-02")
+    table = results.changes(results.load([old])[0], results.load([slower])[0])
+    assert table[["strategy", "change"]].values.tolist() == [["kron", "slower"]]
+    assert table["new_over_old"].iloc[0] == pytest.approx(1.5)
+    assert results.changes(results.load([slower])[0], results.load([old])[0])[
+        "change"
+    ].tolist() == ["faster"]
+    assert results.changes(results.load([old])[0], results.load([same])[0]).empty
+    assert report.main(["--compare", str(old), str(slower)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("1 cells changed") and "slower" in out and "kron on w8-d1" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--compare", "a.json"], "expected 2"), (["x.json", "--compare", "a", "b"], "no other")],
+)
+def test_compare_refuses_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) if "expected" in message else contextlib.nullcontext():
+        assert report.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_committed_runs_give_one_table_whatever_their_order():
+    from bench import auto_table
+
+    committed = json.loads(auto_table.DEFAULT_OUT.read_text())
+    root = auto_table.DEFAULT_OUT.parent.parent
+    sources = [str(root / name) for name in committed["sources"]]
+    built = []
+    for order in (sources, sources[::-1], sources[1:] + sources[:1]):
+        df, audits = results.load(order)
+        table = auto_table.build(df, audits, committed["sources"], committed["command"])
+        built.append((table, results.recommendation_records(results.recommend(df))))
+    assert built[0][0] == committed  # the committed table is this merged dataset's
+    assert all(b == built[0] for b in built[1:])
