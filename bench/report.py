@@ -496,6 +496,7 @@ def _compiled_html(df: pd.DataFrame) -> str:
 _CSS = """
 body { font-family: sans-serif; margin: 1.5em; max-width: 1600px; line-height: 1.35; }
 #summary p { max-width: 75em; }
+#decision { border: 2px solid #333; padding: 0 1em; margin-bottom: 1.5em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: left; }
 th { background: #f0f0f0; }
@@ -505,6 +506,60 @@ pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
     f"td.{status.replace(' ', '-')} {{ background: {colour}; }}\n"
     for status, colour in plots.STATUS_COLOURS.items()
 )
+
+
+def _decision_html(df: pd.DataFrame) -> str:
+    """The decision box, first on the page: the default is the planner; what it runs where,
+    with the evidence and its regret (``results.decision``); devices not measured."""
+    planner = _code(results.PLANNER)
+    rows = []
+    for r in results.decision(df).to_dict("records"):
+        if isinstance(r["runner_up"], str):
+            verdict = "tied with" if r["tie"] else "faster than"
+            evidence = (
+                f"{verdict} {_code(r['runner_up'])}: wins {r['wins']} of {_cases(r['cases'])}; "
+                f"runner-up / it {r['ratio_median']:.2f}× median "
+                f"[{r['ratio_lo']:.2f}×–{r['ratio_hi']:.2f}×]"
+            )
+        else:
+            evidence = f"the only strategy repeated on all {_cases(r['cases'])}"
+        regret = (
+            f"{r['regret_median']:.2f}× median, {r['regret_hi']:.2f}× at most "
+            f"({_cases(r['regret_cases'])})"
+            if r["regret_cases"]
+            else "not measured"
+        )
+        rows.append(
+            f"<tr><td>{html.escape(r['device'])}, {html.escape(r['dtype'])}</td>"
+            f"<td>{_range(r['P_min'], r['P_max'])}</td><td>{_code(r['runs'])}</td>"
+            f"<td>{evidence}</td><td>{regret}</td></tr>"
+        )
+    measured = set(df.loc[results.device_timed(df), "device"]) if not df.empty else set()
+    for device in sorted({"cpu", "cuda"} - measured):
+        rows.append(
+            f"<tr><td>{device}</td><td>any P</td><td>not measured</td>"
+            f"<td>no {device.upper() if device == 'cuda' else device} run exists: {planner} "
+            "has no measured ranking there (its estimates say never measured on this "
+            "device) until one is committed</td><td>not measured</td></tr>"
+        )
+    threads = sorted(pd.to_numeric(df.get("threads", pd.Series(dtype=float))).dropna().unique())
+    note = (
+        f" Timed with {_listing(f'{int(t)}' for t in threads)} thread(s): a many-core CPU "
+        "may rank differently."
+        if threads
+        else ""
+    )
+    return (
+        f"<div id='decision'><h2>Decision: the default is {planner}</h2>"
+        f"<p>{planner} plans per net: it runs the strategy its table ranks fastest for the "
+        "net's device and size (the recommendation rule below) and verifies the result. "
+        "Evidence: the runner-up's min time over the choice's, per case; a win is at least "
+        f"{results.FASTER_RATIO:g}× and significant (Mann-Whitney U over rounds). Regret: "
+        f"{planner}'s own time over the fastest strategy's on the same case.{note}</p>"
+        "<table id='decision-table'><tr><th>device</th><th>size</th>"
+        f"<th>{planner} runs</th><th>evidence</th><th>{planner}'s regret</th></tr>"
+        f"{''.join(rows)}</table></div>"
+    )
 
 
 def _matrix_html(matrix: pd.DataFrame, statuses: pd.DataFrame) -> str:
@@ -585,6 +640,7 @@ def render_html(
     audit_figure = figures.get("accuracy")
     sections = [
         f"<h1>{html.escape(title)}</h1>",
+        _decision_html(df),
         "<h2>Summary</h2>",
         _summary_html(df, audits, recommendations),
         "<h2>Recommendation</h2>",

@@ -101,6 +101,7 @@ __all__ = [
     "first_calls",
     "PLANNER",
     "regrets",
+    "decision",
     "runs",
     "changes",
     "audit_frame",
@@ -1050,6 +1051,62 @@ def changes(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(records, columns=columns)
     order = (np.log(table["new_over_old"].astype(float))).abs().sort_values(ascending=False)
     return table.loc[order.index].reset_index(drop=True)
+
+
+def decision(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
+    """The report's decision box: what ``planner`` runs per machine, device, dtype and size
+    range of P, with the evidence.
+
+    Per row of :func:`recommend` with a fastest: ``runs`` (the fastest, what the planner's
+    table ranks first: ``bench.auto_table`` applies the same rule), ``runner_up``, ``tie``,
+    ``cases``, ``wins`` (cases where it is faster than the runner-up by :func:`versus`),
+    ``ratio_median``/``_lo``/``_hi`` (the runner-up's min time over the fastest's, per case),
+    and ``regret_cases``, ``regret_median``, ``regret_hi`` (:func:`regrets` on the range's
+    cases where the planner ran). Devices where nothing was timed are left to
+    :func:`untimed_devices`.
+    """
+    columns = ["machine", "device", "dtype", "P_min", "P_max", "runs", "runner_up", "tie"]
+    columns += ["cases", "wins", "ratio_median", "ratio_lo", "ratio_hi"]
+    columns += ["regret_cases", "regret_median", "regret_hi"]
+    table = recommend(df)
+    regret = regrets(df, planner) if not df.empty else pd.DataFrame(columns=["case", "regret"])
+    records = []
+    for regime, rows in regimes(df):
+        found = table[
+            (table["machine"] == regime["machine"])
+            & (table["device"] == regime["device"])
+            & (table["dtype"] == regime["dtype"])
+            & (table["P_min"] == regime["P_min"])
+        ]
+        if found.empty or not isinstance(found.iloc[0]["fastest"], str):
+            continue
+        row = found.iloc[0]
+        record = {**regime, "runs": row["fastest"], "runner_up": row["runner_up"]}
+        record.update(tie=bool(row["tie"]), cases=int(row["cases"]), wins=0)
+        if isinstance(row["runner_up"], str):
+            cells = ranked(rows).set_index(["case", "strategy"])
+            cases = sorted(set(rows["case"]))
+            fast = [_rounds_of(cells.loc[(c, row["fastest"])]) for c in cases]
+            slow = [_rounds_of(cells.loc[(c, row["runner_up"])]) for c in cases]
+            ratios = [min(b) / min(a) for a, b in zip(fast, slow)]
+            record.update(
+                wins=sum(versus(a, b) == 1 for a, b in zip(fast, slow)),
+                ratio_median=float(np.median(ratios)),
+                ratio_lo=float(min(ratios)),
+                ratio_hi=float(max(ratios)),
+            )
+        mine = regret[
+            (regret["machine"] == regime["machine"])
+            & (regret["device"] == regime["device"])
+            & regret["case"].isin(set(rows["case"]))
+        ]["regret"].dropna()
+        record.update(
+            regret_cases=len(mine),
+            regret_median=float(mine.median()) if len(mine) else None,
+            regret_hi=float(mine.max()) if len(mine) else None,
+        )
+        records.append(record)
+    return pd.DataFrame(records, columns=columns)
 
 
 def runs(df: pd.DataFrame, audits: list[dict]) -> pd.DataFrame:

@@ -786,3 +786,40 @@ def test_the_committed_runs_give_one_table_whatever_their_order():
         built.append((table, results.recommendation_records(results.recommend(df))))
     assert built[0][0] == committed  # the committed table is this merged dataset's
     assert all(b == built[0] for b in built[1:])
+
+
+def test_the_decision_box_of_the_committed_runs_is_auto_table_and_the_planner(tmp_path):
+    """The report of the committed runs names, per size range, what auto_table.json ranks
+    first, and what the planner itself chooses on the range's smallest MLP."""
+    from bench import auto_table
+    from bench.grid import Case
+    from bench.models import make_problem
+    from strategies import auto
+
+    committed = json.loads(auto_table.DEFAULT_OUT.read_text())
+    root = auto_table.DEFAULT_OUT.parent.parent
+    inputs = [
+        Path(shutil.copy(root / name, tmp_path / Path(name).name)) for name in committed["sources"]
+    ]
+    assert report.main([*map(str, inputs), "--plots-dir", str(tmp_path / "plots")]) == 0
+    page = (tmp_path / "plots" / "report.html").read_text()
+    assert page.index("id='decision'") < page.index("<h2>Summary</h2>")
+    box = page[
+        page.index("id='decision-table'") : page.index("</table>", page.index("id='decision'"))
+    ]
+    shown = re.findall(r"<td>([\d,]+) ≤ P &lt; ([\d,]+)</td><td><code>(\w+)</code>", box)
+    ranked_first = {
+        r["P_min"]: r["ranking"][0] for r in committed["regimes"] if r["device"] == "cpu"
+    }
+    assert len(shown) == len(ranked_first) >= 3
+    df, _ = results.load(inputs)
+    for lo, hi, name in shown:
+        P_min, P_max = int(lo.replace(",", "")), int(hi.replace(",", ""))
+        assert name == ranked_first[P_min], (P_min, name)
+        mlps = df[(df["P"] >= P_min) & (df["P"] < P_max) & (df["arch"] == "mlp")]
+        smallest = mlps.sort_values("P").iloc[0]
+        fields = {f: smallest[f] for f in Case.__dataclass_fields__}
+        case = Case(**{f: v.item() if isinstance(v, np.generic) else v for f, v in fields.items()})
+        net, batch, loss_fn = make_problem(case)
+        assert auto.choose(net, dict(net.named_parameters()), batch, loss_fn) == name, P_min
+    assert "<td>cuda</td><td>any P</td><td>not measured</td>" in box
