@@ -578,9 +578,13 @@ def _matrix_html(matrix: pd.DataFrame, statuses: pd.DataFrame) -> str:
 
 
 def _bugs_html(audits: list[dict]) -> str:
-    parts = []
+    """Each known bug once, however many audits list it (the first audit's word on it)."""
+    parts, seen = [], set()
     for audit in audits:
         for bug in audit.get("known_bugs") or []:
+            if bug.get("title") in seen:
+                continue
+            seen.add(bug.get("title"))
             still = "still reproduces" if bug.get("reproduces") else "no longer reproduces"
             parts.append(
                 f"<h3>{html.escape(str(bug.get('title')))}</h3><p>upstream: "
@@ -599,8 +603,70 @@ def _not_timed_html(df: pd.DataFrame) -> str:
     lines = "".join(
         f"<li>{_not_run_line(row)}</li>" for row in results.untimed_devices(df).to_dict("records")
     )
-    return (f"<ul id='not-run'>{lines}</ul>" if lines else "") + _table(
-        results.not_timed(df[results.device_timed(df)]), "not-timed"
+    timed_devices = df[results.device_timed(df)]
+    return (
+        (f"<ul id='not-run'>{lines}</ul>" if lines else "")
+        + _table(results.not_timed_counts(timed_devices), "not-timed-counts")
+        + "<details><summary>Every cell not timed, with its reason</summary>"
+        + _table(results.not_timed(timed_devices), "not-timed")
+        + "</details>"
+    )
+
+
+#: how many of each case's fastest strategies the case table shows
+CASE_TOP = 5
+
+
+def _case_html(df: pd.DataFrame) -> str:
+    """Cases x their fastest ``CASE_TOP`` strategies, each cell its median [min–max], rounds,
+    relative error; then every strategy as a multiple of one gradient and of the fastest."""
+    cells = results.case_cells(df)
+    rows = []
+    for (machine, device, case), group in cells.groupby(["machine", "device", "case"], sort=False):
+        entries = []
+        for c in group[group["rank"] <= CASE_TOP].to_dict("records"):
+            noisy = " <b>noisy</b>" if c["noisy"] else ""
+            entries.append(
+                f"<td>{_code(c['strategy'])} {c['median']:.3g} s "
+                f"[{c['min']:.3g}–{c['max']:.3g}], {int(c['rounds'])} rounds, "
+                f"err {c['max_rel_err']:.1e}{noisy}</td>"
+            )
+        entries += ["<td></td>"] * (CASE_TOP - len(entries))
+        where = f"{machine}, {device}" if cells["machine"].nunique() > 1 else device
+        rows.append(
+            f"<tr><td>{html.escape(where)}</td><td>{html.escape(case)}</td>"
+            f"<td>{int(group['P'].iloc[0]):,}</td>{''.join(entries)}</tr>"
+        )
+    head = "".join(f"<th>#{k}</th>" for k in range(1, CASE_TOP + 1))
+    accuracy = results.accuracy_of_timed(df)
+    worst = (
+        f"; the worst relative error {accuracy['worst']:.2g} ({_code(accuracy['strategy'])} on "
+        f"{html.escape(str(accuracy['case']))})"
+        if accuracy["worst"] is not None
+        else ""
+    )
+    wrong = accuracy["wrong"]
+    stated = (
+        f"<p id='timed-accuracy'>Accuracy of the timed cells: {accuracy['cells'] - wrong} of "
+        f"{accuracy['cells']} within tolerance against the float64 reference{worst}.</p>"
+    )
+    multiples = results.multiples(df).rename(
+        columns={
+            "times_grad": "× one gradient (median)",
+            "times_fastest": "× the case's fastest (geo-mean)",
+            "times_fastest_lo": "lowest",
+            "times_fastest_hi": "highest",
+        }
+    )
+    return (
+        stated
+        + "<p>Per case, its five fastest ranked cells (not too slow to repeat) by median: median [min–max] of "
+        "rounds, rounds, largest relative error; noisy where IQR / median > "
+        f"{results.NOISY_IQR:g}.</p>"
+        + f"<table id='cases'><tr><th>device</th><th>case</th><th>P</th>{head}</tr>"
+        + "".join(rows)
+        + "</table><h3>Every strategy as a multiple of one gradient and of the fastest</h3>"
+        + _table(multiples, "multiples")
     )
 
 
@@ -654,6 +720,7 @@ def render_html(
         _table(_recommendation_view(recommendations, audits), "recommendations", escape=False),
     ]
     if not df.empty:
+        sections += ["<h2>Cases</h2>", _case_html(df)]
         sections += [f"<h2>{_code(results.PLANNER)}'s regret</h2>", _regret_html(df)]
         sections += ["<h2>Compiled vs eager</h2>", _compiled_html(df)]
     sections += [_img(drawn) for name, drawn in figures.items() if name != "accuracy"]

@@ -102,6 +102,10 @@ __all__ = [
     "PLANNER",
     "regrets",
     "decision",
+    "case_cells",
+    "multiples",
+    "accuracy_of_timed",
+    "not_timed_counts",
     "runs",
     "changes",
     "audit_frame",
@@ -1107,6 +1111,85 @@ def decision(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
         )
         records.append(record)
     return pd.DataFrame(records, columns=columns)
+
+
+def case_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """Every ranked cell (:func:`ranked`; peers and dispatchers included) with its multiples:
+    ``times_grad``, its median over one gradient of the same loss (``grad_s``, curvlinops'
+    convention), and ``times_fastest``, its median over the least median of the case among
+    the strategies that could be recommended; ``rank`` within its case by median.
+
+    Columns: machine, device, dtype, case, P, strategy, rank, median, min, max, rounds,
+    noisy, max_rel_err, times_grad, times_fastest.
+    """
+    columns = ["machine", "device", "dtype", "case", "P", "strategy", "rank", "median", "min"]
+    columns += ["max", "rounds", "noisy", "max_rel_err", "times_grad", "times_fastest"]
+    cells = ranked(df)
+    if cells.empty:
+        return pd.DataFrame(columns=columns)
+    keys = ["machine", "device", "case"]
+    median = pd.to_numeric(cells["median"]).fillna(pd.to_numeric(cells["min"]))
+    eligible = ~cells["peer"].astype(bool) & ~cells["strategy"].isin(DISPATCHERS)
+    fastest = median.where(eligible).groupby([cells[k] for k in keys]).transform("min")
+    cells = cells.assign(
+        median=median,
+        times_grad=median / pd.to_numeric(cells["grad_s"]),
+        times_fastest=median / fastest,
+        rank=median.groupby([cells[k] for k in keys]).rank(method="first").astype(int),
+        noisy=cells["noisy"] if "noisy" in cells else False,
+    )
+    return cells.sort_values([*keys[:2], "P", "case", "rank"])[columns].reset_index(drop=True)
+
+
+def multiples(df: pd.DataFrame) -> pd.DataFrame:
+    """Per machine, device and strategy, over its ranked cells (:func:`case_cells`): ``cases``,
+    ``times_grad`` (median over cases) and ``times_fastest`` (geometric mean, with its range),
+    fastest first."""
+    cells = case_cells(df)
+    columns = ["machine", "device", "strategy", "cases", "times_grad", "times_fastest"]
+    columns += ["times_fastest_lo", "times_fastest_hi"]
+    if cells.empty:
+        return pd.DataFrame(columns=columns)
+    table = (
+        cells.groupby(["machine", "device", "strategy"])
+        .agg(
+            cases=("case", "nunique"),
+            times_grad=("times_grad", "median"),
+            times_fastest=("times_fastest", _geomean),
+            times_fastest_lo=("times_fastest", "min"),
+            times_fastest_hi=("times_fastest", "max"),
+        )
+        .reset_index()
+    )
+    return table.sort_values(["machine", "device", "times_fastest"])[columns].reset_index(drop=True)
+
+
+def accuracy_of_timed(df: pd.DataFrame) -> dict[str, Any]:
+    """How accurate the timed cells were: ``cells``, ``wrong`` (beyond tolerance), and the
+    worst ``max_rel_err`` with its ``strategy`` and ``case`` (None where nothing was timed)."""
+    timed = df[df["status"].isin(TIMED)]
+    record: dict[str, Any] = {"cells": len(timed), "wrong": int((timed["status"] == WRONG).sum())}
+    errors = pd.to_numeric(timed["max_rel_err"]).dropna()
+    record.update(worst=None, strategy=None, case=None)
+    if len(errors):
+        worst = timed.loc[errors.idxmax()]
+        record.update(worst=float(errors.max()), strategy=worst["strategy"], case=worst["case"])
+    return record
+
+
+def not_timed_counts(df: pd.DataFrame) -> pd.DataFrame:
+    """:func:`not_timed` folded: per status and reason with its numbers written ``N``, the
+    count of ``cells``, ``cases`` and ``strategies``, most cells first."""
+    rows = not_timed(df)
+    columns = ["status", "reason", "cells", "cases", "strategies"]
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    reason = rows["reason"].fillna("no reason recorded").astype(str)
+    rows = rows.assign(reason=reason.str.replace(r"\d[\d.,]*(?:e[+-]?\d+)?", "N", regex=True))
+    table = rows.groupby(["status", "reason"]).agg(
+        cells=("case", "size"), cases=("case", "nunique"), strategies=("strategy", "nunique")
+    )
+    return table.reset_index().sort_values("cells", ascending=False, kind="stable")[columns]
 
 
 def runs(df: pd.DataFrame, audits: list[dict]) -> pd.DataFrame:

@@ -25,6 +25,7 @@ from bench.vocabulary import (
     OK,
     OLD_STATUSES,
     OOM,
+    OVER_BUDGET,
     SKIPPED,
     STATUSES,
     TIMED,
@@ -823,3 +824,64 @@ def test_the_decision_box_of_the_committed_runs_is_auto_table_and_the_planner(tm
         net, batch, loss_fn = make_problem(case)
         assert auto.choose(net, dict(net.named_parameters()), batch, loss_fn) == name, P_min
     assert "<td>cuda</td><td>any P</td><td>not measured</td>" in box
+
+
+def test_case_cells_give_each_ranked_cell_its_multiples(inputs):
+    df, _ = results.load(inputs)
+    cells = results.case_cells(df)
+    ranked = results.ranked(df)
+    assert len(cells) == len(ranked)
+    for _, case in cells.groupby(["machine", "device", "case"]):
+        assert case["rank"].tolist() == list(range(1, len(case) + 1))
+        assert case["median"].is_monotonic_increasing
+        eligible = case[~case["strategy"].isin(results.DISPATCHERS)]
+        assert eligible["times_fastest"].min() == pytest.approx(1.0)
+    row = cells.iloc[0]
+    grad_s = ranked.set_index(["machine", "case", "strategy"]).loc[
+        (row["machine"], row["case"], row["strategy"]), "grad_s"
+    ]
+    assert row["times_grad"] == pytest.approx(row["median"] / grad_s)
+    table = results.multiples(df)
+    assert set(table["strategy"]) == set(cells["strategy"])
+    assert (table["times_fastest_lo"] <= table["times_fastest"] + 1e-12).all()
+
+
+def test_accuracy_of_the_timed_cells_is_counted(inputs):
+    df, _ = results.load(inputs)
+    accuracy = results.accuracy_of_timed(df)
+    timed = df[df["status"].isin(TIMED)]
+    assert accuracy["cells"] == len(timed) and accuracy["wrong"] == (timed["status"] == WRONG).sum()
+    assert accuracy["worst"] == pytest.approx(timed["max_rel_err"].max())
+
+
+def test_not_timed_cells_fold_into_counts_by_reason():
+    df = pd.DataFrame(
+        {
+            "machine": "m",
+            "device": "cpu",
+            "P": [100, 200, 300],
+            "case": ["a", "b", "c"],
+            "strategy": ["s", "s", "t"],
+            "status": OVER_BUDGET,
+            "reason": [f"predicted {t} s per call > --time-budget 30 s" for t in (31.5, 40, 2e3)],
+            "max_rel_err": np.nan,
+            "tolerance": np.nan,
+        }
+    )
+    [row] = results.not_timed_counts(df).to_dict("records")
+    assert row["reason"] == "predicted N s per call > --time-budget N s"
+    assert (row["cells"], row["cases"], row["strategies"]) == (3, 3, 2)
+
+
+def test_report_states_accuracy_shows_cases_and_prints_each_bug_once(inputs, tmp_path):
+    html_path = tmp_path / "report.html"
+    audit = json.loads(inputs[2].read_text())
+    twin = tmp_path / "audit-twin.json"
+    twin.write_text(json.dumps(audit))  # a second audit listing the same known bug
+    argv = [*map(str, inputs), str(twin), "--plots-dir", str(tmp_path), "--html", str(html_path)]
+    assert report.main(argv) == 0
+    page = html_path.read_text()
+    assert "id='timed-accuracy'" in page and "<table id='cases'>" in page
+    assert page.count(html.escape(audit["known_bugs"][0]["title"])) == 1
+    counts = page.index('id="not-timed-counts"')
+    assert counts < page.index("<details><summary>Every cell") < page.index('id="not-timed"')
