@@ -609,7 +609,9 @@ def test_figures_leave_out_panels_with_nothing_timed(compiled, tmp_path):
     for draw in (plots.time_vs_p, plots.memory_vs_p):
         fig = draw(df, styles)
         visible = [ax for ax in fig.axes if ax.get_visible()]
-        assert [ax.get_title().splitlines()[-1] for ax in visible] == ["cpu, float32"]
+        assert {ax.get_title().splitlines()[-1] for ax in visible} == {"cpu, float32"}
+        timed_archs = set(df.loc[(df["device"] == "cpu") & (df["status"] == OK), "arch"])
+        assert {ax.get_title().split(":")[0] for ax in visible} == timed_archs  # one per arch
     nothing = df[df["device"] == "cuda"]
     assert plots.time_vs_p(nothing, styles) is None
     assert plots.speedup(nothing, styles) is None
@@ -885,3 +887,29 @@ def test_report_states_accuracy_shows_cases_and_prints_each_bug_once(inputs, tmp
     assert page.count(html.escape(audit["known_bugs"][0]["title"])) == 1
     counts = page.index('id="not-timed-counts"')
     assert counts < page.index("<details><summary>Every cell") < page.index('id="not-timed"')
+
+
+def test_figures_fit_the_page_with_contenders_in_colour_and_untimed_cells_as_markers(compiled):
+    df, _ = results.load(compiled)
+    styles = plots.strategy_styles(df["strategy"])
+    drawn = [draw(df, styles) for draw in (plots.time_vs_p, plots.memory_vs_p, plots.cost_ratios)]
+    bars = plots.speedup(df, styles)
+    for fig in [*drawn, bars]:
+        assert fig.get_figwidth() <= plots.PAGE_WIDTH  # shown at full size at 1400 px
+    ax = drawn[0].axes[0]
+    arch = ax.get_title().split(":")[0]
+    cells = results.case_cells(df[(df["arch"] == arch) & (df["device"] == "cpu")])
+    contenders = set(results.recommend(df[df["arch"] == arch])["fastest"].dropna())
+    contenders |= set(cells.loc[cells["rank"] <= plots.CONTENDER_RANK, "strategy"])
+    coloured = {
+        name
+        for line in ax.get_lines()
+        for name, style in styles.items()
+        if line.get_color() == style.colour and line.get_linestyle() == style.linestyle
+    }
+    assert coloured and coloured <= contenders
+    grey = [line for line in ax.get_lines() if line.get_color() == plots.OTHERS_COLOUR]
+    assert len(grey) >= 1 or set(df["strategy"]) <= contenders
+    # a cell not timed is never a bar: no hatched or empty-faced patch in the speedup figure
+    for axis in bars.axes:
+        assert all(not patch.get_hatch() or patch.get_hatch() == ".." for patch in axis.patches)
