@@ -27,6 +27,7 @@ from bench.results import (
     accuracy_matrix,
     accuracy_statuses,
     audit_frame,
+    case_cells,
     family,
     recommend,
     strategy_facts,
@@ -35,6 +36,9 @@ from bench.vocabulary import BASELINE, ERROR, OK, TIMED, UNSUPPORTED, WRONG
 
 __all__ = [
     "STATUS_COLOURS",
+    "PAGE_WIDTH",
+    "CONTENDER_RANK",
+    "OTHERS_COLOUR",
     "Style",
     "Drawn",
     "strategy_styles",
@@ -66,6 +70,14 @@ STATUS_COLOURS = {
 _FAMILY_HUES = ("Reds", "Blues", "Greens", "Purples", "Oranges", "Greys", "PuRd")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">")
 _LINE_WIDTH, _RECOMMENDED_WIDTH = 1.3, 3.2
+#: the widest figure (inches at ``png_bytes``' 100 dpi): the report's page at 1400 px shows
+#: it at full size, so that no tick label is shrunk below its 7-8 pt
+PAGE_WIDTH = 13.4
+#: strategies among the fastest this many of some case of a panel are its contenders, drawn
+#: in their colours; the others are drawn thin and grey
+CONTENDER_RANK = 3
+#: the colour of every strategy that is not a contender
+OTHERS_COLOUR = "#c4c4c4"
 
 
 class Style(NamedTuple):
@@ -136,6 +148,21 @@ def _recommended(rows: pd.DataFrame) -> set[str]:
     return set(recommend(rows)["fastest"].dropna())
 
 
+def _contenders(rows: pd.DataFrame) -> set[str]:
+    """The recommended strategies and those among the ``CONTENDER_RANK`` fastest of some case."""
+    cells = case_cells(rows)
+    return _recommended(rows) | set(cells.loc[cells["rank"] <= CONTENDER_RANK, "strategy"])
+
+
+def _arch(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with an ``arch`` column (runs made before it existed are MLPs)."""
+    return df.assign(arch=df["arch"].fillna("mlp")) if "arch" in df else df.assign(arch="mlp")
+
+
+def _others_handle() -> Line2D:
+    return Line2D([], [], color=OTHERS_COLOUR, linewidth=1, label="grey: every other strategy")
+
+
 def _panels(df: pd.DataFrame, keys: list[str]) -> list[tuple[tuple, pd.DataFrame]]:
     return [(k if isinstance(k, tuple) else (k,), g) for k, g in df.groupby(keys, sort=True)]
 
@@ -144,12 +171,12 @@ def _panels(df: pd.DataFrame, keys: list[str]) -> list[tuple[tuple, pd.DataFrame
 _LEGEND_ENTRY = 0.19
 
 
-def _grid(n: int, entries: int, width: float = 6.0, height: float = 4.2) -> tuple[Figure, list]:
+def _grid(n: int, entries: int, height: float = 4.0) -> tuple[Figure, list]:
     ncols = min(n, 2)
     nrows = -(-n // ncols)
     # Room on the right for one shared legend of ``entries`` lines, strategies by family.
     fig = Figure(
-        figsize=(width * ncols + 3.0, max(height * nrows, _LEGEND_ENTRY * entries + 1.0)),
+        figsize=(PAGE_WIDTH, max(height * nrows, _LEGEND_ENTRY * entries + 1.0)),
         layout="constrained",
     )
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
@@ -200,48 +227,57 @@ def _sized_panels(
     references: list[tuple[str, str, dict]],
     title: str,
 ) -> Figure | None:
-    """A panel per machine, device and dtype holding a measured ``value``; None if none does.
+    """A panel per machine, device, dtype and arch holding a measured ``value``; None if none
+    does. Each panel's contenders (``_contenders``) are drawn in their colours, the other
+    strategies thin and grey; the legend, outside the axes, names the contenders.
 
     Panels where no cell was timed with a ``value`` (a device absent here, a peer's memory)
     are left out and counted in the title; their cells are in the report's tables.
     """
-    panels = _panels(df, ["machine", "device", "dtype"])
+    panels = _panels(_arch(df), ["machine", "device", "dtype", "arch"])
     measured = [
         (key, g) for key, g in panels if g.loc[g["status"] == OK, value].fillna(0).gt(0).any()
     ]
     if not measured:
         return None
-    shown = set().union(*(set(g["strategy"]) for _, g in measured))
+    contenders = {key: _contenders(g) for key, g in measured}
+    shown = set().union(*contenders.values())
     families = {styles[name].family for name in shown}
-    fig, axes = _grid(len(measured), len(shown) + len(families) + len(references) + 4)
-    for ax, ((machine, device, dtype), g) in zip(axes, measured):
+    fig, axes = _grid(len(measured), len(shown) + len(families) + len(references) + 5)
+    for ax, ((machine, device, dtype, arch), g) in zip(axes, measured):
         recommended = _recommended(g)
         for strategy, rows in g.groupby("strategy", sort=True):
             style = styles[strategy]
+            strong = strategy in contenders[(machine, device, dtype, arch)]
             _family_lines(
                 ax,
                 rows[rows["status"] == OK],
                 value,
                 scale,
-                marker=style.marker,
+                marker=style.marker if strong else None,
                 markersize=4,
                 linestyle=style.linestyle,
-                color=style.colour,
+                color=style.colour if strong else OTHERS_COLOUR,
                 linewidth=_RECOMMENDED_WIDTH if strategy in recommended else _LINE_WIDTH,
+                zorder=3 if strong else 1,
             )
-            _mark_not_timed(ax, rows[rows["status"] != OK], style.colour)
+            _mark_not_timed(
+                ax, rows[rows["status"] != OK], style.colour if strong else OTHERS_COLOUR
+            )
         for column, _, style in references:
             _family_lines(ax, g.drop_duplicates("case"), column, scale, color="black", **style)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
         # Crosses alone (drawn in axes coordinates for y) do not widen the data limits.
         ax.set_xlim(g["P"].min() / 1.3, g["P"].max() * 1.3)
         ax.set_yscale("log")
         ax.set_xlabel("P (number of weights)")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{machine}\n{device}, {dtype}", fontsize=9)
+        ax.set_title(f"{arch}: {machine}\n{device}, {dtype}", fontsize=9)
         ax.grid(True, which="major", alpha=0.3)
     extra = [Line2D([], [], color="black", label=label, **style) for _, label, style in references]
     extra += [
+        _others_handle(),
         Line2D([], [], color="grey", linewidth=_RECOMMENDED_WIDTH, label="thick: recommended"),
         Line2D([], [], color="grey", linestyle="--", label="dashed: compiled variant"),
         Line2D([], [], color="grey", linestyle="-.", label="dash-dot: peer (reference only)"),
@@ -288,10 +324,12 @@ def memory_vs_p(df: pd.DataFrame, styles: dict[str, Style]) -> Figure | None:
 
 
 def speedup(df: pd.DataFrame, styles: dict[str, Style], baseline: str = BASELINE) -> Figure | None:
-    """Speedup over ``baseline`` per case (baseline min / strategy min), a panel per machine.
+    """Speedup over ``baseline`` per case (baseline min / strategy min), a panel per machine,
+    device and arch.
 
-    A cell that was not timed is an empty hatched bar of height 1 labelled with its status; a
-    compiled variant's bar is dotted; the recommended strategy's bars are edged in black. A
+    A cell that was not timed is a cross at 1x (a marker, never a bar) labelled with its
+    status; a compiled variant's bar is dotted; the recommended strategy's bars are edged in
+    black; the panel's contenders (``_contenders``) have their colours, the others grey. A
     case where the baseline itself was not timed says so instead of showing bars. None where
     nothing was timed.
     """
@@ -299,26 +337,32 @@ def speedup(df: pd.DataFrame, styles: dict[str, Style], baseline: str = BASELINE
     # are counted in the title and listed in the report's "Cells not timed".
     timed_cases = set(df.loc[df["status"].isin(TIMED), "case"])
     untimed = df.loc[~df["case"].isin(timed_cases), "case"].nunique()
-    panels = _panels(df[df["case"].isin(timed_cases)], ["machine", "device"])
+    panels = _panels(_arch(df[df["case"].isin(timed_cases)]), ["machine", "device", "arch"])
+    # an arch the baseline refuses on every case (LayerNorm for torch_func) has no bars: its
+    # multiples of the case's fastest are in the report's tables
+    based = [
+        (key, g) for key, g in panels if ((g["strategy"] == baseline) & (g["status"] == OK)).any()
+    ]
+    kept = {key for key, _ in based}
+    without = sorted({key[-1] for key, _ in panels if key not in kept})
+    panels = based
     if not panels:
         return None
-    n_bars = max(g["case"].nunique() * g["strategy"].nunique() for _, g in panels)
-    shown = set(df["strategy"]) - {baseline}
-    entries = len(shown) + len({styles[name].family for name in shown}) + 3
+    contenders = {key: _contenders(g) for key, g in panels}
+    shown = set().union(*contenders.values()) - {baseline}
+    entries = len(shown) + len({styles[name].family for name in shown}) + 4
     fig = Figure(
-        figsize=(
-            min(24.0, max(8.0, 0.12 * n_bars + 4.0)),
-            max(4.8 * len(panels), _LEGEND_ENTRY * entries + 1.0),
-        ),
+        figsize=(PAGE_WIDTH, max(3.6 * len(panels), _LEGEND_ENTRY * entries + 1.0)),
         layout="constrained",
     )
     axes = fig.subplots(len(panels), 1, squeeze=False).ravel().tolist()
-    for ax, ((machine, device), g) in zip(axes, panels):
+    for ax, ((machine, device, arch), g) in zip(axes, panels):
         recommended = _recommended(g)
+        strong = contenders[(machine, device, arch)]
         strategies = [s for s in styles if s in set(g["strategy"]) - {baseline}]
         width = 0.8 / max(len(strategies), 1)
         cases = sorted(g["case"].unique(), key=lambda c: (g.loc[g["case"] == c, "P"].iloc[0], c))
-        ax.set_title(f"{machine}, {device}", fontsize=9)
+        ax.set_title(f"{arch}: {machine}, {device}", fontsize=9)
         cells = g.set_index(["case", "strategy"])
         for i, case in enumerate(cases):
             base = cells["min"].get((case, baseline))
@@ -330,20 +374,21 @@ def speedup(df: pd.DataFrame, styles: dict[str, Style], baseline: str = BASELINE
                     continue
                 x = i - 0.4 + (j + 0.5) * width
                 style = styles[strategy]
+                colour = style.colour if strategy in strong else OTHERS_COLOUR
                 status = cells["status"].get((case, strategy))
                 if status == OK:
                     ax.bar(
                         x,
                         base / cells["min"][(case, strategy)],
                         width,
-                        color=style.colour,
+                        color=colour,
                         hatch=".." if style.linestyle == "--" else None,
-                        edgecolor="black" if strategy in recommended else style.colour,
+                        edgecolor="black" if strategy in recommended else colour,
                         linewidth=1.2 if strategy in recommended else 0,
                     )
                 else:
-                    ax.bar(x, 1.0, width, facecolor="none", edgecolor=style.colour, hatch="///")
-                    ax.text(x, 1.0, status, rotation=90, ha="center", va="bottom", fontsize=6)
+                    ax.scatter(x, 1.0, marker=NOT_TIMED_MARKER, color=colour, s=20, zorder=4)
+                    ax.text(x, 1.08, status, rotation=90, ha="center", va="bottom", fontsize=6)
         ax.axhline(1.0, color="black", linewidth=1)
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -354,11 +399,14 @@ def speedup(df: pd.DataFrame, styles: dict[str, Style], baseline: str = BASELINE
     extra = [
         Patch(facecolor="lightgrey", edgecolor="black", label="black edge: recommended"),
         Patch(facecolor="lightgrey", hatch="..", label="dotted: compiled variant"),
-        Patch(facecolor="none", edgecolor="grey", hatch="///", label="hatched: not timed"),
+        Line2D([], [], color="grey", marker=NOT_TIMED_MARKER, linestyle="", label="x: not timed"),
+        Patch(facecolor=OTHERS_COLOUR, label="grey: every other strategy"),
     ]
     _legend(fig, styles, shown, extra)
     fig.suptitle(
-        f"Speedup over {baseline} per case (higher is faster)" + _left_out_note(untimed, "cases")
+        f"Speedup over {baseline} per case (higher is faster)"
+        + _left_out_note(untimed, "cases")
+        + (f"\n{baseline} timed on no case of: {', '.join(without)}" if without else "")
     )
     return fig
 
@@ -373,8 +421,8 @@ def cost_ratios(df: pd.DataFrame, styles: dict[str, Style]) -> Figure | None:
         return None
     recommended = _recommended(df)
     strategies = [s for s in styles if s in set(ok["strategy"])]
-    fig = Figure(figsize=(max(9.0, 0.6 * len(strategies) * 2 + 3), 4.8), layout="constrained")
-    axes = fig.subplots(1, 2)
+    fig = Figure(figsize=(PAGE_WIDTH, 8.0), layout="constrained")
+    axes = fig.subplots(2, 1)
     rng = np.random.default_rng(0)
     markers = {"cpu": "o", "cuda": "s"}
     for ax, column, label in (
@@ -422,7 +470,10 @@ def accuracy_heatmap(audits: list[dict]) -> Figure | None:
     n_models = records["model"].nunique()
     n_strategies = len(order)
     fig = Figure(
-        figsize=(max(8.0, 1.0 * n_models + 4.0), (0.3 * n_strategies + 2.2) * len(sources)),
+        figsize=(
+            min(PAGE_WIDTH, max(8.0, 0.8 * n_models + 4.0)),
+            (0.3 * n_strategies + 2.4) * len(sources),
+        ),
         layout="constrained",
     )
     axes = fig.subplots(len(sources), 1, squeeze=False).ravel().tolist()

@@ -6,6 +6,7 @@ docs/DESIGN.md, "The benchmark's per-cell policy", says why each is what it is.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,11 +22,13 @@ from bench.session import History, Run
 from bench.vocabulary import (
     CRASHED,
     ERROR,
+    MIN_ROUNDS,
     OK,
     OOM,
     OVER_BUDGET,
     OVER_MEMORY,
     SKIPPED,
+    TOO_SLOW,
     UNSUPPORTED,
     WRONG,
 )
@@ -33,8 +36,10 @@ from bench.worker import Crashed, Request, Worker
 from strategies import Strategy
 
 __all__ = [
-    "TARGET_SECONDS",
+    "MIN_CELL_SECONDS",
+    "MAX_CELL_SECONDS",
     "MAX_ROUNDS",
+    "Rounds",
     "Outcome",
     "MemoryPass",
     "Accuracy",
@@ -54,9 +59,13 @@ __all__ = [
     "timed_row",
 ]
 
-#: rounds are chosen so that the timed rounds of one cell take about this long
-TARGET_SECONDS = 2.0
-MAX_ROUNDS = 10
+#: the timed rounds of one cell take at least this long (more rounds for fast calls)...
+MIN_CELL_SECONDS = 0.5
+#: ...and a cell whose ``MIN_ROUNDS`` rounds would take longer than this is too slow to
+#: repeat: one round, flagged ``too_slow``, left out of every ranking. With these two the
+#: default grid takes about 24 minutes on the 2-core reference machine (docs/DESIGN.md)
+MAX_CELL_SECONDS = 7.5
+MAX_ROUNDS = 50
 
 
 @dataclass(frozen=True)
@@ -245,15 +254,35 @@ def memory_pass(isolated: Isolated, first_call_s: float | None) -> MemoryPass:
     return MemoryPass(isolated.peak_bytes, isolated.note, min(estimates))
 
 
-def rounds(warm_s: float) -> tuple[int, int]:
-    """(rounds, warmup_rounds) for a call of about ``warm_s`` seconds.
+@dataclass(frozen=True)
+class Rounds:
+    """How a cell is timed: ``count`` rounds after ``warmup`` warm-up rounds."""
 
-    The timed rounds of a cell take about ``TARGET_SECONDS``, at most ``MAX_ROUNDS``. The
-    first call (separately timed, its result discarded) already warms up; calls under a
-    second get one more warm-up round inside pedantic as well.
+    count: int
+    warmup: int
+    #: ``MIN_ROUNDS`` rounds would exceed ``MAX_CELL_SECONDS``: one round, out of the rankings
+    too_slow: bool
+
+
+def rounds(warm_s: float) -> Rounds:
+    """The rounds of a cell whose call takes about ``warm_s`` seconds.
+
+    At least ``MIN_ROUNDS``, as many more as fill ``MIN_CELL_SECONDS``, at most
+    ``MAX_ROUNDS``; a cell whose ``MIN_ROUNDS`` rounds would take longer than
+    ``MAX_CELL_SECONDS`` is too slow to repeat and gets one round. The first call
+    (separately timed, its result discarded) already warms up; calls under a second get one
+    more warm-up round inside pedantic as well.
+
+    Raises:
+        ValueError: ``warm_s`` is negative or not finite.
     """
-    count = int(min(MAX_ROUNDS, max(1, TARGET_SECONDS // max(warm_s, 1e-9))))
-    return count, 1 if warm_s < 1.0 else 0
+    if not 0 <= warm_s < float("inf"):
+        raise ValueError(f"warm_s must be a finite number of seconds >= 0, got {warm_s!r}")
+    warmup = 1 if warm_s < 1.0 else 0
+    if MIN_ROUNDS * warm_s > MAX_CELL_SECONDS:
+        return Rounds(1, warmup, too_slow=True)
+    count = min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(MIN_CELL_SECONDS / max(warm_s, 1e-9))))
+    return Rounds(count, warmup, too_slow=False)
 
 
 def failure(exc: BaseException) -> Outcome:
@@ -291,6 +320,7 @@ def timed_row(
     memory: MemoryPass,
     first_call_s: float | None,
     seconds: float,
+    too_slow: bool = False,
 ) -> dict[str, Any]:
     """The ``extra_info`` of a timed cell (docs/DESIGN.md, "Benchmark JSON")."""
     return {
@@ -309,4 +339,5 @@ def timed_row(
         "first_call_s": first_call_s if strategy.compiles or plans(strategy) else None,
         "peer": strategy.peer,
         "threads": torch.get_num_threads(),
+        TOO_SLOW: too_slow,
     }

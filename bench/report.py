@@ -212,7 +212,7 @@ def _arch_sentence(choice: pd.Series, rows: pd.DataFrame, winners: set[str]) -> 
     span = f"its one case, {P}" if choice["cases"] == 1 else f"its {choice['cases']} cases, {P}"
     text = f"for {words}, <b>{_code(choice['fastest'])}</b> (fastest on {span}"
     if choice["tie"]:
-        text += f", tied with {_code(choice['runner_up'])} within the spread of rounds"
+        text += f", tied with {_code(choice['runner_up'])} (not {results.FASTER_RATIO:g}x and significantly faster)"
     if choice["fastest_single"] != choice["fastest"]:
         text += f"; for a single Hessian, first call included, {_code(choice['fastest_single'])}"
     if choice["versus"] is not None and not pd.isna(choice["versus"]):
@@ -496,6 +496,7 @@ def _compiled_html(df: pd.DataFrame) -> str:
 _CSS = """
 body { font-family: sans-serif; margin: 1.5em; max-width: 1600px; line-height: 1.35; }
 #summary p { max-width: 75em; }
+#decision { border: 2px solid #333; padding: 0 1em; margin-bottom: 1.5em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: left; }
 th { background: #f0f0f0; }
@@ -505,6 +506,60 @@ pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
     f"td.{status.replace(' ', '-')} {{ background: {colour}; }}\n"
     for status, colour in plots.STATUS_COLOURS.items()
 )
+
+
+def _decision_html(df: pd.DataFrame) -> str:
+    """The decision box, first on the page: the default is the planner; what it runs where,
+    with the evidence and its regret (``results.decision``); devices not measured."""
+    planner = _code(results.PLANNER)
+    rows = []
+    for r in results.decision(df).to_dict("records"):
+        if isinstance(r["runner_up"], str):
+            verdict = "tied with" if r["tie"] else "faster than"
+            evidence = (
+                f"{verdict} {_code(r['runner_up'])}: wins {r['wins']} of {_cases(r['cases'])}; "
+                f"runner-up / it {r['ratio_median']:.2f}× median "
+                f"[{r['ratio_lo']:.2f}×–{r['ratio_hi']:.2f}×]"
+            )
+        else:
+            evidence = f"the only strategy repeated on all {_cases(r['cases'])}"
+        regret = (
+            f"{r['regret_median']:.2f}× median, {r['regret_hi']:.2f}× at most "
+            f"({_cases(r['regret_cases'])})"
+            if r["regret_cases"]
+            else "not measured"
+        )
+        rows.append(
+            f"<tr><td>{html.escape(r['device'])}, {html.escape(r['dtype'])}</td>"
+            f"<td>{_range(r['P_min'], r['P_max'])}</td><td>{_code(r['runs'])}</td>"
+            f"<td>{evidence}</td><td>{regret}</td></tr>"
+        )
+    measured = set(df.loc[results.device_timed(df), "device"]) if not df.empty else set()
+    for device in sorted({"cpu", "cuda"} - measured):
+        rows.append(
+            f"<tr><td>{device}</td><td>any P</td><td>not measured</td>"
+            f"<td>no {device.upper() if device == 'cuda' else device} run exists: {planner} "
+            "has no measured ranking there (its estimates say never measured on this "
+            "device) until one is committed</td><td>not measured</td></tr>"
+        )
+    threads = sorted(pd.to_numeric(df.get("threads", pd.Series(dtype=float))).dropna().unique())
+    note = (
+        f" Timed with {_listing(f'{int(t)}' for t in threads)} thread(s): a many-core CPU "
+        "may rank differently."
+        if threads
+        else ""
+    )
+    return (
+        f"<div id='decision'><h2>Decision: the default is {planner}</h2>"
+        f"<p>{planner} plans per net: it runs the strategy its table ranks fastest for the "
+        "net's device and size (the recommendation rule below) and verifies the result. "
+        "Evidence: the runner-up's min time over the choice's, per case; a win is at least "
+        f"{results.FASTER_RATIO:g}× and significant (Mann-Whitney U over rounds). Regret: "
+        f"{planner}'s own time over the fastest strategy's on the same case.{note}</p>"
+        "<table id='decision-table'><tr><th>device</th><th>size</th>"
+        f"<th>{planner} runs</th><th>evidence</th><th>{planner}'s regret</th></tr>"
+        f"{''.join(rows)}</table></div>"
+    )
 
 
 def _matrix_html(matrix: pd.DataFrame, statuses: pd.DataFrame) -> str:
@@ -523,9 +578,13 @@ def _matrix_html(matrix: pd.DataFrame, statuses: pd.DataFrame) -> str:
 
 
 def _bugs_html(audits: list[dict]) -> str:
-    parts = []
+    """Each known bug once, however many audits list it (the first audit's word on it)."""
+    parts, seen = [], set()
     for audit in audits:
         for bug in audit.get("known_bugs") or []:
+            if bug.get("title") in seen:
+                continue
+            seen.add(bug.get("title"))
             still = "still reproduces" if bug.get("reproduces") else "no longer reproduces"
             parts.append(
                 f"<h3>{html.escape(str(bug.get('title')))}</h3><p>upstream: "
@@ -544,8 +603,70 @@ def _not_timed_html(df: pd.DataFrame) -> str:
     lines = "".join(
         f"<li>{_not_run_line(row)}</li>" for row in results.untimed_devices(df).to_dict("records")
     )
-    return (f"<ul id='not-run'>{lines}</ul>" if lines else "") + _table(
-        results.not_timed(df[results.device_timed(df)]), "not-timed"
+    timed_devices = df[results.device_timed(df)]
+    return (
+        (f"<ul id='not-run'>{lines}</ul>" if lines else "")
+        + _table(results.not_timed_counts(timed_devices), "not-timed-counts")
+        + "<details><summary>Every cell not timed, with its reason</summary>"
+        + _table(results.not_timed(timed_devices), "not-timed")
+        + "</details>"
+    )
+
+
+#: how many of each case's fastest strategies the case table shows
+CASE_TOP = 5
+
+
+def _case_html(df: pd.DataFrame) -> str:
+    """Cases x their fastest ``CASE_TOP`` strategies, each cell its median [min–max], rounds,
+    relative error; then every strategy as a multiple of one gradient and of the fastest."""
+    cells = results.case_cells(df)
+    rows = []
+    for (machine, device, case), group in cells.groupby(["machine", "device", "case"], sort=False):
+        entries = []
+        for c in group[group["rank"] <= CASE_TOP].to_dict("records"):
+            noisy = " <b>noisy</b>" if c["noisy"] else ""
+            entries.append(
+                f"<td>{_code(c['strategy'])} {c['median']:.3g} s "
+                f"[{c['min']:.3g}–{c['max']:.3g}], {int(c['rounds'])} rounds, "
+                f"err {c['max_rel_err']:.1e}{noisy}</td>"
+            )
+        entries += ["<td></td>"] * (CASE_TOP - len(entries))
+        where = f"{machine}, {device}" if cells["machine"].nunique() > 1 else device
+        rows.append(
+            f"<tr><td>{html.escape(where)}</td><td>{html.escape(case)}</td>"
+            f"<td>{int(group['P'].iloc[0]):,}</td>{''.join(entries)}</tr>"
+        )
+    head = "".join(f"<th>#{k}</th>" for k in range(1, CASE_TOP + 1))
+    accuracy = results.accuracy_of_timed(df)
+    worst = (
+        f"; the worst relative error {accuracy['worst']:.2g} ({_code(accuracy['strategy'])} on "
+        f"{html.escape(str(accuracy['case']))})"
+        if accuracy["worst"] is not None
+        else ""
+    )
+    wrong = accuracy["wrong"]
+    stated = (
+        f"<p id='timed-accuracy'>Accuracy of the timed cells: {accuracy['cells'] - wrong} of "
+        f"{accuracy['cells']} within tolerance against the float64 reference{worst}.</p>"
+    )
+    multiples = results.multiples(df).rename(
+        columns={
+            "times_grad": "× one gradient (median)",
+            "times_fastest": "× the case's fastest (geo-mean)",
+            "times_fastest_lo": "lowest",
+            "times_fastest_hi": "highest",
+        }
+    )
+    return (
+        stated
+        + "<p>Per case, its five fastest ranked cells (not too slow to repeat) by median: median [min–max] of "
+        "rounds, rounds, largest relative error; noisy where IQR / median > "
+        f"{results.NOISY_IQR:g}.</p>"
+        + f"<table id='cases'><tr><th>device</th><th>case</th><th>P</th>{head}</tr>"
+        + "".join(rows)
+        + "</table><h3>Every strategy as a multiple of one gradient and of the fastest</h3>"
+        + _table(multiples, "multiples")
     )
 
 
@@ -585,18 +706,21 @@ def render_html(
     audit_figure = figures.get("accuracy")
     sections = [
         f"<h1>{html.escape(title)}</h1>",
+        _decision_html(df),
         "<h2>Summary</h2>",
         _summary_html(df, audits, recommendations),
         "<h2>Recommendation</h2>",
         "<p>Per machine, device, dtype and range of P: the fastest strategy that ran "
         "accurately on every case of the range (peers and dispatchers excluded), how many "
         "cases that rests on, the fastest for one Hessian when the first call (compile "
-        "included) counts, and the leanest in peak memory. A tie means the runner-up is "
-        "within the spread of rounds (stddev / min). Size ranges have edges at 1 and 3 times "
+        "included) counts, and the leanest in peak memory. A tie means the fastest is not "
+        f"at least {results.FASTER_RATIO:g}x faster than the runner-up and significantly so "
+        "(Mann-Whitney U over rounds) on most of the range's cases. Size ranges have edges at 1 and 3 times "
         "powers of ten.</p>",
         _table(_recommendation_view(recommendations, audits), "recommendations", escape=False),
     ]
     if not df.empty:
+        sections += ["<h2>Cases</h2>", _case_html(df)]
         sections += [f"<h2>{_code(results.PLANNER)}'s regret</h2>", _regret_html(df)]
         sections += ["<h2>Compiled vs eager</h2>", _compiled_html(df)]
     sections += [_img(drawn) for name, drawn in figures.items() if name != "accuracy"]
@@ -631,7 +755,14 @@ def render_html(
 
 def _parser() -> argparse.ArgumentParser:
     parser = cli.Parser(prog="python -m bench.report", description=__doc__)
-    parser.add_argument("files", nargs="+", type=Path, help="benchmark and audit JSON files")
+    parser.add_argument("files", nargs="*", type=Path, help="benchmark and audit JSON files")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("OLD", "NEW"),
+        help="list the cells whose time changed by 10%% or more, significantly, from OLD to NEW",
+    )
     parser.add_argument("--plots-dir", type=Path, default=Path("plots"))
     parser.add_argument("--html", type=Path, default=None, help="default: PLOTS_DIR/report.html")
     parser.add_argument("--title", default="hessbench report")
@@ -666,13 +797,36 @@ def _write_csvs(runs: dict[str, pd.DataFrame], audits: list[dict]) -> None:
     """Each input's own CSV, with all of its cells; a file already holding it is not rewritten.
 
     One CSV per input, never the merged frame: two runs of one machine share cells, and the
-    merged frame keeps only the later run's.
+    merged frame keeps one of them (`results.merge`).
     """
     paths = _csv_paths(runs, audits)
     for source, frame in runs.items():
-        _write_if_changed(paths[source], frame.drop(columns="source").to_csv(index=False))
+        _write_if_changed(
+            paths[source],
+            frame.drop(columns=["source", *results.NOT_IN_CSV]).to_csv(index=False),
+        )
     for source, rows in results.audit_frame(audits).groupby("source"):
         _write_if_changed(paths[source], results.accuracy_matrix(rows).to_csv())
+
+
+def _compare(prog: str, old: Path, new: Path) -> int:
+    """Print the cells that changed from ``old`` to ``new`` (``results.changes``); 0, or 2."""
+    try:
+        frames = [results.load([path])[0] for path in (old, new)]
+    except results.InputFileError as exc:
+        return cli.fail(prog, str(exc))
+    table = results.changes(*frames)
+    print(
+        f"{len(table)} cells changed by {results.FASTER_RATIO - 1:.0%} or more, significantly "
+        f"(Mann-Whitney U over rounds, p < {results.ALPHA:g}), from {old} to {new}:"
+    )
+    for row in table.itertuples():
+        print(
+            f"  {row.change:6} {row.new_over_old:6.2f}x  {row.strategy} on {row.case} "
+            f"(P = {row.P:,}): {row.old_s:.4g} s -> {row.new_s:.4g} s "
+            f"({row.rounds_old} -> {row.rounds_new} rounds)"
+        )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -680,6 +834,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     prog = parser.prog
+    if args.compare:
+        if args.files:
+            return cli.fail(prog, "--compare OLD NEW takes no other files")
+        return _compare(prog, *args.compare)
+    if not args.files:
+        return cli.fail(prog, "no input files (benchmark and audit JSON, or --compare OLD NEW)")
     try:
         runs, audits = results.load_runs(args.files)
         df = results.merge(runs.values())

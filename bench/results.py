@@ -17,8 +17,14 @@ Recommendation rule, per machine, device, dtype and size range of P (docs/DESIGN
   largest ``peak_bytes`` over those cases.
 - Ranges where nothing at all was timed (e.g. CUDA cases on a machine without CUDA) are
   left out; their cells are listed by :func:`not_timed`.
-- The fastest is a tie with the runner-up unless ``runner_up_s / fastest_s - 1`` exceeds the
-  spread of rounds, the largest ``stddev / min`` of the two strategies over the range's cases.
+- A cell too slow to repeat (``too_slow``: one round) is left out, as if it had not run.
+- The fastest is called faster than the runner-up only where ``runner_up_s / fastest_s``
+  is at least ``FASTER_RATIO`` (1.1) and, case by case (:func:`versus`), it is faster on
+  more than half of the range's cases and slower on none; otherwise the two tie. On one
+  case, a strategy is faster where its median is at least 1.1x smaller and a two-sided
+  Mann-Whitney U test over the two cells' rounds gives p < ``ALPHA`` (0.05); where the
+  rounds are too few for the test ever to reach that, only a ratio of at least
+  ``HUGE_RATIO`` (2x) counts.
 - The fastest for a single Hessian of one structure ranks the same candidates by the time of
   their first call where it was recorded (compile included, for strategies that compile),
   else by their min time; the fastest above is the choice for many Hessians.
@@ -57,6 +63,11 @@ from bench.vocabulary import (
 __all__ = [
     "InputFileError",
     "STAT_FIELDS",
+    "NOT_IN_CSV",
+    "FASTER_RATIO",
+    "NOISY_IQR",
+    "ALPHA",
+    "HUGE_RATIO",
     "DISPATCHERS",
     "FULL_LOOP",
     "HALF_LOOP",
@@ -68,6 +79,9 @@ __all__ = [
     "merge",
     "family",
     "strategy_facts",
+    "testable",
+    "versus",
+    "ranked",
     "size_range",
     "regimes",
     "summaries",
@@ -86,7 +100,13 @@ __all__ = [
     "first_calls",
     "PLANNER",
     "regrets",
+    "decision",
+    "case_cells",
+    "multiples",
+    "accuracy_of_timed",
+    "not_timed_counts",
     "runs",
+    "changes",
     "audit_frame",
     "NOT_RUN",
     "accuracy_statuses",
@@ -100,6 +120,17 @@ __all__ = [
 
 #: pytest-benchmark's statistics kept per timed cell (seconds; ``rounds`` a count)
 STAT_FIELDS = ("min", "max", "mean", "stddev", "median", "iqr", "rounds")
+#: the round times of a timed cell (a list, from pytest-benchmark's ``stats.data``): in the
+#: frame for the tests, never in a CSV (which keeps the JSON's statistics)
+NOT_IN_CSV = ("rounds_s",)
+#: one strategy is faster than another only by at least this ratio (as asv's default)...
+FASTER_RATIO = 1.1
+#: ...and significantly: a two-sided Mann-Whitney U test over rounds, p below this
+ALPHA = 0.05
+#: where the rounds are too few for the test to reach ``ALPHA``, only this ratio counts
+HUGE_RATIO = 2.0
+#: a cell is noisy where its IQR over its median exceeds this (torch.utils.benchmark.Compare)
+NOISY_IQR = 0.1
 #: strategies that only choose and run another one (``auto``): timed, never recommended
 DISPATCHERS = frozenset({"auto"})
 #: the loop most users write first, and the same loop over half the Hessian: whether the
@@ -297,7 +328,15 @@ def _benchmark_rows(path: Path, data: dict) -> pd.DataFrame:
         if extra["status"] == OK and extra.get("accurate") is False:
             extra["status"] = WRONG
         stats = bench.get("stats") or {}
-        rows.append({**run, **extra, **{k: stats.get(k) for k in STAT_FIELDS}})
+        data = stats.get("data")
+        rows.append(
+            {
+                **run,
+                **extra,
+                **{k: stats.get(k) for k in STAT_FIELDS},
+                "rounds_s": [float(t) for t in data] if isinstance(data, list) else None,
+            }
+        )
     for outcome in meta.get("outcomes") or []:
         rows.append({**run, **outcome, "status": _status(path, outcome["status"])})
     frame = pd.DataFrame(rows)
@@ -331,6 +370,7 @@ _TIMED_COLUMNS = (
     "vs_gemm",
     "first_call_s",
     "threads",
+    "rounds_s",
 )
 
 
@@ -343,7 +383,7 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[dict[str, pd.DataFrame], lis
     """Each benchmark file's own tidy frame, by its path (``source``), and the audits.
 
     A file's frame holds all of its cells, whatever other files hold: it is what the file's
-    CSV is made from (``bench.report``). ``load`` merges them.
+    CSV is made from (``bench.report``, less :data:`NOT_IN_CSV`). ``merge`` merges them.
 
     Raises:
         InputFileError: as ``load``.
@@ -354,24 +394,61 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[dict[str, pd.DataFrame], lis
         if data.get("kind") == AUDIT_KIND:
             audits.append(_audit(path, data))
         else:
-            runs[str(path)] = merge([_benchmark_rows(path, data)])
+            runs[str(path)] = _tidy([_benchmark_rows(path, data)])
     return runs, audits
 
 
-def merge(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
-    """One tidy frame of runs' frames; where two hold the same cell of one machine, the later wins."""
-    frames = list(frames)
+_CELL_KEY = ["machine", "strategy", "case"]
+
+
+def _tidy(frames: list[pd.DataFrame]) -> pd.DataFrame:
     if not frames:
         empty = ["machine", "source", "strategy", "case", "status", "P", "peer"]
         return pd.DataFrame(columns=empty)
     df = pd.concat([f for f in frames if not f.empty] or frames, ignore_index=True)
-    df = df.drop_duplicates(["machine", "strategy", "case"], keep="last").reset_index(drop=True)
     # Outcomes carry no "peer" flag: borrow it from the strategy's timed rows.
     peers = df.dropna(subset=["peer"]).groupby("strategy")["peer"].any()
     df["peer"] = df["strategy"].map(peers).eq(True)
     for column in ("P", "hessian_bytes"):
         df[column] = pd.to_numeric(df[column])
     return df
+
+
+def merge(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    """One tidy frame of runs' frames, the same whatever their order (docs/DESIGN.md, "The
+    recommendation rule").
+
+    Where several runs hold the same cell of one machine, the merged cell is the first by:
+    timed before not timed; repeated before too slow to repeat; more rounds; the smaller
+    median; then the source's name. ``runs`` counts the runs that timed the cell and
+    ``runs_lo_s``/``runs_hi_s`` give the range of their min times (the spread across runs).
+    Adds ``too_slow`` (false where a run predates the flag) and ``noisy`` (IQR over median
+    above :data:`NOISY_IQR`).
+    """
+    df = _tidy(list(frames))
+    if df.empty:
+        return df
+    df["too_slow"] = df["too_slow"].eq(True) if "too_slow" in df else False
+    timed = df["status"].isin(TIMED)
+    for column in ("min", "median", "iqr", "rounds"):
+        df[column] = pd.to_numeric(df[column])
+    df["noisy"] = (df["iqr"] / df["median"] > NOISY_IQR) & timed
+    order = df.assign(
+        _untimed=~timed, _rounds=-df["rounds"].fillna(0), _median=df["median"].fillna(np.inf)
+    ).sort_values(["_untimed", "too_slow", "_rounds", "_median", "source"], kind="stable")
+    spread = (
+        df[timed]
+        .groupby(_CELL_KEY)["min"]
+        .agg(runs="count", runs_lo_s="min", runs_hi_s="max")
+        .reset_index()
+    )
+    df = order.drop_duplicates(_CELL_KEY, keep="first").drop(
+        columns=["_untimed", "_rounds", "_median"]
+    )
+    df = df.merge(spread, on=_CELL_KEY, how="left")
+    df["runs"] = df["runs"].fillna(0).astype(int)
+    keys = [k for k in ("machine", "device", "P", "case", "strategy") if k in df]
+    return df.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
 def load(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
@@ -381,7 +458,7 @@ def load(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
     torch_version, source, grid, command, commit, run_datetime), the case fields, the
     extra_info keys, pytest-benchmark's stats (min, max, mean, stddev, median, iqr, rounds;
     NaN for cells not timed), ``status`` and ``reason``. Where two files hold the same cell
-    of one machine, the later file wins. Each audit dict gains a ``source`` key. Statuses of
+    of one machine, ``merge`` chooses by a rule that does not depend on the files' order. Each audit dict gains a ``source`` key. Statuses of
     both kinds are in ``bench.vocabulary``'s words, whichever words the file used.
 
     Raises:
@@ -489,8 +566,67 @@ def _geomean(values: pd.Series) -> float:
     return float(np.exp(np.log(values.astype(float)).mean()))
 
 
+def testable(n: int, m: int) -> bool:
+    """Whether a two-sided Mann-Whitney U test over ``n`` rounds against ``m`` can reach
+    p < :data:`ALPHA` at all: its least p-value, ``2 / C(n + m, n)``, is below it."""
+    if n < 1 or m < 1:
+        return False
+    return 2.0 / math.comb(n + m, n) < ALPHA
+
+
+def _rounds_of(cell: Any) -> list[float]:
+    """A cell's round times: its ``rounds_s``, else its min alone (an older run)."""
+    data = cell.get("rounds_s") if hasattr(cell, "get") else None
+    if isinstance(data, (list, tuple, np.ndarray)) and len(data):
+        return [float(t) for t in data]
+    return [float(cell["min"])]
+
+
+def versus(a: Sequence[float], b: Sequence[float]) -> int:
+    """1 where rounds ``a`` are faster than rounds ``b``, -1 where slower, 0 for a tie.
+
+    Faster: ``median(b) / median(a)`` is at least :data:`FASTER_RATIO` and a two-sided
+    Mann-Whitney U test (``scipy.stats.mannwhitneyu``) over the rounds gives p < :data:`ALPHA`;
+    where the rounds are too few for that (:func:`testable`), the ratio must reach
+    :data:`HUGE_RATIO`. Slower is the same the other way round.
+
+    Raises:
+        ValueError: either has no rounds, or a round that is not a positive finite time.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    for name, rounds in (("a", a), ("b", b)):
+        if rounds.size == 0 or not np.all(np.isfinite(rounds) & (rounds > 0)):
+            raise ValueError(f"rounds {name} must be positive finite times, got {rounds.tolist()}")
+    ratio = float(np.median(b) / np.median(a))
+    sign = 1 if ratio >= 1 else -1
+    if max(ratio, 1 / ratio) < FASTER_RATIO:
+        return 0
+    if testable(a.size, b.size):
+        from scipy.stats import mannwhitneyu
+
+        return sign if mannwhitneyu(a, b, alternative="two-sided").pvalue < ALPHA else 0
+    return sign if max(ratio, 1 / ratio) >= HUGE_RATIO else 0
+
+
+def ranked(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows every ranking uses: "ok", and not too slow to repeat."""
+    slow = rows["too_slow"].eq(True) if "too_slow" in rows else False
+    return rows[(rows["status"] == OK) & ~slow]
+
+
+def _faster_on_range(rows: pd.DataFrame, fast: str, slow: str) -> bool:
+    """Whether ``fast`` beats ``slow`` case by case: faster on more than half, slower on none."""
+    cells = ranked(rows).set_index(["case", "strategy"])
+    verdicts = [
+        versus(_rounds_of(cells.loc[(case, fast)]), _rounds_of(cells.loc[(case, slow)]))
+        for case in sorted(set(rows["case"]))
+    ]
+    return -1 not in verdicts and 2 * verdicts.count(1) > len(verdicts)
+
+
 def summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
-    """Per strategy that ran accurately on every case in ``cases``: time, spread, memory.
+    """Per strategy that ran accurately on every case in ``cases``, each cell repeated (not
+    too slow to repeat, :func:`ranked`): time, spread, memory.
 
     ``time_s`` is the geometric mean of the min times, ``cost_vs_grad`` that of min time over
     P gradients (the same ranking, as every candidate ran the same cases: what ``auto``
@@ -500,7 +636,8 @@ def summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
     ``single_s`` is the geometric mean of the time of one Hessian of a new structure: the
     first call where it was recorded (strategies that compile), else the min time.
     """
-    ok = rows[(rows["status"] == OK) & ~rows["strategy"].isin(DISPATCHERS)]
+    ok = ranked(rows)
+    ok = ok[~ok["strategy"].isin(DISPATCHERS)]
     if ok.empty:
         return pd.DataFrame(
             columns=["time_s", "cost_vs_grad", "single_s", "spread", "peak_bytes", "peer"]
@@ -552,8 +689,11 @@ def _recommendation(regime: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any
         if len(candidates) > 1:
             second = candidates.iloc[1]
             record["runner_up"] = candidates.index[1]
-            spread = max(best["spread"], second["spread"])
-            record["tie"] = bool(second["time_s"] / best["time_s"] - 1.0 <= spread)
+            ratio = second["time_s"] / best["time_s"]
+            record["tie"] = not (
+                ratio >= FASTER_RATIO
+                and _faster_on_range(rows, candidates.index[0], candidates.index[1])
+            )
         record["peers"] = {
             name: float(row["time_s"] / best["time_s"])
             for name, row in summary.loc[peer].iterrows()
@@ -853,9 +993,8 @@ def regrets(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
     mine = rows[rows["strategy"] == planner]
     if mine.empty:
         return pd.DataFrame(columns=columns)
-    exact = rows[
-        (rows["status"] == OK) & ~rows["peer"].astype(bool) & ~rows["strategy"].isin(DISPATCHERS)
-    ]
+    exact = ranked(rows)
+    exact = exact[~exact["peer"].astype(bool) & ~exact["strategy"].isin(DISPATCHERS)]
     best = exact.loc[exact.groupby(["machine", "device", "case"])["min"].idxmin()]
     best = best[["machine", "device", "case", "strategy", "min"]].rename(
         columns={"strategy": "fastest", "min": "fastest_s"}
@@ -876,6 +1015,181 @@ def regrets(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
     )
     order = table.sort_values(["regret", "P"], ascending=[False, True], na_position="first")
     return order[columns].reset_index(drop=True)
+
+
+def changes(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """Cells timed accurately in both runs whose time changed, by :func:`versus`: at least
+    :data:`FASTER_RATIO` (10%) and significantly, faster or slower (asv's compare).
+
+    Cells are matched by strategy and case (a run of another machine compares too; its
+    ``machine`` columns say so). Columns: strategy, case, P, ``old_s`` and ``new_s``
+    (medians), ``new_over_old``, ``rounds_old``/``rounds_new``, ``change`` ("faster" or
+    "slower"), machines; the largest changes first.
+    """
+    keys = ["strategy", "case"]
+    columns = [*keys, "P", "old_s", "new_s", "new_over_old", "rounds_old", "rounds_new"]
+    columns += ["change", "machine_old", "machine_new"]
+    both = ranked(old).merge(ranked(new), on=keys, suffixes=("_old", "_new"))
+    records = []
+    for _, cell in both.iterrows():
+        old_rounds = _rounds_of({"rounds_s": cell["rounds_s_old"], "min": cell["min_old"]})
+        new_rounds = _rounds_of({"rounds_s": cell["rounds_s_new"], "min": cell["min_new"]})
+        verdict = versus(new_rounds, old_rounds)
+        if verdict:
+            old_s, new_s = float(np.median(old_rounds)), float(np.median(new_rounds))
+            records.append(
+                {
+                    "strategy": cell["strategy"],
+                    "case": cell["case"],
+                    "P": int(cell["P_new"]),
+                    "old_s": old_s,
+                    "new_s": new_s,
+                    "new_over_old": new_s / old_s,
+                    "rounds_old": len(old_rounds),
+                    "rounds_new": len(new_rounds),
+                    "change": "faster" if verdict > 0 else "slower",
+                    "machine_old": cell["machine_old"],
+                    "machine_new": cell["machine_new"],
+                }
+            )
+    table = pd.DataFrame(records, columns=columns)
+    order = (np.log(table["new_over_old"].astype(float))).abs().sort_values(ascending=False)
+    return table.loc[order.index].reset_index(drop=True)
+
+
+def decision(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
+    """The report's decision box: what ``planner`` runs per machine, device, dtype and size
+    range of P, with the evidence.
+
+    Per row of :func:`recommend` with a fastest: ``runs`` (the fastest, what the planner's
+    table ranks first: ``bench.auto_table`` applies the same rule), ``runner_up``, ``tie``,
+    ``cases``, ``wins`` (cases where it is faster than the runner-up by :func:`versus`),
+    ``ratio_median``/``_lo``/``_hi`` (the runner-up's min time over the fastest's, per case),
+    and ``regret_cases``, ``regret_median``, ``regret_hi`` (:func:`regrets` on the range's
+    cases where the planner ran). Devices where nothing was timed are left to
+    :func:`untimed_devices`.
+    """
+    columns = ["machine", "device", "dtype", "P_min", "P_max", "runs", "runner_up", "tie"]
+    columns += ["cases", "wins", "ratio_median", "ratio_lo", "ratio_hi"]
+    columns += ["regret_cases", "regret_median", "regret_hi"]
+    table = recommend(df)
+    regret = regrets(df, planner) if not df.empty else pd.DataFrame(columns=["case", "regret"])
+    records = []
+    for regime, rows in regimes(df):
+        found = table[
+            (table["machine"] == regime["machine"])
+            & (table["device"] == regime["device"])
+            & (table["dtype"] == regime["dtype"])
+            & (table["P_min"] == regime["P_min"])
+        ]
+        if found.empty or not isinstance(found.iloc[0]["fastest"], str):
+            continue
+        row = found.iloc[0]
+        record = {**regime, "runs": row["fastest"], "runner_up": row["runner_up"]}
+        record.update(tie=bool(row["tie"]), cases=int(row["cases"]), wins=0)
+        if isinstance(row["runner_up"], str):
+            cells = ranked(rows).set_index(["case", "strategy"])
+            cases = sorted(set(rows["case"]))
+            fast = [_rounds_of(cells.loc[(c, row["fastest"])]) for c in cases]
+            slow = [_rounds_of(cells.loc[(c, row["runner_up"])]) for c in cases]
+            ratios = [min(b) / min(a) for a, b in zip(fast, slow)]
+            record.update(
+                wins=sum(versus(a, b) == 1 for a, b in zip(fast, slow)),
+                ratio_median=float(np.median(ratios)),
+                ratio_lo=float(min(ratios)),
+                ratio_hi=float(max(ratios)),
+            )
+        mine = regret[
+            (regret["machine"] == regime["machine"])
+            & (regret["device"] == regime["device"])
+            & regret["case"].isin(set(rows["case"]))
+        ]["regret"].dropna()
+        record.update(
+            regret_cases=len(mine),
+            regret_median=float(mine.median()) if len(mine) else None,
+            regret_hi=float(mine.max()) if len(mine) else None,
+        )
+        records.append(record)
+    return pd.DataFrame(records, columns=columns)
+
+
+def case_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """Every ranked cell (:func:`ranked`; peers and dispatchers included) with its multiples:
+    ``times_grad``, its median over one gradient of the same loss (``grad_s``, curvlinops'
+    convention), and ``times_fastest``, its median over the least median of the case among
+    the strategies that could be recommended; ``rank`` within its case by median.
+
+    Columns: machine, device, dtype, case, P, strategy, rank, median, min, max, rounds,
+    noisy, max_rel_err, times_grad, times_fastest.
+    """
+    columns = ["machine", "device", "dtype", "case", "P", "strategy", "rank", "median", "min"]
+    columns += ["max", "rounds", "noisy", "max_rel_err", "times_grad", "times_fastest"]
+    cells = ranked(df)
+    if cells.empty:
+        return pd.DataFrame(columns=columns)
+    keys = ["machine", "device", "case"]
+    median = pd.to_numeric(cells["median"]).fillna(pd.to_numeric(cells["min"]))
+    eligible = ~cells["peer"].astype(bool) & ~cells["strategy"].isin(DISPATCHERS)
+    fastest = median.where(eligible).groupby([cells[k] for k in keys]).transform("min")
+    cells = cells.assign(
+        median=median,
+        times_grad=median / pd.to_numeric(cells["grad_s"]),
+        times_fastest=median / fastest,
+        rank=median.groupby([cells[k] for k in keys]).rank(method="first").astype(int),
+        noisy=cells["noisy"] if "noisy" in cells else False,
+    )
+    return cells.sort_values([*keys[:2], "P", "case", "rank"])[columns].reset_index(drop=True)
+
+
+def multiples(df: pd.DataFrame) -> pd.DataFrame:
+    """Per machine, device and strategy, over its ranked cells (:func:`case_cells`): ``cases``,
+    ``times_grad`` (median over cases) and ``times_fastest`` (geometric mean, with its range),
+    fastest first."""
+    cells = case_cells(df)
+    columns = ["machine", "device", "strategy", "cases", "times_grad", "times_fastest"]
+    columns += ["times_fastest_lo", "times_fastest_hi"]
+    if cells.empty:
+        return pd.DataFrame(columns=columns)
+    table = (
+        cells.groupby(["machine", "device", "strategy"])
+        .agg(
+            cases=("case", "nunique"),
+            times_grad=("times_grad", "median"),
+            times_fastest=("times_fastest", _geomean),
+            times_fastest_lo=("times_fastest", "min"),
+            times_fastest_hi=("times_fastest", "max"),
+        )
+        .reset_index()
+    )
+    return table.sort_values(["machine", "device", "times_fastest"])[columns].reset_index(drop=True)
+
+
+def accuracy_of_timed(df: pd.DataFrame) -> dict[str, Any]:
+    """How accurate the timed cells were: ``cells``, ``wrong`` (beyond tolerance), and the
+    worst ``max_rel_err`` with its ``strategy`` and ``case`` (None where nothing was timed)."""
+    timed = df[df["status"].isin(TIMED)]
+    record: dict[str, Any] = {"cells": len(timed), "wrong": int((timed["status"] == WRONG).sum())}
+    errors = pd.to_numeric(timed["max_rel_err"]).dropna()
+    record.update(worst=None, strategy=None, case=None)
+    if len(errors):
+        worst = timed.loc[errors.idxmax()]
+        record.update(worst=float(errors.max()), strategy=worst["strategy"], case=worst["case"])
+    return record
+
+
+def not_timed_counts(df: pd.DataFrame) -> pd.DataFrame:
+    """:func:`not_timed` folded: per status and reason with its numbers written ``N``, the
+    count of ``cells``, ``cases`` and ``strategies``, most cells first."""
+    rows = not_timed(df)
+    columns = ["status", "reason", "cells", "cases", "strategies"]
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    reason = rows["reason"].fillna("no reason recorded").astype(str)
+    rows = rows.assign(reason=reason.str.replace(r"\d[\d.,]*(?:e[+-]?\d+)?", "N", regex=True))
+    table = rows.groupby(["status", "reason"]).agg(
+        cells=("case", "size"), cases=("case", "nunique"), strategies=("strategy", "nunique")
+    )
+    return table.reset_index().sort_values("cells", ascending=False, kind="stable")[columns]
 
 
 def runs(df: pd.DataFrame, audits: list[dict]) -> pd.DataFrame:

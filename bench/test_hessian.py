@@ -32,8 +32,10 @@ def test_hessian(benchmark, hessbench: Run, case: str, strategy: str) -> None:
             isolated = policy.isolated_pass(hessbench.worker, chosen, grid_case, history)
             first_call_s = policy.first_call(call, chosen) if isolated.first_call_here else None
             memory = policy.memory_pass(isolated, first_call_s)
-            rounds, warmup = policy.rounds(memory.warm_s)
-            H = benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)
+            timing = policy.rounds(memory.warm_s)
+            H = benchmark.pedantic(
+                call, rounds=timing.count, warmup_rounds=timing.warmup, iterations=1
+            )
         except (KeyboardInterrupt, Exception) as exc:
             failed = policy.failure(exc)
             policy.record(hessbench, grid_case, strategy, failed)
@@ -45,7 +47,9 @@ def test_hessian(benchmark, hessbench: Run, case: str, strategy: str) -> None:
         del H  # P^2 entries: gone before the next cell allocates its own
         seconds = benchmark.stats.stats.min
         benchmark.extra_info.update(
-            policy.timed_row(grid_case, chosen, data, checked, memory, first_call_s, seconds)
+            policy.timed_row(
+                grid_case, chosen, data, checked, memory, first_call_s, seconds, timing.too_slow
+            )
         )
         written = True
     finally:

@@ -23,6 +23,8 @@ __all__ = [
     "canonical_status",
     "AUDIT_KIND",
     "BASELINE",
+    "MIN_ROUNDS",
+    "TOO_SLOW",
 ]
 
 #: computed, and within tolerance of the float64 reference (a benchmark cell is also timed)
@@ -71,3 +73,11 @@ AUDIT_KIND = "hessbench-audit"
 
 #: the strategy every other is compared with: ``torch.func.hessian``, what users reach for first
 BASELINE = "torch_func"
+
+#: the fewest rounds a timed cell has, unless it is too slow to repeat (docs/DESIGN.md,
+#: "The benchmark's per-cell policy"): a rank test over five rounds against five can say
+#: "faster" at the 1% level, over fewer it rarely can
+MIN_ROUNDS = 5
+#: the ``extra_info`` key of a timed cell whose ``MIN_ROUNDS`` rounds would exceed the cell's
+#: time cap: it ran one round, and is left out of every ranking
+TOO_SLOW = "too_slow"

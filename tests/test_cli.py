@@ -121,7 +121,7 @@ REPORT_PROBES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("a list", lambda t: [_write(t / "a.json", "[1, 2]")], "not a pytest-benchmark JSON"),
     ("empty glob", lambda t: [str(t / "none" / "*.json")], "a shell pattern that matched nothing"),
     ("a folder", lambda t: [str(t)], "a directory, not a JSON file"),
-    ("no file", lambda t: [], "the following arguments are required: files"),
+    ("no file", lambda t: [], "no input files"),
     ("bad option", lambda t: [str(DATA / "audit.json"), "--bogus"], "unrecognized arguments"),
     (
         "outcome without status",

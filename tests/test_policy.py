@@ -8,7 +8,7 @@ import strategies
 from bench import measure, policy
 from bench.grid import Case
 from bench.session import History
-from bench.vocabulary import CRASHED, ERROR, OOM, SKIPPED
+from bench.vocabulary import CRASHED, ERROR, MIN_ROUNDS, OOM, SKIPPED
 from bench.worker import Crashed, Reply, Request
 from strategies import Strategy
 
@@ -107,3 +107,27 @@ def test_a_planner_plans_on_its_first_call_here_with_its_wisdom_emptied():
     assert policy.first_call(lambda: events.append("call"), strategy) >= 0
     assert events == ["forget", "call"]
     assert policy.plans(strategies.get("auto"))
+
+
+@pytest.mark.parametrize(
+    "warm_s, count, too_slow",
+    [
+        (0.001, policy.MAX_ROUNDS, False),  # fast calls fill MIN_CELL_SECONDS, capped
+        (0.05, 10, False),
+        (0.5, MIN_ROUNDS, False),
+        (policy.MAX_CELL_SECONDS / MIN_ROUNDS, MIN_ROUNDS, False),  # just fits the cap
+        (policy.MAX_CELL_SECONDS / MIN_ROUNDS * 1.01, 1, True),
+        (30.0, 1, True),
+    ],
+)
+def test_every_cell_gets_min_rounds_or_is_flagged_too_slow(warm_s, count, too_slow):
+    timing = policy.rounds(warm_s)
+    assert (timing.count, timing.too_slow) == (count, too_slow)
+    assert timing.too_slow or timing.count >= MIN_ROUNDS
+    assert timing.warmup == (1 if warm_s < 1.0 else 0)
+
+
+@pytest.mark.parametrize("warm_s", [-1.0, float("nan"), float("inf")])
+def test_rounds_refuse_a_time_that_is_no_time(warm_s):
+    with pytest.raises(ValueError, match="warm_s"):
+        policy.rounds(warm_s)

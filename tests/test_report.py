@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import json
@@ -20,9 +21,11 @@ from bench import plots, report, results
 from bench.vocabulary import (
     BASELINE,
     ERROR,
+    MIN_ROUNDS,
     OK,
     OLD_STATUSES,
     OOM,
+    OVER_BUDGET,
     SKIPPED,
     STATUSES,
     TIMED,
@@ -131,7 +134,8 @@ def test_size_range_rejects_nonpositive():
 
 
 def _cells(*cells: tuple) -> pd.DataFrame:
-    """(strategy, case, min, stddev, status, peak_bytes, peer) rows of one machine and range."""
+    """(strategy, case, min, stddev, status, peak_bytes, peer) rows of one machine and range,
+    each timed cell with five rounds ``min + k x stddev``."""
     rows = [
         {
             "machine": "m",
@@ -142,6 +146,7 @@ def _cells(*cells: tuple) -> pd.DataFrame:
             "strategy": strategy,
             "min": t,
             "stddev": sd,
+            "rounds_s": [t + k * sd for k in range(MIN_ROUNDS)],
             "status": status,
             "peak_bytes": peak,
             "peer": peer,
@@ -180,6 +185,119 @@ def test_recommend_tie_within_spread_of_rounds():
         )
     )
     assert row["fastest"] == "a" and row["runner_up"] == "b" and row["tie"]
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ([1.0, 1.01, 1.02, 1.03, 1.04], [1.2, 1.21, 1.22, 1.23, 1.24], 1),  # 1.2x, p < 0.01
+        ([1.2, 1.21, 1.22, 1.23, 1.24], [1.0, 1.01, 1.02, 1.03, 1.04], -1),
+        ([1.0, 1.01, 1.02, 1.03, 1.04], [1.05, 1.06, 1.07, 1.08, 1.09], 0),  # under 1.1x
+        ([1.0, 1.5, 1.0, 1.5, 1.0], [1.1, 1.6, 1.1, 1.6, 1.2], 0),  # 1.1x, rounds overlap
+        ([1.0], [1.9], 0),  # one round each: no test, under HUGE_RATIO
+        ([1.0], [2.5], 1),  # one round each, at least HUGE_RATIO
+        ([1.0, 1.0, 1.0], [1.5, 1.5, 1.5], 0),  # 3 against 3 cannot reach p < 0.05
+    ],
+)
+def test_versus_needs_ratio_and_significance(a, b, expected):
+    assert results.versus(a, b) == expected
+
+
+def test_testable_is_where_the_rank_test_can_reach_alpha():
+    assert results.testable(MIN_ROUNDS, MIN_ROUNDS) and results.testable(4, 4)
+    assert not results.testable(3, 3) and not results.testable(1, 20)
+
+
+@pytest.mark.parametrize("bad", [[], [0.0], [float("nan")], [-1.0]])
+def test_versus_refuses_rounds_that_are_no_times(bad):
+    with pytest.raises(ValueError, match="positive finite"):
+        results.versus(bad, [1.0])
+
+
+def test_a_win_must_hold_case_by_case():
+    """1.25x faster on the range's geometric mean, but slower on one case: a tie."""
+    cells = _cells(
+        ("a", "c1", 1.0, 0.01, OK, 100, False),
+        ("b", "c1", 2.0, 0.01, OK, 100, False),
+        ("a", "c2", 1.0, 0.01, OK, 100, False),
+        ("b", "c2", 0.8, 0.01, OK, 100, False),
+    )
+    row = _only_row(cells)
+    assert (row["fastest"], row["runner_up"]) == ("a", "b") and row["tie"]
+    clear = _cells(
+        *[("a", case, 1.0, 0.01, OK, 100, False) for case in ("c1", "c2", "c3")],
+        ("b", "c1", 2.0, 0.01, OK, 100, False),
+        ("b", "c2", 2.0, 0.01, OK, 100, False),
+        ("b", "c3", 1.0, 0.01, OK, 100, False),
+    )
+    assert not _only_row(clear)["tie"]  # faster on two cases of three, tied on the third
+    assert _only_row(clear[clear["case"] != "c2"])["tie"]  # one of two is not more than half
+
+
+def test_cells_too_slow_to_repeat_are_left_out_of_the_rankings():
+    cells = _cells(
+        ("slow_flagged", "c1", 0.5, 0.0, OK, 100, False),
+        ("repeated", "c1", 1.0, 0.01, OK, 100, False),
+        (results.PLANNER, "c1", 1.1, 0.01, OK, 100, False),
+    ).assign(too_slow=[True, False, False])
+    row = _only_row(cells)
+    assert row["fastest"] == "repeated" and row["runner_up"] is None
+    frame = cells.assign(arch="mlp", first_call_s=np.nan)
+    assert results.regrets(frame)["fastest"].tolist() == ["repeated"]
+
+
+def _run_json(path: Path, minimum: float, rounds: int, when: str) -> Path:
+    """A one-cell benchmark JSON of machine "m" whose rounds start at ``minimum``."""
+    data = [minimum * (1 + 0.01 * k) for k in range(rounds)]
+    stats = {
+        "min": min(data),
+        "max": max(data),
+        "mean": float(np.mean(data)),
+        "stddev": float(np.std(data)),
+        "median": float(np.median(data)),
+        "iqr": float(np.subtract(*np.percentile(data, [75, 25]))),
+        "rounds": rounds,
+        "data": data,
+    }
+    extra = {"strategy": "kron", "case": "w8-d1", "P": 81, "input": 8, "width": 8, "depth": 1}
+    extra.update({"output": 1, "activation": "tanh", "loss": "mse", "batch": 4})
+    extra.update({"dtype": "float32", "device": "cpu", "status": OK, "accurate": True})
+    path.write_text(
+        json.dumps(
+            {
+                "machine_info": {"machine_label": "m"},
+                "datetime": when,
+                "benchmarks": [{"group": "w8-d1", "stats": stats, "extra_info": extra}],
+                "hessbench": {"grid": "t", "command": "t", "outcomes": []},
+            }
+        )
+    )
+    return path
+
+
+def test_runs_merge_by_a_rule_whatever_their_order(tmp_path):
+    files = [
+        _run_json(tmp_path / "a.json", 2.0, 1, "2026-01-01"),
+        _run_json(tmp_path / "b.json", 1.0, MIN_ROUNDS, "2026-01-02"),
+        _run_json(tmp_path / "c.json", 1.5, MIN_ROUNDS, "2026-01-03"),
+    ]
+    merged = [results.load(order)[0] for order in (files, files[::-1], files[1:] + files[:1])]
+    for df in merged[1:]:
+        pd.testing.assert_frame_equal(df, merged[0])
+    [cell] = merged[0].to_dict("records")
+    # more rounds first, then the smaller median; the spread across the three runs beside it
+    assert cell["source"] == str(files[1]) and cell["rounds"] == MIN_ROUNDS
+    assert (cell["runs"], cell["runs_lo_s"], cell["runs_hi_s"]) == (3, 1.0, 2.0)
+
+
+def test_noisy_cells_are_flagged_by_iqr_over_median(tmp_path):
+    quiet = _run_json(tmp_path / "q.json", 1.0, MIN_ROUNDS, "2026-01-01")
+    data = json.loads(quiet.read_text())
+    data["benchmarks"][0]["stats"]["iqr"] = 0.2
+    noisy = tmp_path / "n.json"
+    noisy.write_text(json.dumps({**data, "machine_info": {"machine_label": "other"}}))
+    df = results.load([quiet, noisy])[0].set_index("machine")
+    assert df.loc["other", "noisy"] and not df.loc["m", "noisy"]
 
 
 @pytest.mark.parametrize(("status", "peer"), [(WRONG, False), (OK, True)])
@@ -491,7 +609,9 @@ def test_figures_leave_out_panels_with_nothing_timed(compiled, tmp_path):
     for draw in (plots.time_vs_p, plots.memory_vs_p):
         fig = draw(df, styles)
         visible = [ax for ax in fig.axes if ax.get_visible()]
-        assert [ax.get_title().splitlines()[-1] for ax in visible] == ["cpu, float32"]
+        assert {ax.get_title().splitlines()[-1] for ax in visible} == {"cpu, float32"}
+        timed_archs = set(df.loc[(df["device"] == "cpu") & (df["status"] == OK), "arch"])
+        assert {ax.get_title().split(":")[0] for ax in visible} == timed_archs  # one per arch
     nothing = df[df["device"] == "cuda"]
     assert plots.time_vs_p(nothing, styles) is None
     assert plots.speedup(nothing, styles) is None
@@ -628,3 +748,168 @@ def test_regrets_are_auto_over_the_fastest_exact_strategy_that_is_no_peer(inputs
     assert "was not timed in these runs" in report.render_html(
         "T", df, [], {}, results.recommend(df)
     )
+
+
+def test_compare_lists_cells_changed_by_10_percent_and_significantly(tmp_path, capsys):
+    old = _run_json(tmp_path / "old.json", 1.0, MIN_ROUNDS, "2026-01-01")
+    slower = _run_json(tmp_path / "slower.json", 1.5, MIN_ROUNDS, "2026-01-02")
+    same = _run_json(tmp_path / "same.json", 1.05, MIN_ROUNDS, "2026-01-02")
+    table = results.changes(results.load([old])[0], results.load([slower])[0])
+    assert table[["strategy", "change"]].values.tolist() == [["kron", "slower"]]
+    assert table["new_over_old"].iloc[0] == pytest.approx(1.5)
+    assert results.changes(results.load([slower])[0], results.load([old])[0])[
+        "change"
+    ].tolist() == ["faster"]
+    assert results.changes(results.load([old])[0], results.load([same])[0]).empty
+    assert report.main(["--compare", str(old), str(slower)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("1 cells changed") and "slower" in out and "kron on w8-d1" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--compare", "a.json"], "expected 2"), (["x.json", "--compare", "a", "b"], "no other")],
+)
+def test_compare_refuses_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) if "expected" in message else contextlib.nullcontext():
+        assert report.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_committed_runs_give_one_table_whatever_their_order():
+    from bench import auto_table
+
+    committed = json.loads(auto_table.DEFAULT_OUT.read_text())
+    root = auto_table.DEFAULT_OUT.parent.parent
+    sources = [str(root / name) for name in committed["sources"]]
+    built = []
+    for order in (sources, sources[::-1], sources[1:] + sources[:1]):
+        df, audits = results.load(order)
+        table = auto_table.build(df, audits, committed["sources"], committed["command"])
+        built.append((table, results.recommendation_records(results.recommend(df))))
+    assert built[0][0] == committed  # the committed table is this merged dataset's
+    assert all(b == built[0] for b in built[1:])
+
+
+def test_the_decision_box_of_the_committed_runs_is_auto_table_and_the_planner(tmp_path):
+    """The report of the committed runs names, per size range, what auto_table.json ranks
+    first, and what the planner itself chooses on the range's smallest MLP."""
+    from bench import auto_table
+    from bench.grid import Case
+    from bench.models import make_problem
+    from strategies import auto
+
+    committed = json.loads(auto_table.DEFAULT_OUT.read_text())
+    root = auto_table.DEFAULT_OUT.parent.parent
+    inputs = [
+        Path(shutil.copy(root / name, tmp_path / Path(name).name)) for name in committed["sources"]
+    ]
+    assert report.main([*map(str, inputs), "--plots-dir", str(tmp_path / "plots")]) == 0
+    page = (tmp_path / "plots" / "report.html").read_text()
+    assert page.index("id='decision'") < page.index("<h2>Summary</h2>")
+    box = page[
+        page.index("id='decision-table'") : page.index("</table>", page.index("id='decision'"))
+    ]
+    shown = re.findall(r"<td>([\d,]+) ≤ P &lt; ([\d,]+)</td><td><code>(\w+)</code>", box)
+    ranked_first = {
+        r["P_min"]: r["ranking"][0] for r in committed["regimes"] if r["device"] == "cpu"
+    }
+    assert len(shown) == len(ranked_first) >= 3
+    df, _ = results.load(inputs)
+    for lo, hi, name in shown:
+        P_min, P_max = int(lo.replace(",", "")), int(hi.replace(",", ""))
+        assert name == ranked_first[P_min], (P_min, name)
+        mlps = df[(df["P"] >= P_min) & (df["P"] < P_max) & (df["arch"] == "mlp")]
+        smallest = mlps.sort_values("P").iloc[0]
+        fields = {f: smallest[f] for f in Case.__dataclass_fields__}
+        case = Case(**{f: v.item() if isinstance(v, np.generic) else v for f, v in fields.items()})
+        net, batch, loss_fn = make_problem(case)
+        assert auto.choose(net, dict(net.named_parameters()), batch, loss_fn) == name, P_min
+    assert "<td>cuda</td><td>any P</td><td>not measured</td>" in box
+
+
+def test_case_cells_give_each_ranked_cell_its_multiples(inputs):
+    df, _ = results.load(inputs)
+    cells = results.case_cells(df)
+    ranked = results.ranked(df)
+    assert len(cells) == len(ranked)
+    for _, case in cells.groupby(["machine", "device", "case"]):
+        assert case["rank"].tolist() == list(range(1, len(case) + 1))
+        assert case["median"].is_monotonic_increasing
+        eligible = case[~case["strategy"].isin(results.DISPATCHERS)]
+        assert eligible["times_fastest"].min() == pytest.approx(1.0)
+    row = cells.iloc[0]
+    grad_s = ranked.set_index(["machine", "case", "strategy"]).loc[
+        (row["machine"], row["case"], row["strategy"]), "grad_s"
+    ]
+    assert row["times_grad"] == pytest.approx(row["median"] / grad_s)
+    table = results.multiples(df)
+    assert set(table["strategy"]) == set(cells["strategy"])
+    assert (table["times_fastest_lo"] <= table["times_fastest"] + 1e-12).all()
+
+
+def test_accuracy_of_the_timed_cells_is_counted(inputs):
+    df, _ = results.load(inputs)
+    accuracy = results.accuracy_of_timed(df)
+    timed = df[df["status"].isin(TIMED)]
+    assert accuracy["cells"] == len(timed) and accuracy["wrong"] == (timed["status"] == WRONG).sum()
+    assert accuracy["worst"] == pytest.approx(timed["max_rel_err"].max())
+
+
+def test_not_timed_cells_fold_into_counts_by_reason():
+    df = pd.DataFrame(
+        {
+            "machine": "m",
+            "device": "cpu",
+            "P": [100, 200, 300],
+            "case": ["a", "b", "c"],
+            "strategy": ["s", "s", "t"],
+            "status": OVER_BUDGET,
+            "reason": [f"predicted {t} s per call > --time-budget 30 s" for t in (31.5, 40, 2e3)],
+            "max_rel_err": np.nan,
+            "tolerance": np.nan,
+        }
+    )
+    [row] = results.not_timed_counts(df).to_dict("records")
+    assert row["reason"] == "predicted N s per call > --time-budget N s"
+    assert (row["cells"], row["cases"], row["strategies"]) == (3, 3, 2)
+
+
+def test_report_states_accuracy_shows_cases_and_prints_each_bug_once(inputs, tmp_path):
+    html_path = tmp_path / "report.html"
+    audit = json.loads(inputs[2].read_text())
+    twin = tmp_path / "audit-twin.json"
+    twin.write_text(json.dumps(audit))  # a second audit listing the same known bug
+    argv = [*map(str, inputs), str(twin), "--plots-dir", str(tmp_path), "--html", str(html_path)]
+    assert report.main(argv) == 0
+    page = html_path.read_text()
+    assert "id='timed-accuracy'" in page and "<table id='cases'>" in page
+    assert page.count(html.escape(audit["known_bugs"][0]["title"])) == 1
+    counts = page.index('id="not-timed-counts"')
+    assert counts < page.index("<details><summary>Every cell") < page.index('id="not-timed"')
+
+
+def test_figures_fit_the_page_with_contenders_in_colour_and_untimed_cells_as_markers(compiled):
+    df, _ = results.load(compiled)
+    styles = plots.strategy_styles(df["strategy"])
+    drawn = [draw(df, styles) for draw in (plots.time_vs_p, plots.memory_vs_p, plots.cost_ratios)]
+    bars = plots.speedup(df, styles)
+    for fig in [*drawn, bars]:
+        assert fig.get_figwidth() <= plots.PAGE_WIDTH  # shown at full size at 1400 px
+    ax = drawn[0].axes[0]
+    arch = ax.get_title().split(":")[0]
+    cells = results.case_cells(df[(df["arch"] == arch) & (df["device"] == "cpu")])
+    contenders = set(results.recommend(df[df["arch"] == arch])["fastest"].dropna())
+    contenders |= set(cells.loc[cells["rank"] <= plots.CONTENDER_RANK, "strategy"])
+    coloured = {
+        name
+        for line in ax.get_lines()
+        for name, style in styles.items()
+        if line.get_color() == style.colour and line.get_linestyle() == style.linestyle
+    }
+    assert coloured and coloured <= contenders
+    grey = [line for line in ax.get_lines() if line.get_color() == plots.OTHERS_COLOUR]
+    assert len(grey) >= 1 or set(df["strategy"]) <= contenders
+    # a cell not timed is never a bar: no hatched or empty-faced patch in the speedup figure
+    for axis in bars.axes:
+        assert all(not patch.get_hatch() or patch.get_hatch() == ".." for patch in axis.patches)

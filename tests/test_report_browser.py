@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -153,3 +154,22 @@ def test_screenshot_renders(built):
         (built / "plots" / "report.html").as_uri(),
     )
     assert shot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_decision_box_is_on_the_first_screen(built):
+    """At 1400 x 900 the decision box lies wholly in the first screen, before any scroll."""
+    page = (built / "plots" / "report.html").read_text()
+    probe = (
+        "<script>const r = document.getElementById('decision').getBoundingClientRect();"
+        "document.body.setAttribute('data-box', r.top + ' ' + r.bottom);</script></body>"
+    )
+    probed = built / "probed.html"
+    probed.write_text(page.replace("</body>", probe))
+    dom = _chromium(
+        f"--user-data-dir={built / 'profile'}",
+        "--window-size=1400,900",
+        "--dump-dom",
+        probed.as_uri(),
+    ).stdout
+    top, bottom = map(float, re.search(r'data-box="([\d.]+) ([\d.]+)"', dom).groups())
+    assert 0 <= top < bottom <= 900
