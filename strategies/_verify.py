@@ -208,7 +208,7 @@ def _probe(kind: str, P: int, generator: torch.Generator, device: torch.device) 
 def _scan(H: Tensor, V: Tensor, rounded: bool) -> tuple[Tensor, Tensor, float, float] | None:
     """``H V^T`` and, where ``rounded``, ``sqrt(H² (V²)^T)`` (k x P each; else zeros), ``max |H|``
     and ``max |H - Hᵀ|``, in float64, a block of rows at a time; None where ``H`` is not
-    finite (``max`` propagates NaN, and meets an infinity as one)."""
+    finite (``max`` and ``min`` propagate NaN, and meet an infinity as one)."""
     P = H.shape[0]
     HV = torch.empty(V.shape[0], P, dtype=torch.float64, device=V.device)
     rounding = torch.zeros_like(HV)
@@ -218,17 +218,33 @@ def _scan(H: Tensor, V: Tensor, rounded: bool) -> tuple[Tensor, Tensor, float, f
     for start in range(0, P, rows):
         stop = min(start + rows, P)
         block = H[start:stop].to(torch.float64)
-        largest = float(block.abs().max())
+        largest = max(float(block.max()), -float(block.min()))
         if not math.isfinite(largest):
             return None
         max_abs = max(max_abs, largest)
-        HV[:, start:stop] = (block @ V.T).T
+        HV[:, start:stop] = torch.mm(V, block.T)
         if rounded:
-            rounding[:, start:stop] = ((block * block) @ V2.T).T.sqrt()
-        # one block of every row: its own transpose is the mirror, with no second copy
-        mirror = block.T if stop - start == P else H[:, start:stop].to(torch.float64).T
-        asymmetry = max(asymmetry, float((block - mirror).abs().max()))
+            rounding[:, start:stop] = torch.mm(V2, (block * block).T).sqrt()
+        asymmetry = max(asymmetry, _asymmetry(H, block, start))
     return HV, rounding, max_abs, asymmetry
+
+
+#: the side of the square tiles ``_asymmetry`` compares with their mirrors (a tile and its
+#: transpose stay in cache: three times faster than ``block - block.T`` at P = 1,444)
+_TILE = 512
+
+
+def _asymmetry(H: Tensor, block: Tensor, start: int) -> float:
+    """``max |H[r, c] - H[c, r]|`` over the rows ``r`` of ``block`` (``H[start:...]`` in
+    float64) and the columns ``c`` from their own tile on: over all blocks, every pair."""
+    P, worst = H.shape[0], 0.0
+    for i in range(0, block.shape[0], _TILE):
+        rows = slice(start + i, min(start + i + _TILE, start + block.shape[0]))
+        for j in range(start + i, P, _TILE):
+            mine = block[i : i + _TILE, j : j + _TILE]
+            mirror = H[j : j + _TILE, rows].to(torch.float64).T
+            worst = max(worst, float((mine - mirror).abs().max()))
+    return worst
 
 
 def _reference(problem: Problem, V: Tensor) -> tuple[Tensor, float, Problem, str]:
