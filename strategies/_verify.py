@@ -29,7 +29,9 @@ float16 and bfloat16 ``H`` (80 of 80), and the zero Hessian of a loss independen
 chosen params (``H`` about 1e-32; tests/test_contract.py).
 
 Cost: the problem's tensors cast to float64 (the net is not copied), one gradient with its graph
-and three backward passes through it, and one pass over ``H``.
+and three backward passes through it, and two passes over ``H`` (its rows, then its square
+tiles against their mirrors). At P = 49 (the forum net) the three float64 products are about
+a third of ``vmap_vjp``'s whole time; at P = 641, a tenth.
 """
 
 from __future__ import annotations

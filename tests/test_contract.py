@@ -1289,3 +1289,31 @@ def test_the_probe_cache_keeps_no_net_alive() -> None:
     del net
     gc.collect()
     assert ref() is None
+
+
+class _Locked(nn.Module):
+    """A net holding what cannot be copied (a lock, as a net shared across threads might)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.lock = threading.Lock()
+        self.inp, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inp(x)))
+
+
+def test_verify_takes_its_float64_reference_without_copying_the_net() -> None:
+    """The reference is the problem with its tensors cast, not a float64 copy of the net: a
+    net that cannot be copied still gets it, and a wrong Hessian is still caught."""
+    torch.manual_seed(0)
+    net, batch = _Locked(), _batch(dtype=torch.float32)
+    params = _params(net)
+    H = strategies.compute("vmap_vjp", net, params, batch)
+    ok, detail = strategies.verify(H, net, params, batch)
+    assert ok, detail
+    assert detail.endswith("reference in float64")
+    assert not strategies.verify(H * 1.01, net, params, batch)[0]
+    assert all(p.dtype == torch.float32 for p in net.parameters())
