@@ -5,8 +5,9 @@
 gradient's own gradient along ``v``, with no torch.func transform, so it shares no
 differentiation code with the strategies on the torch.func paths; it shares the loss
 closure of ``prepare``, tested on its own against the float64 references). A net in a
-coarser dtype is copied to float64 for the product, so the reference carries no rounding
-of the dtype ``H`` was computed in. Where torch's double backward is wrong through the
+coarser dtype is evaluated with its params, buffers and batch cast to float64 for the
+product (``in_float64``; the net is not copied), so the reference carries no rounding of
+the dtype ``H`` was computed in. Where torch's double backward is wrong through the
 forward (``hazard(problem, DOUBLE_BACKWARD)``) the product is forward over reverse with
 autograd's dual tensors instead. ``H`` is also checked for symmetry, entry by entry.
 
