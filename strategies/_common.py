@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import dataclasses
 import functools
-import math
 import re
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,7 @@ __all__ = [
     "autograd_enabled",
     "check_inputs",
     "prepare",
+    "in_float64",
     "hazard",
     "refuse_hazard",
     "explain_autograd_error",
@@ -78,15 +80,17 @@ REVERSE_MODE = ("full_autograd", "symmetric_half", "vmap_vjp")
 def mse_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """Mean squared error: the value of ``F.mse_loss(outputs, targets)``, broadcasting included.
 
-    Written through ``reduction="sum"`` because in torch 2.13 forward-over-reverse of
-    ``F.mse_loss`` with its default mean reduction raises "ZeroTensors are immutable"
-    (``jvp(grad(f))`` with ``f`` ending in ``F.mse_loss(out, y)``); the sum reduction works.
-    The sum is divided by the size of the broadcast ``outputs - targets``, as torch's mean
-    does, so that where the shapes differ this is still exactly the loss the caller passed.
-    ``check_inputs`` puts this in place of ``F.mse_loss`` and ``nn.MSELoss()`` (mean).
+    Written out as ``(outputs - targets).square().mean()`` because in torch 2.13
+    forward-over-reverse of ``F.mse_loss`` with its default mean reduction raises
+    "ZeroTensors are immutable" (``jvp(grad(f))`` with ``f`` ending in
+    ``F.mse_loss(out, y)``). The mean is over the broadcast ``outputs - targets``, as
+    torch's is, so that where the shapes differ this is still exactly the loss the caller
+    passed. Of the forms that work on every path it costs least under the transforms
+    (``torch.func.hessian`` of the forum net, P = 49: 0.90x ``F.mse_loss`` itself, where
+    ``F.mse_loss(..., reduction="sum") / size`` cost 1.16x). ``check_inputs`` puts this in
+    place of ``F.mse_loss`` and ``nn.MSELoss()`` (mean).
     """
-    size = math.prod(torch.broadcast_shapes(outputs.shape, targets.shape))
-    return F.mse_loss(outputs, targets, reduction="sum") / size
+    return (outputs - targets).square().mean()
 
 
 @contextlib.contextmanager
@@ -135,6 +139,11 @@ class Problem:
             BatchNorm running statistics).
         norm_calls: the normalisation ops the forward called (see ``hazard``).
         ops: the names of every aten op the forward and loss called (e.g. ``"addmm"``).
+        nested: what the forward does that only the plain autograd loops differentiate
+            (``torch.autograd.grad`` inside it, a non-reentrant checkpoint), or "";
+            ``prepare`` refuses such a problem unless its caller is one of them.
+        fixed: the net's other params and buffers, by name, held at their values.
+        constant: none of the chosen params reaches the loss (its Hessian is zero).
     """
 
     names: tuple[str, ...]
@@ -147,6 +156,9 @@ class Problem:
     module: nn.Module
     norm_calls: tuple[NormCall, ...] = ()
     ops: frozenset[str] = frozenset()
+    nested: str = ""
+    fixed: Mapping[str, Tensor] = dataclasses.field(default_factory=dict)
+    constant: bool = False
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -465,7 +477,9 @@ def _saved_tensor_hooks() -> Any:
 NESTED_AUTOGRAD = ("full_autograd", "symmetric_half")
 
 
-def _nested_autograd(recorder: _ForwardRecorder, value: Tensor) -> tuple[str, bool]:
+def _nested_autograd(
+    recorder: _ForwardRecorder, value: Tensor, grad_call: str = ""
+) -> tuple[str, bool]:
     """What the forward does that only plain autograd loops differentiate, or that none does
     (the flag), or ``("", False)``."""
     seen, stack = set(), [value.grad_fn]
@@ -484,6 +498,11 @@ def _nested_autograd(recorder: _ForwardRecorder, value: Tensor) -> tuple[str, bo
         stack.extend(next_node for next_node, _ in node.next_functions)
     if recorder.saved_tensor_hooks:
         return "saves tensors through hooks of its own (torch.utils.checkpoint?)", False
+    if grad_call:
+        return (
+            f"calls {grad_call} itself (a PINN's derivatives in the inputs?)",
+            False,
+        )
     if recorder.backward_ops:
         return (
             f"computes derivatives itself (aten.{recorder.backward_ops[0]}: torch.autograd.grad "
@@ -497,10 +516,16 @@ class _ForwardRecorder(TorchDispatchMode):
     """Records, below autograd, the ops a forward calls: all by name, normalisation and random
     ops in detail, and embeddings whose gradient is not their derivative."""
 
-    def __init__(self, module_names: Mapping[int, str] | None = None) -> None:
+    def __init__(
+        self,
+        module_names: Mapping[int, str] | None = None,
+        in_transform: Callable[[], bool] = lambda: False,
+    ) -> None:
         super().__init__()
         #: id -> name of the modules of the net, to say where an op was called
         self.module_names = module_names or {}
+        #: whether the ops now run inside a torch.func transform of the forward's own
+        self.in_transform = in_transform
         self.norm_calls: list[NormCall] = []
         self.random_ops: list[str] = []
         #: derivatives the forward itself computes (torch.autograd.grad inside it)
@@ -515,7 +540,7 @@ class _ForwardRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         op = func.overloadpacket.__name__
-        if op.endswith("_backward"):
+        if op.endswith("_backward") and not self.in_transform():
             self.backward_ops.append(op)
         if _saved_tensor_hooks() != self._outer_hooks:
             self.saved_tensor_hooks = True
@@ -595,13 +620,18 @@ def prepare(
     net (``plain_weight_norm``); the net's buffers are as they were afterwards.
     """
     shared = _SHARED.get()
-    key = _identity(net, params, batch, loss_fn, nested_autograd) if shared is not None else None
-    if key is not None and key in shared:
-        return shared[key]
-    with autograd_enabled(), buffers_kept(net):
-        problem = _prepare(net, params, batch, loss_fn, nested_autograd)
-    if key is not None:
-        shared[key] = problem
+    key = _identity(net, params, batch, loss_fn) if shared is not None else None
+    problem = shared.get(key) if key is not None else None
+    if problem is None:
+        with autograd_enabled(), buffers_kept(net):
+            problem = _prepare(net, params, batch, loss_fn)
+        if key is not None:
+            shared[key] = problem
+    if problem.nested and not nested_autograd:
+        raise ValueError(
+            f"the forward {problem.nested}: torch.func transforms and forward mode cannot "
+            f"differentiate through it; use a plain autograd loop ({', '.join(NESTED_AUTOGRAD)})"
+        )
     return problem
 
 
@@ -611,7 +641,7 @@ _SHARED: contextvars.ContextVar[dict[tuple, Problem] | None] = contextvars.Conte
 )
 
 
-def _identity(net: Any, params: Any, batch: Any, loss_fn: Any, nested: bool) -> tuple | None:
+def _identity(net: Any, params: Any, batch: Any, loss_fn: Any) -> tuple | None:
     """The same objects, unmodified since (tensors' version counters): the same problem."""
     if not isinstance(params, Mapping) or not isinstance(batch, tuple):
         return None
@@ -622,7 +652,6 @@ def _identity(net: Any, params: Any, batch: Any, loss_fn: Any, nested: bool) -> 
     if any(t.is_inference() for t in (*tensors, *own)):
         return None  # inference tensors keep no version counter: never shared
     return (
-        nested,
         id(net),
         id(loss_fn),
         net.training if isinstance(net, nn.Module) else None,
@@ -647,7 +676,6 @@ def _prepare(
     params: Mapping[str, Tensor],
     batch: tuple[Tensor, Tensor],
     given_loss_fn: LossFn | None,
-    nested_autograd: bool = False,
 ) -> Problem:
     loss_fn = check_inputs(net, params, batch, given_loss_fn)
     inputs = map_inputs(_normal, batch[0])
@@ -655,46 +683,170 @@ def _prepare(
     names = tuple(params)
     primals = tuple(_normal(params[n].detach()) for n in names)
     module = _stateless(net)
-    probe = _probe(module, params, primals, inputs, targets, loss_fn, given_loss_fn)
-    if WEIGHT_NORM_OP in probe.recorder.ops:
-        # torch's double backward of this op is wrong: the same weight norm in plain ops
-        module = plain_weight_norm(module)
+    # a copy of the net (weight norm, running statistics) is made afresh: never cached
+    seen = _Seen.of(net, params, batch, given_loss_fn) if module is net else None
+    known = _PROBED.get(net) if seen is not None else None
+    probe = None
+    if known is not None and known.seen == seen:
+        probe = _probe(module, params, primals, inputs, targets, loss_fn, given_loss_fn, known)
+    if probe is not None:
+        found = known
+    else:
         probe = _probe(module, params, primals, inputs, targets, loss_fn, given_loss_fn)
-    outputs_at, value, recorder = probe.outputs_at, probe.value, probe.recorder
-    targets = probe.targets
-    nested, impossible = _nested_autograd(recorder, value) if value.requires_grad else ("", 0)
-    if impossible:
-        raise ValueError(f"the forward {nested}")
-    if nested and not nested_autograd:
-        raise ValueError(
-            f"the forward {nested}: torch.func transforms and forward mode cannot "
-            f"differentiate through it; use a plain autograd loop ({', '.join(NESTED_AUTOGRAD)})"
+        if WEIGHT_NORM_OP in probe.recorder.ops:
+            # torch's double backward of this op is wrong: the same weight norm in plain ops
+            module, seen = plain_weight_norm(module), None
+            probe = _probe(module, params, primals, inputs, targets, loss_fn, given_loss_fn)
+        recorder = probe.recorder
+        nested, impossible = (
+            _nested_autograd(recorder, probe.value, probe.grad_call)
+            if probe.value.requires_grad
+            else ("", 0)
         )
-    # A loss that none of the chosen params reaches has a zero Hessian; tied to them by a
-    # zero term it stays in the graph, so that every strategy finds zero derivatives rather
-    # than autograd's "element 0 of tensors does not require grad".
+        if impossible:
+            raise ValueError(f"the forward {nested}")
+        found = _Probed(
+            seen,
+            _graph_of(probe.value),
+            tuple(recorder.norm_calls),
+            frozenset(recorder.ops),
+            nested,
+        )
+    value, targets, nested = probe.value, probe.targets, found.nested
     constant = not value.requires_grad
-
-    def loss(p: Mapping[str, Tensor]) -> Tensor:
-        value = loss_fn(outputs_at(p), targets)
-        return value + 0 * sum(t.sum() for t in p.values()) if constant else value
-
     problem = Problem(
         names=names,
         shapes=tuple(p.shape for p in primals),
         primals=primals,
-        loss=loss,
+        loss=_loss_closure(module, probe.fixed, inputs, targets, loss_fn, constant),
         inputs=inputs,
         targets=targets,
         loss_fn=loss_fn,
         module=module,
-        norm_calls=tuple(recorder.norm_calls),
-        ops=frozenset(recorder.ops),
+        norm_calls=found.norm_calls,
+        ops=found.ops,
+        nested=nested,
+        fixed=probe.fixed,
+        constant=constant,
     )
     reason = hazard(problem, _ANY_PATH)
     if reason:
         raise ValueError(f"no strategy can differentiate this loss: {reason}")
+    if found.seen is not None and found is not known:
+        _PROBED[net] = found
     return problem
+
+
+# --- the probe's findings, remembered per net (see DESIGN, "The strategy contract") ---
+
+
+def _plain(value: Any) -> bool:
+    """A setting of a module that the cache key may hold: a number, a string, a tuple of them."""
+    if isinstance(value, tuple):
+        return all(_plain(v) for v in value)
+    return value is None or type(value) in (bool, int, float, str)
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What a probe forward's findings hold for: the net's structure, and the very loss and
+    batch it was run on, unmodified (weak references and version counters; the parameter
+    values are left out, as they change from call to call in a Newton loop)."""
+
+    #: per module: name, class, train mode, plain settings, hooks, an instance forward
+    modules: tuple
+    #: the net's params (name, shape, dtype, device, requires_grad), buffers, the chosen
+    tensors: tuple
+    #: the global module hooks
+    hooks: tuple
+    loss_fn: Any
+    batch: tuple
+
+    @classmethod
+    def of(
+        cls, net: nn.Module, params: Mapping[str, Tensor], batch: Any, loss_fn: Any
+    ) -> _Seen | None:
+        """The key of this call, or None where it is not cacheable (a loss or a batch tensor
+        that takes no weak reference, an inference tensor, which keeps no version counter)."""
+        parts = [t for _, t in input_parts(batch[0])] + [batch[1]]
+        if any(t.is_inference() for t in parts):
+            return None
+        try:
+            loss_ref = None if loss_fn is None else _Ref(loss_fn)
+            batch_refs = tuple((_Ref(t), t._version) for t in parts)
+        except TypeError:
+            return None
+        modules = tuple(
+            (
+                name,
+                type(m),
+                m.training,
+                tuple(sorted((k, v) for k, v in vars(m).items() if _plain(v))),
+                tuple(m._forward_pre_hooks),
+                tuple(m._forward_hooks),
+                getattr(vars(m).get("forward"), "__code__", None),
+            )
+            for name, m in net.named_modules()
+        )
+        tensors = (
+            tuple(
+                (n, p.shape, p.dtype, p.device, p.requires_grad) for n, p in net.named_parameters()
+            ),
+            tuple((n, b.shape, b.dtype, b.device) for n, b in net.named_buffers()),
+            tuple(params),
+        )
+        hooks = (
+            tuple(module_hooks._global_forward_pre_hooks),
+            tuple(module_hooks._global_forward_hooks),
+        )
+        return cls(modules, tensors, hooks, loss_ref, batch_refs)
+
+
+class _Ref:
+    """A weak reference equal to another to the same live object (``weakref.ref`` compares
+    dead references by identity, and live ones by their objects' ``==``)."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, obj: Any) -> None:
+        self.ref = weakref.ref(obj)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Ref):
+            return NotImplemented
+        mine = self.ref()
+        return mine is not None and mine is other.ref()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class _Probed:
+    """What the probe forward found on a net (none of it refers to the net)."""
+
+    seen: _Seen | None
+    #: the autograd graph of the probed loss, node types in walk order
+    graph: tuple[str, ...]
+    norm_calls: tuple[NormCall, ...]
+    ops: frozenset[str]
+    nested: str
+
+
+#: net -> the findings of its last probe forward, weakly keyed: the cache keeps no net alive
+_PROBED: weakref.WeakKeyDictionary[nn.Module, _Probed] = weakref.WeakKeyDictionary()
+
+
+def _graph_of(value: Tensor) -> tuple[str, ...]:
+    """The types of the nodes of ``value``'s autograd graph, depth first."""
+    out, seen, stack = [], set(), [value.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        out.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in reversed(node.next_functions))
+    return tuple(out)
 
 
 def _in_dtype_of(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -708,11 +860,15 @@ def _in_dtype_of(outputs: Tensor, targets: Tensor) -> Tensor:
 class _Probe:
     """What one probe forward of the loss found (see ``_probe``)."""
 
-    outputs_at: Callable[[Mapping[str, Tensor]], Any]
+    #: the net's other params and buffers, held at their values
+    fixed: dict[str, Tensor]
     value: Tensor
-    recorder: _ForwardRecorder
+    #: what the dispatch modes recorded; None where a cached probe's findings were replayed
+    recorder: _ForwardRecorder | None
     #: the targets the loss is computed with (cast to the outputs' dtype for MSE)
     targets: Tensor
+    #: torch.autograd.grad or backward, where the forward called it itself (``_ProbeWatch``)
+    grad_call: str = ""
 
 
 def _probe(
@@ -723,35 +879,53 @@ def _probe(
     targets: Tensor,
     loss_fn: LossFn,
     given_loss_fn: LossFn | None,
-) -> _Probe:
+    known: _Probed | None = None,
+) -> _Probe | None:
     """Run the loss once at the params, checking what only running it shows.
 
     Raises ValueError where the forward or the loss draws random numbers, updates a buffer
     in place, feeds a value computed from the chosen params without autograd back into a
     differentiated op, takes an embedding gradient that is not the derivative of its
     forward, or where ``loss_fn`` reads the net's own chosen parameters.
+
+    With ``known``, the findings of a probe of the same key (``_Seen``), it replays: the loss
+    by a plain forward, without the dispatch modes. What depends on the parameter values
+    still runs (the checks of the outputs and of the loss's value), and the autograd graph
+    must be the probed one node for node; where anything differs (a buffer written) or fails
+    it returns None, and the full probe then runs and says what it is.
     """
     names = tuple(params)
-    fixed = {n: _normal(t.detach()) for n, t in module.named_parameters() if n not in params}
-    fixed.update((n, _normal(t)) for n, t in module.named_buffers())
-
-    def outputs_at(p: Mapping[str, Tensor]) -> Any:
-        return call_net(module, {**fixed, **p}, inputs)
-
+    fixed = _fixed(module, params)
+    outputs_at = _outputs_at(module, fixed, inputs)
     leaves = {n: p.detach().requires_grad_(True) for n, p in zip(names, primals)}
-    watch = _ProbeWatch(leaves.values(), params, module)
-    recorder = _ForwardRecorder(watch.names)
     versions = _buffer_versions(module)
+
+    def evaluate() -> tuple[Any, Tensor, Tensor]:
+        outputs = outputs_at(leaves)
+        loss_targets = targets
+        if loss_fn is mse_loss and isinstance(outputs, Tensor):
+            loss_targets = _in_dtype_of(outputs, targets)
+        if given_loss_fn is None:
+            _check_default_loss_outputs(outputs, loss_targets)
+        _check_class_targets(loss_fn, outputs, loss_targets)
+        if known is None:  # the watch of the full probe (below), from here on in the loss
+            watch.in_loss = True
+        return outputs, loss_fn(outputs, loss_targets), loss_targets
+
+    if known is not None:
+        try:
+            outputs, value, targets = evaluate()
+            _check_loss_value(value, outputs)
+        except Exception:  # the full probe says what it is
+            return None
+        if _changed_buffers(module, versions) or _graph_of(value) != known.graph:
+            return None
+        return _Probe(fixed, value, None, targets)
+    watch = _ProbeWatch(leaves.values(), params, module)
+    recorder = _ForwardRecorder(watch.names, watch.in_transform)
     with recorder, watch:
         try:
-            outputs = outputs_at(leaves)
-            if loss_fn is mse_loss and isinstance(outputs, Tensor):
-                targets = _in_dtype_of(outputs, targets)
-            if given_loss_fn is None:
-                _check_default_loss_outputs(outputs, targets)
-            _check_class_targets(loss_fn, outputs, targets)
-            watch.in_loss = True
-            value = loss_fn(outputs, targets)
+            outputs, value, targets = evaluate()
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, IndexError) as error:
@@ -772,7 +946,73 @@ def _probe(
             "net.eval())"
         )
     _refuse_ill_defined(watch, recorder, _changed_buffers(module, versions))
-    return _Probe(outputs_at, value, recorder, targets)
+    return _Probe(fixed, value, recorder, targets, watch.grad_call)
+
+
+def _fixed(module: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The module's params other than the chosen ones (detached) and its buffers, by name."""
+    fixed = {n: _normal(t.detach()) for n, t in module.named_parameters() if n not in params}
+    fixed.update((n, _normal(t)) for n, t in module.named_buffers())
+    return fixed
+
+
+def _outputs_at(
+    module: nn.Module, fixed: Mapping[str, Tensor], inputs: Inputs
+) -> Callable[[Mapping[str, Tensor]], Any]:
+    """The net's outputs as a function of the chosen params, the others held at ``fixed``."""
+
+    def outputs_at(p: Mapping[str, Tensor]) -> Any:
+        return call_net(module, {**fixed, **p}, inputs)
+
+    return outputs_at
+
+
+def _loss_closure(
+    module: nn.Module,
+    fixed: Mapping[str, Tensor],
+    inputs: Inputs,
+    targets: Tensor,
+    loss_fn: LossFn,
+    constant: bool,
+) -> Callable[[Mapping[str, Tensor]], Tensor]:
+    """``Problem.loss``: the loss as a pure function of the chosen params.
+
+    A loss that none of the chosen params reaches (``constant``) has a zero Hessian; tied to
+    them by a zero term it stays in the graph, so that every strategy finds zero derivatives
+    rather than autograd's "element 0 of tensors does not require grad".
+    """
+    outputs_at = _outputs_at(module, fixed, inputs)
+
+    def loss(p: Mapping[str, Tensor]) -> Tensor:
+        value = loss_fn(outputs_at(p), targets)
+        return value + 0 * sum(t.sum() for t in p.values()) if constant else value
+
+    return loss
+
+
+def in_float64(problem: Problem) -> Problem:
+    """``problem`` with its params, the fixed params and buffers, inputs and targets in float64.
+
+    The same module and loss (no copy of the net, no second probe forward): what ``verify``
+    computes its reference with. Integer tensors (indices, class targets) stay as they are.
+    A net that does not run in float64 fails only when its loss is called.
+    """
+
+    def cast(t: Tensor) -> Tensor:
+        return t.to(torch.float64) if t.is_floating_point() else t
+
+    fixed = {n: cast(t) for n, t in problem.fixed.items()}
+    inputs = map_inputs(cast, problem.inputs)
+    targets = cast(problem.targets)
+    loss = _loss_closure(problem.module, fixed, inputs, targets, problem.loss_fn, problem.constant)
+    return dataclasses.replace(
+        problem,
+        primals=tuple(cast(p) for p in problem.primals),
+        loss=loss,
+        inputs=inputs,
+        targets=targets,
+        fixed=fixed,
+    )
 
 
 # --- the batch users bring: one tensor, a tuple of tensors, a dict of tensors ---
@@ -956,6 +1196,22 @@ _DETACH = (
 )
 
 
+#: what computes derivatives: called by a forward, or by torch.func's transforms within it
+_GRAD_CALLS = (torch.autograd.grad, torch.autograd.backward)
+
+
+def _called_by_torch_func() -> bool:
+    """Whether the innermost caller outside torch's autograd and override machinery is
+    torch.func's own code (a transform computing its derivative)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not module.startswith(("torch.overrides", "torch.autograd")):
+            return module.startswith("torch._functorch")
+        frame = frame.f_back
+    return False
+
+
 class _ProbeWatch(TorchFunctionMode):
     """Watches the probe forward and loss, above autograd.
 
@@ -976,9 +1232,31 @@ class _ProbeWatch(TorchFunctionMode):
         self.in_loss = False
         self.cut = ""
         self.penalty = ""
+        #: torch functions now running inside a torch.func transform of the forward's own
+        #: (see ``in_transform``); the depth of functorch's layers the probe started at
+        self._in_transform = 0
+        self._base_depth = torch._C._functorch.get_dynamic_layer_stack_depth()
+        #: the forward called torch.autograd.grad (or backward) itself, not through torch.func
+        self.grad_call = ""
+
+    def in_transform(self) -> bool:
+        """Whether what runs now runs inside a torch.func transform that the forward applies
+        itself (``vmap(hessian(u))`` in the inputs of a PINN): the derivatives such a
+        transform takes (``*_backward`` ops, of reverse and of forward mode alike) are its
+        own, and torch.func differentiates through them, unlike ``torch.autograd.grad``
+        called by the forward."""
+        return self._in_transform > 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _GRAD_CALLS and not self.grad_call and not _called_by_torch_func():
+            self.grad_call = f"torch.autograd.{func.__name__}"
+        if torch._C._functorch.get_dynamic_layer_stack_depth() > self._base_depth:
+            self._in_transform += 1
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self._in_transform -= 1
         given = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         if self.in_loss and not self.penalty:
             self.penalty = next((self.chosen[id(t)] for t in given if id(t) in self.chosen), "")
@@ -1211,6 +1489,20 @@ def explain_autograd_error(error: BaseException, strategy: str) -> ValueError | 
             f"strategy {strategy!r}: the forward calls a custom torch.autograd.Function "
             "(a reentrant torch.utils.checkpoint is one) without the vmap or jvp rule its path "
             f"needs: use a plain autograd loop ({', '.join(NESTED_AUTOGRAD)})"
+        )
+    if "Nested forward mode AD is not supported" in message:
+        return ValueError(
+            f"strategy {strategy!r}: its forward-mode derivative meets one of the forward's own "
+            "(torch.func.jvp, jacfwd or hessian inside the forward?), and torch "
+            f"{version} cannot nest forward mode in it: use a reverse-mode strategy ({others}) "
+            "or block_symmetric"
+        )
+    if "don't yet support saved tensor hooks" in message:
+        return ValueError(
+            f"strategy {strategy!r} runs the forward under saved-tensor hooks of its own, "
+            f"under which torch {version}'s torch.func transforms inside the forward "
+            "(torch.func.hessian ...) cannot run: use a strategy that computes the whole "
+            f"Hessian at once ({others}, block_symmetric)"
         )
     if "modified by an inplace operation" in message:
         found = re.search(

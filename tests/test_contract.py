@@ -324,7 +324,7 @@ class _Nested(nn.Module):
 NESTED = {
     "checkpoint, reentrant": "calls torch.utils.checkpoint with use_reentrant=True",
     "checkpoint, not reentrant": "saves tensors through hooks of its own",
-    "grad": r"computes derivatives itself \(aten.tanh_backward: torch.autograd.grad",
+    "grad": r"calls torch.autograd.grad itself",
 }
 
 
@@ -343,6 +343,50 @@ def test_nested_autograd_exact_or_named(name: str, how: str) -> None:
         if how != "checkpoint, reentrant":
             match += ".*use a plain autograd loop \\(full_autograd, symmetric_half\\)"
         with pytest.raises(ValueError, match=match):
+            strategies.compute(name, net, _params(net), batch)
+        return
+    H = strategies.compute(name, net, _params(net), batch)
+    assert_close_to(H, loop_hessian(net, list(_params(net)), batch), 1e-10)
+    assert strategies.verify(H, net, _params(net), batch)[0]
+
+
+class _Transformed(nn.Module):
+    """A PINN whose residual ``-laplacian(u)`` comes from torch.func transforms in its forward
+    (``vmap(hessian(u))`` in the inputs), not from ``torch.autograd.grad``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.u = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    def forward(self, x):
+        def u_at(point):
+            return self.u(point).squeeze()
+
+        hessians = torch.func.vmap(torch.func.hessian(u_at))(x)
+        return -hessians.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+
+
+#: what the strategies that cannot differentiate through such a forward say (torch 2.13);
+#: every other strategy is exact
+TRANSFORMED_REFUSED = {
+    "autograd_functional": "cannot nest forward mode in it",
+    "vmap_jvp_chunked": "saved-tensor hooks of its own",
+    "block_symmetric_chunked": "saved-tensor hooks of its own",
+}
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not strategies.get(n).compiles])
+def test_torch_func_transforms_inside_the_forward_exact_or_named(name: str) -> None:
+    """torch.func transforms in the forward are not ``torch.autograd.grad``: the strategies
+    that differentiate through them run, and are exact; the others say why they cannot."""
+    torch.manual_seed(0)
+    net = _Transformed().double()
+    batch = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    if _refused(name, net, None):
+        pytest.skip(strategies.get(name).supports(net, None)[1])
+    assert _common.prepare(net, _params(net), batch).nested == ""
+    if name in TRANSFORMED_REFUSED:
+        with pytest.raises(ValueError, match=TRANSFORMED_REFUSED[name]):
             strategies.compute(name, net, _params(net), batch)
         return
     H = strategies.compute(name, net, _params(net), batch)
@@ -1169,3 +1213,107 @@ def test_bad_multiple_inputs_named(inputs, error, match) -> None:
     net = TwoInputs().double()
     with pytest.raises(error, match=match):
         strategies.compute("vmap_vjp", net, _params(net), (inputs, torch.zeros(5, 2)))
+
+
+# --- the probe's findings, cached per net: never stale, never keeping a net alive ---
+
+
+class _Switch(nn.Module):
+    """A Linear -> tanh -> Linear net whose plain attribute ``norm`` puts an affine LayerNorm
+    (through which torch.func's jacfwd(jacrev) is wrong) in its forward's path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.scale = nn.Parameter(torch.ones(4))
+        self.norm = False
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        if self.norm:
+            h = F.layer_norm(h, (4,), weight=self.scale)
+        return self.out(h)
+
+
+def test_the_probe_cache_follows_new_values_and_refuses_a_changed_path() -> None:
+    torch.manual_seed(0)
+    net, batch = _Switch().double(), _batch()
+    params = _params(net)
+    strategies.compute("torch_func", net, params, batch)
+    assert net in _common._PROBED
+    with torch.no_grad():  # a Newton step: new values, the same structure
+        for p in params.values():
+            p.add_(0.1 * torch.randn_like(p))
+    H = strategies.compute("torch_func", net, params, batch)
+    assert_close_to(H, loop_hessian(net, list(params), batch), 1e-10)
+    net.norm = True  # the same modules and tensors, another path
+    with pytest.raises(ValueError, match="functorch#534"):
+        strategies.compute("torch_func", net, params, batch)
+    batch[0].mul_(2)  # the batch changed in place: its findings are probed again
+    net.norm = False
+    H = strategies.compute("torch_func", net, params, batch)
+    assert_close_to(H, loop_hessian(net, list(params), batch), 1e-10)
+
+
+def test_the_probe_cache_replays_only_the_same_graph() -> None:
+    """A path that the key cannot see (chosen by the batch's values in the forward) is found
+    by the graph of the replayed loss, and probed again."""
+
+    class ByValue(_Switch):
+        def forward(self, x):
+            self.norm = bool(x.sum() > 0)  # not a setting of the module the key holds
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    net, batch = ByValue().double(), _batch()
+    batch[0].abs_().neg_()
+    strategies.compute("torch_func", net, _params(net), batch)  # no LayerNorm on this path
+    batch[0].neg_()  # in place, as a data loader refilling its buffer would
+    probed = _common._PROBED[net]
+    known = _common._Probed(
+        _common._Seen.of(net, _params(net), batch, None), probed.graph, (), frozenset(), ""
+    )
+    _common._PROBED[net] = known  # as if that batch had been probed on the other path
+    with pytest.raises(ValueError, match="functorch#534"):
+        strategies.compute("torch_func", net, _params(net), batch)
+
+
+def test_the_probe_cache_keeps_no_net_alive() -> None:
+    import gc
+    import weakref
+
+    net, batch = _mlp(), _batch()
+    strategies.compute("auto", net, _params(net), batch)
+    assert net in _common._PROBED
+    ref = weakref.ref(net)
+    del net
+    gc.collect()
+    assert ref() is None
+
+
+class _Locked(nn.Module):
+    """A net holding what cannot be copied (a lock, as a net shared across threads might)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.lock = threading.Lock()
+        self.inp, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inp(x)))
+
+
+def test_verify_takes_its_float64_reference_without_copying_the_net() -> None:
+    """The reference is the problem with its tensors cast, not a float64 copy of the net: a
+    net that cannot be copied still gets it, and a wrong Hessian is still caught."""
+    torch.manual_seed(0)
+    net, batch = _Locked(), _batch(dtype=torch.float32)
+    params = _params(net)
+    H = strategies.compute("vmap_vjp", net, params, batch)
+    ok, detail = strategies.verify(H, net, params, batch)
+    assert ok, detail
+    assert detail.endswith("reference in float64")
+    assert not strategies.verify(H * 1.01, net, params, batch)[0]
+    assert all(p.dtype == torch.float32 for p in net.parameters())
