@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import traceback
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -36,6 +37,8 @@ from bench.run.worker import Worker
 from bench.vocabulary import BASELINE
 
 __all__ = [
+    "State",
+    "STATE",
     "pytest_addoption",
     "PYTEST_BENCHMARK",
     "check_pytest_benchmark",
@@ -44,11 +47,31 @@ __all__ = [
     "hessbench",
     "pytest_benchmark_update_machine_info",
     "pytest_benchmark_update_json",
-    "pytest_runtest_logfinish",
     "pytest_terminal_summary",
     "pytest_sessionfinish",
     "pytest_unconfigure",
 ]
+
+
+@dataclass
+class State:
+    """What the plugin keeps for one pytest run, in one place: ``config.stash[STATE]``."""
+
+    run: Run | None = None  # the session's benchmark state; None where --grid is not ours
+    locked: str | None = None  # the --benchmark-json this run holds the lock of
+    machine_info: dict | None = None  # gathered once per run (cpuinfo, git)
+    commit_info: dict | None = None
+    notes: list[str] = field(default_factory=list)  # lines for the terminal summary
+    partial_written: bool = False  # this run has written its own ``<json>.partial``
+
+
+#: the plugin's state on ``config.stash``
+STATE = pytest.StashKey[State]()
+
+
+def _state(config: pytest.Config) -> State:
+    """The plugin's state of this run (an empty one before ``pytest_configure`` made it)."""
+    return config.stash.get(STATE, State())
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -109,7 +132,7 @@ def _positive(config: pytest.Config, option: str) -> float | None:
     return value
 
 
-def _benchmark_json(config: pytest.Config) -> None:
+def _benchmark_json(config: pytest.Config, state: State) -> None:
     """``--benchmark-json`` checked, its folder made and the file claimed now: pytest-benchmark
     opens it only at the end, and a run that cannot write its JSON loses every cell; two runs
     started together on one JSON would each overwrite the other's cells, so the second is
@@ -121,7 +144,7 @@ def _benchmark_json(config: pytest.Config) -> None:
             lock_output(path, "--benchmark-json")
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
-        _CONFIG["locked"] = path
+        state.locked = path
 
 
 #: the oldest pytest-benchmark whose hooks and JSON this plugin uses (pyproject.toml says so too)
@@ -167,11 +190,11 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError("--threads must be >= 1")
         torch.set_num_threads(threads)
     device.prepare_process()  # before anything computes or imports JAX; the worker inherits it
-    _CONFIG.clear()
-    _benchmark_json(config)
-    _CONFIG["config"] = config
+    state = config.stash[STATE] = State()
+    _benchmark_json(config, state)
+    config.pluginmanager.register(_PartialWriter(config), "hessbench-partial")
     grid = config.getoption("--grid")
-    config._hessbench = Run(
+    state.run = Run(
         grid=grid,
         strategy_names=chosen,
         devices=devices,
@@ -187,7 +210,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if {"case", "strategy"} <= set(metafunc.fixturenames):
-        run: Run = metafunc.config._hessbench
+        run = metafunc.config.stash[STATE].run
         cells = [(c, s) for c in run.cases for s in run.strategy_names]
         metafunc.parametrize(
             ("case", "strategy"), cells, ids=[f"{c}-{s}" for c, s in cells], scope="function"
@@ -197,7 +220,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="session")
 def hessbench(request: pytest.FixtureRequest) -> Run:
     """The session's benchmark state (options, caches, outcomes)."""
-    return request.config._hessbench
+    return request.config.stash[STATE].run
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
@@ -216,7 +239,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 def pytest_benchmark_update_json(
     config: pytest.Config, benchmarks: list, output_json: dict
 ) -> None:
-    run: Run | None = getattr(config, "_hessbench", None)
+    run = _state(config).run
     if run is not None:
         output_json["hessbench"] = {
             "grid": run.grid,
@@ -228,17 +251,18 @@ def pytest_benchmark_update_json(
 def _output_json(config: pytest.Config) -> dict:
     """The benchmark JSON of everything measured so far, made by pytest-benchmark's own hooks."""
     session = config._benchmarksession
-    if "machine_info" not in _CONFIG:  # slow to gather (cpuinfo, git): once per run
-        _CONFIG["machine_info"] = session.get_machine_info()
+    state = config.stash[STATE]
+    if state.machine_info is None:  # slow to gather (cpuinfo, git): once per run
+        state.machine_info = session.get_machine_info()
         commit_info = config.hook.pytest_benchmark_generate_commit_info(config=config)
         config.hook.pytest_benchmark_update_commit_info(config=config, commit_info=commit_info)
-        _CONFIG["commit_info"] = commit_info
+        state.commit_info = commit_info
     output = config.hook.pytest_benchmark_generate_json(
         config=config,
         benchmarks=session.benchmarks,
         include_data=True,
-        machine_info=_CONFIG["machine_info"],
-        commit_info=_CONFIG["commit_info"],
+        machine_info=state.machine_info,
+        commit_info=state.commit_info,
     )
     config.hook.pytest_benchmark_update_json(
         config=config, benchmarks=session.benchmarks, output_json=output
@@ -246,12 +270,18 @@ def _output_json(config: pytest.Config) -> dict:
     return output
 
 
-def _note(message: str) -> None:
-    """A line for the terminal summary's hessbench section."""
-    _CONFIG.setdefault("notes", []).append(message)
+class _PartialWriter:
+    """The hook that keeps ``<json>.partial``, registered by ``pytest_configure`` with the
+    config it needs (``pytest_runtest_logfinish`` is called without one)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def pytest_runtest_logfinish(self, nodeid: str, location: tuple) -> None:
+        _write_partial(self.config)
 
 
-def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
+def _write_partial(config: pytest.Config) -> None:
     """After every cell, rewrite ``<json>.partial`` with everything measured so far.
 
     pytest-benchmark writes its JSON once, at the end; a run the host kills (out of memory,
@@ -260,25 +290,21 @@ def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
     reads it. An earlier run's ``<json>.partial`` (a run that never reached its end) is
     moved to ``kept_partial_path`` before this run first writes its own, never overwritten.
     """
-    config = _CONFIG.get("config")
-    path = config.getoption("benchmark_json", default=None) if config else None
-    run: Run | None = getattr(config, "_hessbench", None)
+    state = config.stash[STATE]
+    path = config.getoption("benchmark_json", default=None)
+    run = state.run
     session = getattr(config, "_benchmarksession", None)
     if path is None or run is None or session is None:
         return
     if not (session.benchmarks or run.outcomes):
         return
     target = partial_path(path)
-    if not _CONFIG.get("partial_written") and os.path.exists(target):
+    if not state.partial_written and os.path.exists(target):
         kept = kept_partial_path(path)
         os.rename(target, kept)
-        _note(f"an earlier run left {target} unfinished: kept as {kept}")
+        state.notes.append(f"an earlier run left {target} unfinished: kept as {kept}")
     write_json(_output_json(config), target)
-    _CONFIG["partial_written"] = True
-
-
-#: the pytest config, for hooks that pytest calls without it
-_CONFIG: dict[str, Any] = {}
+    state.partial_written = True
 
 
 def _summary_lines(run: Run) -> list[str]:
@@ -303,10 +329,10 @@ def _summary_lines(run: Run) -> list[str]:
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    run: Run | None = getattr(config, "_hessbench", None)
+    run = _state(config).run
     if run is None:
         return
-    for note in _CONFIG.get("notes", []):
+    for note in _state(config).notes:
         terminalreporter.write_line(f"hessbench: {note}")
     if not run.timed:
         return
@@ -331,7 +357,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # pytest-benchmark writes its JSON in a hookwrapper, i.e. before this runs.
     config = session.config
     path = config.getoption("benchmark_json", default=None)
-    run: Run | None = getattr(config, "_hessbench", None)
+    run = _state(config).run
     if run is not None:
         run.worker.close()  # its memory is the report's now
     if path is None or run is None:
@@ -342,7 +368,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             return
         # pytest-benchmark writes no JSON where nothing was timed: the outcomes would be lost
         write_json(_output_json(config), path)
-    if _CONFIG.get("partial_written") and os.path.exists(partial_path(path)):
+    if _state(config).partial_written and os.path.exists(partial_path(path)):
         os.remove(partial_path(path))  # this run's own: it reached its end, the JSON holds it all
     inputs = [str(path)]
     try:
@@ -367,8 +393,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    run: Run | None = getattr(config, "_hessbench", None)
+    run = _state(config).run
     if run is not None:
         run.worker.close()
-    if _CONFIG.get("locked"):
-        unlock_output(_CONFIG.pop("locked"))
+    state = _state(config)
+    if state.locked:
+        unlock_output(state.locked)
+        state.locked = None
