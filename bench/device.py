@@ -4,7 +4,7 @@ On a GPU since Ampere, torch (cuDNN by default) and JAX (both by default) may ru
 matrix products in TF32, whose 10-bit mantissa gives errors around 1e-3: no float32
 Hessian would pass the benchmark's 1e-4 tolerance, and timings would compare a different
 arithmetic with the CPU's. ``prepare_process`` turns TF32 off and keeps JAX to a share of
-the GPU's memory; the pytest process (``bench.conftest``), the worker (``bench.worker``) and
+the GPU's memory; the pytest process (``bench.run.plugin``), the worker (``bench.run.worker``) and
 the audit (``bench.audit``) each call it before their first computation, so it holds for
 every strategy call and every reference. On a CPU it changes nothing that is computed.
 """

@@ -2,7 +2,7 @@
 
 Everything here is pandas over the JSON files, so it reads runs from any machine; loading and
 the recommendation rule need no torch (only :func:`strategy_facts` imports the registry).
-The HTML report (``bench.report``), the figures (``bench.plots``) and ``auto``'s table
+The HTML report (``bench.report``), the figures (``bench.report.plots``) and ``auto``'s table
 (``bench.auto_table``) all draw on it; none of them re-derives what is defined here.
 
 Recommendation rule, per machine, device, dtype and size range of P (docs/DESIGN.md,

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 
 import strategies
-from bench import policy
-from bench.cell import hessian_call
-from bench.session import Run, Timed
+from bench.run import policy
+from bench.run.cell import hessian_call
+from bench.run.session import Run, Timed
 from bench.vocabulary import OOM
 
 __all__ = ["test_hessian"]
 
 
 def test_hessian(benchmark, hessbench: Run, case: str, strategy: str) -> None:
-    """One cell, by ``bench.policy``: skip, or isolated pass, first call, timed rounds, check."""
+    """One cell, by ``bench.run.policy``: skip, or isolated pass, first call, timed rounds, check."""
     grid_case, chosen = hessbench.cases[case], strategies.get(strategy)
     skipped = policy.skip(hessbench, grid_case, chosen)
     if skipped is not None:

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from bench import audit, auto_table, cuda_run, device, measure, results, wheels, zoo
-from bench.cell import CaseData, hessian_call
 from bench.grid import GRIDS, Case, cases
+from bench.run.cell import CaseData, hessian_call
 from bench.vocabulary import WRONG
 
 DATA = Path(__file__).parent / "data"

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 
 import strategies
 from bench import measure
-from bench.cell import CaseData, hessian_call
 from bench.grid import Case
 from bench.models import make_problem
 from bench.reference import batched_loop_hessian, loop_hessian
-from bench.worker import Request, Worker
+from bench.run.cell import CaseData, hessian_call
+from bench.run.worker import Request, Worker
 
 MiB = 2**20
 

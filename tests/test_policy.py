@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 import strategies
-from bench import measure, policy
+from bench import measure
 from bench.grid import Case
-from bench.session import History
+from bench.run import policy
+from bench.run.session import History
+from bench.run.worker import Crashed, Reply, Request
 from bench.vocabulary import CRASHED, ERROR, MIN_ROUNDS, OOM, SKIPPED
-from bench.worker import Crashed, Reply, Request
 from strategies import Strategy
 
 CASE = Case(3, 4, 1, 1, "tanh", "mse", 5, "float32", "cpu")

@@ -17,7 +17,8 @@ import pytest
 from matplotlib.colors import rgb_to_hsv, to_rgba
 
 import strategies
-from bench import plots, report, results
+from bench import report, results
+from bench.report import plots
 from bench.vocabulary import (
     BASELINE,
     ERROR,

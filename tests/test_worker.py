@@ -12,7 +12,7 @@ import torch
 
 from bench import measure
 from bench.grid import Case
-from bench.worker import ChildTraceback, Crashed, Request, Worker
+from bench.run.worker import ChildTraceback, Crashed, Request, Worker
 
 CASE = Case(3, 4, 1, 1, "tanh", "mse", 5, "float32", "cpu")
 

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from bench import measure
-from bench.cell import CaseData
 from bench.grid import Case
 from bench.reference import ProbeReference
-from bench.session import History, Run
+from bench.run.cell import CaseData
+from bench.run.session import History, Run
+from bench.run.worker import Crashed, Request, Worker
 from bench.vocabulary import (
     CRASHED,
     ERROR,
@@ -32,7 +33,6 @@ from bench.vocabulary import (
     UNSUPPORTED,
     WRONG,
 )
-from bench.worker import Crashed, Request, Worker
 from strategies import Strategy
 
 __all__ = [

@@ -29,8 +29,8 @@ import torch
 
 import strategies
 from bench import device, measure
-from bench.cell import CaseData, hessian_call
 from bench.grid import Case
+from bench.run.cell import CaseData, hessian_call
 from strategies import Strategy
 
 __all__ = [
@@ -269,7 +269,7 @@ def _answer(request: Request, cache: dict[Case, CaseData]) -> Reply:
 
 
 #: what the worker's ``python -c`` runs
-_COMMAND = "from bench.worker import serve; serve()"
+_COMMAND = "from bench.run.worker import serve; serve()"
 
 
 def serve() -> None:

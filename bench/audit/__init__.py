@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 import strategies
-from bench import cli, device, known_bugs, zoo
+from bench import cli, device, zoo
+from bench.audit import known_bugs
 from bench.measure import machine_label
 from bench.reference import fd_hessian, loop_hessian
 from bench.vocabulary import AUDIT_KIND, ERROR, OK, UNSUPPORTED, WRONG
@@ -61,7 +62,7 @@ REFERENCE_TOL = 1e-6
 TOL = 1e-7
 
 #: Bugs in torch itself that the audit found or that the strategies work around. Each
-#: reproduction is a module of ``bench.known_bugs``, whose text runs in a fresh namespace
+#: reproduction is a module of ``bench.audit.known_bugs``, whose text runs in a fresh namespace
 #: under a fixed seed and sets ``bug_shows``.
 KNOWN_BUGS: tuple[dict[str, Any], ...] = (
     {
@@ -471,7 +472,3 @@ def main(argv: list[str] | None = None) -> int:
     print(format_matrix(audit))
     print(f"\n{len(audit['records'])} cells in {audit['wall_s']:.1f} s; wrote {args.json}")
     return 0 if references_agree(audit) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

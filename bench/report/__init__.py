@@ -12,7 +12,7 @@ self-contained HTML report go to the plots directory.
 The page opens with a summary in plain words, every number in it computed from the inputs:
 whether the symmetric-half loop beats the full loop and by how much, what to use for each way
 of writing the net, what to avoid and why, and what was not measured. The analysis (loading,
-statuses, the recommendation rule) is ``bench.results``; the figures are ``bench.plots``. ``recommendations.json`` is a list of ``results.RECOMMENDATION_FIELDS``
+statuses, the recommendation rule) is ``bench.results``; the figures are ``bench.report.plots``. ``recommendations.json`` is a list of ``results.RECOMMENDATION_FIELDS``
 records; ``fastest`` and ``leanest`` are null where no strategy qualified (docs/DESIGN.md,
 "recommendations.json").
 """
@@ -25,14 +25,14 @@ import html
 import json
 import math
 import shlex
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
-from bench import cli, plots, results
+from bench import cli, results
 from bench.grid import ARCHS, USER_ARCHS
+from bench.report import plots
 from bench.vocabulary import BASELINE, TIMED, WRONG
 
 __all__ = ["render_html", "main"]
@@ -861,7 +861,3 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(prog, f"cannot write{where}: {exc.strerror or exc}")
     print(f"bench.report: wrote {html_path} ({len(df)} cells; {shlex.join(map(str, args.files))})")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """One cell's problem: the case's data every strategy shares, and one Hessian call of it.
 
-Below both the session (``bench.session``, which keeps the current case's data and its
-baselines) and the worker (``bench.worker``, which computes the same call in a child
+Below both the session (``bench.run.session``, which keeps the current case's data and its
+baselines) and the worker (``bench.run.worker``, which computes the same call in a child
 process), so that neither imports the other for it.
 """
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 import torch
 
 from bench import measure
-from bench.cell import CaseData
 from bench.grid import Case
 from bench.models import chosen_params
 from bench.reference import batched_loop_hessian, probe_reference
-from bench.worker import Worker
+from bench.run.cell import CaseData
+from bench.run.worker import Worker
 
 __all__ = ["DENSE_REFERENCE_MAX_P", "History", "Timed", "Run"]
 
@@ -24,7 +24,7 @@ DENSE_REFERENCE_MAX_P = 15_000
 class History:
     """What one strategy measured on the smaller cases of one case family, in order of P.
 
-    The basis of the predictions that skip a cell before it runs (``bench.policy``).
+    The basis of the predictions that skip a cell before it runs (``bench.run.policy``).
     """
 
     #: (P, min seconds) of timed cells
@@ -56,7 +56,7 @@ class Run:
     memory_fraction: float
     command: str
     cases: dict[str, Case]
-    #: the child process that runs each cell's isolated pass (``bench.worker``)
+    #: the child process that runs each cell's isolated pass (``bench.run.worker``)
     worker: Worker
     #: rows of the cells that were not timed: the JSON's ``hessbench.outcomes``
     outcomes: list[dict] = field(default_factory=list)
