@@ -13,6 +13,9 @@ from bench.reference import fd_hessian, loop_hessian
 from bench.vocabulary import ERROR, OK, UNSUPPORTED, WRONG
 from strategies import Strategy
 
+# the audits below are module fixtures: under ``pytest -n`` one worker runs them all, once
+pytestmark = pytest.mark.xdist_group("audit")
+
 
 def _loop(net, params, batch, loss_fn=None):
     return loop_hessian(net, list(params), batch, loss_fn)

@@ -33,6 +33,14 @@ MACHINE_KEYS = {
 }  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _not_an_xdist_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark runs below are pytest sessions of their own. Under ``pytest -n``, they
+    would inherit the worker's environment, by which pytest-benchmark turns itself off."""
+    for name in [name for name in os.environ if name.startswith("PYTEST_XDIST")]:
+        monkeypatch.delenv(name)
+
+
 def _run(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, setup: str, *args: str
 ) -> tuple[pytest.RunResult, dict | None]:
@@ -93,6 +101,7 @@ def test_smoke_grid_writes_every_field(pytester, monkeypatch):
         (("--time-budget", "abc"), "*argument --time-budget: invalid float value: 'abc'*"),
         (("--time-budget", "nan"), "*--time-budget must be a positive number of seconds, got nan*"),
         (("--cell-timeout", "0"), "*--cell-timeout must be a positive number of seconds*"),
+        (("-n", "2"), "*pytest-benchmark turns itself off under pytest -n*pytest-split*"),
         (
             ("--benchmark-json", "/dev/null/run.json"),
             "*--benchmark-json /dev/null/run.json: /dev/null is not a folder*",

@@ -166,6 +166,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--grid", default=None) is None:
         return
     check_pytest_benchmark(importlib.metadata.version("pytest-benchmark"))
+    if config.getoption("dist", default="no") != "no" or os.environ.get("PYTEST_XDIST_WORKER"):
+        raise pytest.UsageError(
+            "the benchmark times one cell at a time, and pytest-benchmark turns itself off "
+            "under pytest -n: split a large grid into shards with pytest-split "
+            "(--splits N --group K, each shard its own --benchmark-json) instead"
+        )
     valid = strategies.names()
     try:
         listed = config.getoption("--strategies")
