@@ -38,8 +38,7 @@ def build(df: pd.DataFrame, audits: list[dict], sources: Sequence[str], command:
     """The table as a JSON-ready dict (see the module docstring)."""
     table: list[dict[str, Any]] = []
     for regime, rows in results.regimes(df):
-        summary = results.summaries(rows, set(rows["case"]))
-        summary = summary[~summary["peer"].astype(bool)].sort_values("time_s")
+        summary = results.ranking(rows)
         if summary.empty:
             continue
         ratio = results.peak_ratios(rows)

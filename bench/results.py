@@ -87,10 +87,10 @@ __all__ = [
     "summaries",
     "peak_ratios",
     "recommend",
+    "ranking",
     "recommendation_records",
     "growth_exponents",
     "speedups",
-    "arch_choices",
     "much_slower",
     "compiled_vs_eager",
     "compile_summary",
@@ -660,6 +660,13 @@ def summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
     )
 
 
+def ranking(rows: pd.DataFrame) -> pd.DataFrame:
+    """The candidates of a size range, fastest first: :func:`summaries` over all its cases,
+    peers left out (what the recommendation ranks and the planner's table keeps)."""
+    summary = summaries(rows, set(rows["case"]))
+    return summary[~summary["peer"].astype(bool)].sort_values("time_s")
+
+
 def peak_ratios(rows: pd.DataFrame) -> pd.Series:
     """Per strategy, its largest peak memory over the Hessian's own size on its "ok" cells."""
     ok = rows[rows["status"] == OK]
@@ -670,7 +677,7 @@ def _recommendation(regime: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any
     cases = set(rows["case"])
     summary = summaries(rows, cases)
     peer = summary["peer"].astype(bool)
-    candidates = summary.loc[~peer].sort_values("time_s")
+    candidates = ranking(rows)
     lean = summary.loc[~peer].sort_values("peak_bytes")
     base = summary.loc[BASELINE] if BASELINE in summary.index else None
     record = {
@@ -805,56 +812,6 @@ def _timed_groups(df: pd.DataFrame, keys: list[str]) -> Iterator[tuple[tuple, pd
     for key, rows in df.groupby(keys, sort=True):
         if rows["status"].isin(TIMED).any():
             yield key, rows
-
-
-def arch_choices(df: pd.DataFrame) -> pd.DataFrame:
-    """The recommendation rule over all the cases of one way of writing the net.
-
-    Per machine, device and ``arch`` (``bench.grid.ARCHS``: the ``nn.Sequential`` MLP, the
-    custom module, the LayerNorm net) with something timed, over the cases where some
-    strategy ran accurately: ``cases``, ``P_lo`` and ``P_hi``
-    (the smallest and largest P), ``fastest`` (None where no strategy ran every case
-    accurately), ``tie``, ``runner_up``, ``fastest_single`` (for one Hessian of a structure,
-    first call included), and the fastest's speedup per case over ``versus``:
-    the baseline where it ran some of those cases, else the full loop. ``speedup_lo`` and
-    ``speedup_hi`` are the range over the ``versus_cases`` both ran.
-    """
-    records = []
-    for (machine, device, arch), rows in _timed_groups(
-        _with_case_defaults(df), ["machine", "device", "arch"]
-    ):
-        # a case where nothing ran (all over budget or memory, at the machine's limit)
-        # tells nothing about which strategy to use
-        ran = rows.loc[rows["status"] == OK, "case"].unique()
-        rows = rows[rows["case"].isin(ran)]
-        if rows.empty:
-            continue
-        rec = _recommendation({}, rows)
-        record = {
-            "machine": machine,
-            "device": device,
-            "arch": arch,
-            "cases": rec["cases"],
-            "P_lo": int(rows["P"].min()),
-            "P_hi": int(rows["P"].max()),
-            **{k: rec[k] for k in ("fastest", "tie", "runner_up", "fastest_single")},
-            **dict.fromkeys(["versus", "versus_cases", "speedup_lo", "speedup_hi"]),
-        }
-        for versus in (BASELINE, FULL_LOOP):
-            ratios = speedups(rows, rec["fastest"], versus)["speedup"] if rec["fastest"] else []
-            if len(ratios) and versus != rec["fastest"]:
-                record.update(
-                    versus=versus,
-                    versus_cases=len(ratios),
-                    speedup_lo=float(ratios.min()),
-                    speedup_hi=float(ratios.max()),
-                )
-                break
-        records.append(record)
-    columns = ["machine", "device", "arch", "cases", "P_lo", "P_hi", "fastest", "tie"]
-    columns += ["runner_up", "fastest_single", "versus", "versus_cases"]
-    columns += ["speedup_lo", "speedup_hi"]
-    return pd.DataFrame(records, columns=columns)
 
 
 def much_slower(df: pd.DataFrame, factor: float = SLOW_FACTOR) -> pd.DataFrame:
@@ -1057,59 +1014,98 @@ def changes(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     return table.loc[order.index].reset_index(drop=True)
 
 
-def decision(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
-    """The report's decision box: what ``planner`` runs per machine, device, dtype and size
-    range of P, with the evidence.
+def _nearest(ranked_ranges: list[dict[str, Any]], regime: dict[str, Any]) -> dict[str, Any] | None:
+    """The ranked size range of the regime's machine, device and dtype nearest to it on a log
+    scale (itself where it is ranked): whose ranking the planner's table applies there."""
+    same = [
+        r for r in ranked_ranges if all(r[k] == regime[k] for k in ("machine", "device", "dtype"))
+    ]
+    centre = math.log(regime["P_min"] * regime["P_max"]) / 2
+    return min(
+        same, key=lambda r: abs(math.log(r["P_min"] * r["P_max"]) / 2 - centre), default=None
+    )
 
-    Per row of :func:`recommend` with a fastest: ``runs`` (the fastest, what the planner's
-    table ranks first: ``bench.auto_table`` applies the same rule), ``runner_up``, ``tie``,
-    ``cases``, ``wins`` (cases where it is faster than the runner-up by :func:`versus`),
-    ``ratio_median``/``_lo``/``_hi`` (the runner-up's min time over the fastest's, per case),
-    and ``regret_cases``, ``regret_median``, ``regret_hi`` (:func:`regrets` on the range's
-    cases where the planner ran). Devices where nothing was timed are left to
-    :func:`untimed_devices`.
+
+def decision(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
+    """The report's decision box: what ``planner`` runs per machine, device, dtype, size range
+    of P and ``arch``, with the evidence.
+
+    The planner ranks by its table (``bench.auto_table``: :func:`ranking` per size range, the
+    nearest ranked range where its own has no ranking, ``ranked_in``) and runs the first
+    strategy that runs the net: per arch, ``runs`` is the first of that ranking that ran
+    accurately and repeated (:func:`ranked`) on every case of the arch in the range.
+    ``runner_up`` is the fastest other strategy that did (geometric mean of min times);
+    ``tie`` unless ``runs`` beats it by the recommendation rule (:func:`_faster_on_range`),
+    ``beaten`` where the runner-up beats ``runs`` by that rule (another arch's cases made
+    the range's ranking);
+    ``cases``, ``wins`` (cases where ``runs`` is faster by :func:`versus`),
+    ``ratio_median``/``_lo``/``_hi`` (the runner-up's min time over that of ``runs``, per
+    case: below 1 where the runner-up was faster), and ``regret_cases``, ``regret_median``,
+    ``regret_hi`` (:func:`regrets` on those cases where the planner ran). A row where no
+    ranked strategy ran every case has ``runs`` None. Devices where nothing was timed are
+    left to :func:`untimed_devices`.
     """
-    columns = ["machine", "device", "dtype", "P_min", "P_max", "runs", "runner_up", "tie"]
-    columns += ["cases", "wins", "ratio_median", "ratio_lo", "ratio_hi"]
-    columns += ["regret_cases", "regret_median", "regret_hi"]
-    table = recommend(df)
+    columns = ["machine", "device", "dtype", "P_min", "P_max", "arch", "runs", "ranked_in"]
+    columns += ["runner_up", "tie", "beaten", "cases", "wins", "ratio_median", "ratio_lo"]
+    columns += ["ratio_hi", "regret_cases", "regret_median", "regret_hi"]
+    df = _with_case_defaults(df)
     regret = regrets(df, planner) if not df.empty else pd.DataFrame(columns=["case", "regret"])
+    groups = [(regime, rows) for regime, rows in regimes(df) if rows["status"].isin(TIMED).any()]
+    orders = {}
+    for regime, rows in groups:
+        order = list(ranking(rows).index)
+        if order:
+            orders[tuple(regime.values())] = order
+    ranked_ranges = [r for r, _ in groups if tuple(r.values()) in orders]
     records = []
-    for regime, rows in regimes(df):
-        found = table[
-            (table["machine"] == regime["machine"])
-            & (table["device"] == regime["device"])
-            & (table["dtype"] == regime["dtype"])
-            & (table["P_min"] == regime["P_min"])
-        ]
-        if found.empty or not isinstance(found.iloc[0]["fastest"], str):
+    for regime, rows in groups:
+        near = _nearest(ranked_ranges, regime)
+        if near is None:
             continue
-        row = found.iloc[0]
-        record = {**regime, "runs": row["fastest"], "runner_up": row["runner_up"]}
-        record.update(tie=bool(row["tie"]), cases=int(row["cases"]), wins=0)
-        if isinstance(row["runner_up"], str):
-            cells = ranked(rows).set_index(["case", "strategy"])
-            cases = sorted(set(rows["case"]))
-            fast = [_rounds_of(cells.loc[(c, row["fastest"])]) for c in cases]
-            slow = [_rounds_of(cells.loc[(c, row["runner_up"])]) for c in cases]
-            ratios = [min(b) / min(a) for a, b in zip(fast, slow)]
-            record.update(
-                wins=sum(versus(a, b) == 1 for a, b in zip(fast, slow)),
-                ratio_median=float(np.median(ratios)),
-                ratio_lo=float(min(ratios)),
-                ratio_hi=float(max(ratios)),
-            )
-        mine = regret[
-            (regret["machine"] == regime["machine"])
-            & (regret["device"] == regime["device"])
-            & regret["case"].isin(set(rows["case"]))
-        ]["regret"].dropna()
-        record.update(
-            regret_cases=len(mine),
-            regret_median=float(mine.median()) if len(mine) else None,
-            regret_hi=float(mine.max()) if len(mine) else None,
-        )
-        records.append(record)
+        order = orders[tuple(near.values())]
+        for arch, mine in rows.groupby("arch", sort=True):
+            ran = mine.loc[mine["status"] == OK, "case"].unique()
+            mine = mine[mine["case"].isin(ran)]
+            if mine.empty:
+                continue
+            cases = set(mine["case"])
+            summary = summaries(mine, cases)
+            summary = summary[~summary["peer"].astype(bool)].sort_values("time_s")
+            runs = next((name for name in order if name in summary.index), None)
+            record = {**dict.fromkeys(columns), **regime, "arch": arch, "runs": runs}
+            record.update(ranked_in=(near["P_min"], near["P_max"]), tie=False, beaten=False)
+            record.update(cases=len(cases), wins=0, regret_cases=0)
+            others = [name for name in summary.index if name != runs]
+            if runs is not None and others:
+                runner_up = others[0]
+                cells = ranked(mine).set_index(["case", "strategy"])
+                fast = [_rounds_of(cells.loc[(c, runs)]) for c in sorted(cases)]
+                slow = [_rounds_of(cells.loc[(c, runner_up)]) for c in sorted(cases)]
+                ratios = [min(b) / min(a) for a, b in zip(fast, slow)]
+                ratio = summary.loc[runner_up, "time_s"] / summary.loc[runs, "time_s"]
+                record.update(
+                    runner_up=runner_up,
+                    beaten=bool(
+                        1 / ratio >= FASTER_RATIO and _faster_on_range(mine, runner_up, runs)
+                    ),
+                    tie=not (ratio >= FASTER_RATIO and _faster_on_range(mine, runs, runner_up)),
+                    wins=sum(versus(a, b) == 1 for a, b in zip(fast, slow)),
+                    ratio_median=float(np.median(ratios)),
+                    ratio_lo=float(min(ratios)),
+                    ratio_hi=float(max(ratios)),
+                )
+            measured = regret[
+                (regret["machine"] == regime["machine"])
+                & (regret["device"] == regime["device"])
+                & regret["case"].isin(cases)
+            ]["regret"].dropna()
+            if len(measured):
+                record.update(
+                    regret_cases=len(measured),
+                    regret_median=float(measured.median()),
+                    regret_hi=float(measured.max()),
+                )
+            records.append(record)
     return pd.DataFrame(records, columns=columns)
 
 

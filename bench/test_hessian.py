@@ -58,6 +58,9 @@ def test_hessian(benchmark, hessbench: Run, case: str, strategy: str) -> None:
             # stopped by Ctrl-C (a deadline's SIGINT), with no row of ours and, in its first
             # round, no time (its JSON then fails): the cell is its outcome alone
             benchmark.has_error = True
-    timed = Timed(seconds, memory.peak_bytes, checked.accurate, chosen.peer)
+    rounds = tuple(benchmark.stats.stats.data)
+    timed = Timed(
+        seconds, memory.peak_bytes, checked.accurate, chosen.peer, rounds, timing.too_slow
+    )
     hessbench.keep_timed(grid_case, strategy, timed)
     assert checked.accurate, checked.complaint(strategy, case)

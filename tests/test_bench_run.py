@@ -366,3 +366,30 @@ def test_an_older_pytest_benchmark_is_a_usage_error(version, refused):
 def test_pyproject_asks_for_the_pytest_benchmark_the_plugin_checks():
     wanted = ".".join(map(str, conftest.PYTEST_BENCHMARK))
     assert f'"pytest-benchmark>={wanted}"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_end_of_run_summary_follows_the_reports_rule():
+    """Too slow to repeat, a peer or the planner never wins a case; a difference that is not
+    1.1x and significant is a tie; a case with only cells too slow to repeat says so."""
+    from types import SimpleNamespace
+
+    from bench.run.plugin import _summary_lines
+    from bench.run.session import Timed
+
+    fast, slow = (0.10, 0.11, 0.10, 0.12, 0.10), (0.30, 0.31, 0.30, 0.32, 0.30)
+    timed = {
+        ("a", "one_round"): Timed(0.01, None, True, False, (0.01,), too_slow=True),
+        ("a", "peer"): Timed(0.02, None, True, True, (0.02,) * 5),
+        ("a", "auto"): Timed(0.03, None, True, False, (0.03,) * 5),
+        ("a", "quick"): Timed(0.10, None, True, False, fast),
+        ("a", "close"): Timed(0.10, None, True, False, tuple(t * 1.05 for t in fast)),
+        ("a", BASELINE): Timed(0.30, None, True, False, slow),
+        ("b", "quick"): Timed(0.10, None, True, False, fast),
+        ("b", BASELINE): Timed(0.30, None, True, False, slow),
+        ("c", "one_round"): Timed(9.0, None, True, False, (9.0,), too_slow=True),
+    }
+    run = SimpleNamespace(cases={"a": None, "b": None, "c": None}, timed=timed)
+    a, b, c = _summary_lines(run)
+    assert a.startswith("a: quick 0.1 s median, tied with close") and "3.00x vs" in a
+    assert b.startswith(f"b: quick 0.1 s median, faster than {BASELINE}")
+    assert c == "c: no accurate strategy repeated (1 too slow to repeat, left out of every ranking)"

@@ -664,10 +664,14 @@ def test_summary_answers_with_numbers_from_the_run(compiled, tmp_path):
     assert text.startswith("Timed on hostC / Intel Xeon / 4 cores (cpu).")
     assert f"on all {len(ratios)} cases both ran accurately" in text
     assert f"{min(ratios):.2g}× to {max(ratios):.2g}× faster" in text
-    choices = results.arch_choices(df).set_index("arch")
+    choices = results.decision(df)
     for arch in ("mlp", "custom", "layernorm"):
-        assert f"{choices.loc[arch, 'fastest']} (fastest on its" in text
-    assert "mlp_kron does not run it (unsupported: net must be an nn.Sequential MLP" in text
+        runs = choices.loc[choices["arch"] == arch].sort_values("P_min")["runs"]
+        assert runs.notna().all() and f"auto runs {runs.iloc[0]} at " in text
+    # the range's ranking holds strategies that run every arch: mlp_kron, faster on the
+    # MLPs alone, is named as what beats the planner's choice there
+    assert "auto runs kron at 1,000 ≤ P < 3,000 (slower than mlp_kron)" in text
+    assert "torch_func_compiled does not run it (unsupported: wrong Hessian upstream" in text
     # what to avoid: the audit's wrong strategy, the much slower loop, the costly compile
     assert "Avoid vmap_jvp on nets with layernorm layers" in text
     slow = results.much_slower(df)
@@ -713,9 +717,10 @@ def test_report_of_the_committed_runs(tmp_path):
     ratios = results.speedups(df, results.HALF_LOOP, results.FULL_LOOP)["speedup"]
     text = _summary((tmp_path / "p" / "report.html").read_text())
     assert f"{ratios.min():.2g}× to {ratios.max():.2g}×" in text
-    choices = results.arch_choices(df).dropna(subset=["fastest"]).set_index("arch")
-    for arch in choices.index:
-        assert f"{choices.loc[arch, 'fastest']} (fastest on its" in text
+    choices = results.decision(df)
+    for arch, mine in choices[choices["device"] == "cpu"].groupby("arch"):
+        first = mine.sort_values("P_min").iloc[0]
+        assert f"auto runs {first['runs']} at {first['P_min']:,} ≤ P" in text, arch
     assert (tmp_path / "p" / "accuracy.png").exists()
 
 
@@ -793,8 +798,10 @@ def test_the_committed_runs_give_one_table_whatever_their_order():
 
 
 def test_the_decision_box_of_the_committed_runs_is_auto_table_and_the_planner(tmp_path):
-    """The report of the committed runs names, per size range, what auto_table.json ranks
-    first, and what the planner itself chooses on the range's smallest MLP."""
+    """The report of the committed runs names, per size range and arch, the first strategy of
+    auto_table.json's ranking of that range that ran every case of the arch, and what the
+    planner itself chooses on the arch's smallest case of the range; the "What to use"
+    sentences name the same."""
     from bench import auto_table
     from bench.grid import Case
     from bench.models import make_problem
@@ -811,22 +818,40 @@ def test_the_decision_box_of_the_committed_runs_is_auto_table_and_the_planner(tm
     box = page[
         page.index("id='decision-table'") : page.index("</table>", page.index("id='decision'"))
     ]
-    shown = re.findall(r"<td>([\d,]+) ≤ P &lt; ([\d,]+)</td><td><code>(\w+)</code>", box)
-    ranked_first = {
-        r["P_min"]: r["ranking"][0] for r in committed["regimes"] if r["device"] == "cpu"
-    }
-    assert len(shown) == len(ranked_first) >= 3
+    shown = re.findall(
+        r"<td>cpu, float32</td><td>(\w+)</td><td>([\d,]+) ≤ P &lt; ([\d,]+)</td>"
+        r"<td>(?:<code>(\w+)</code>|([^<]+))</td>",
+        box,
+    )
+    rankings = {r["P_min"]: r["ranking"] for r in committed["regimes"] if r["device"] == "cpu"}
     df, _ = results.load(inputs)
-    for lo, hi, name in shown:
+    df = df[df["device"] == "cpu"].assign(arch=df["arch"].fillna("mlp"))
+    assert len(shown) == len(df.groupby(["arch", df["P"].map(lambda p: results.size_range(p))]))
+    summary = _summary(page)
+    named = 0
+    for arch, lo, hi, name, none in shown:
         P_min, P_max = int(lo.replace(",", "")), int(hi.replace(",", ""))
-        assert name == ranked_first[P_min], (P_min, name)
-        mlps = df[(df["P"] >= P_min) & (df["P"] < P_max) & (df["arch"] == "mlp")]
-        smallest = mlps.sort_values("P").iloc[0]
+        cells = df[(df["P"] >= P_min) & (df["P"] < P_max) & (df["arch"] == arch)]
+        if P_min in rankings:
+            ok = results.ranked(cells)
+            everywhere = [
+                s
+                for s in rankings[P_min]
+                if set(ok[ok["strategy"] == s]["case"]) == set(cells["case"])
+            ]
+            assert name == everywhere[0], (arch, P_min, name)
+        if not name:
+            assert none == "no ranked strategy ran every case"
+            continue
+        named += 1
+        smallest = cells.sort_values("P").iloc[0]
         fields = {f: smallest[f] for f in Case.__dataclass_fields__}
         case = Case(**{f: v.item() if isinstance(v, np.generic) else v for f, v in fields.items()})
         net, batch, loss_fn = make_problem(case)
-        assert auto.choose(net, dict(net.named_parameters()), batch, loss_fn) == name, P_min
-    assert "<td>cuda</td><td>any P</td><td>not measured</td>" in box
+        assert auto.choose(net, dict(net.named_parameters()), batch, loss_fn) == name, (arch, P_min)
+        assert f"{name} at {P_min:,} ≤ P < {P_max:,}" in summary, (arch, P_min)
+    assert named >= 3 and {a for a, *_ in shown} == {"mlp", "custom", "layernorm"}
+    assert "<td>cuda</td><td>any</td><td>any P</td><td>not measured</td>" in box
 
 
 def test_case_cells_give_each_ranked_cell_its_multiples(inputs):

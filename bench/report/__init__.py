@@ -204,25 +204,24 @@ def _loop_sentences(df: pd.DataFrame, groups: list[tuple[str, str]]) -> list[str
     return sentences
 
 
-def _arch_sentence(choice: pd.Series, rows: pd.DataFrame, winners: set[str]) -> str:
-    words = _ARCH_WORDS.get(choice["arch"], html.escape(str(choice["arch"])))
-    P = _P(choice["P_lo"], choice["P_hi"])
-    if choice["fastest"] is None or pd.isna(choice["fastest"]):
-        return f"for {words}, no strategy ran all its {_cases(choice['cases'])} ({P}) accurately"
-    span = f"its one case, {P}" if choice["cases"] == 1 else f"its {choice['cases']} cases, {P}"
-    text = f"for {words}, <b>{_code(choice['fastest'])}</b> (fastest on {span}"
-    if choice["tie"]:
-        text += f", tied with {_code(choice['runner_up'])} (not {results.FASTER_RATIO:g}x and significantly faster)"
-    if choice["fastest_single"] != choice["fastest"]:
-        text += f"; for a single Hessian, first call included, {_code(choice['fastest_single'])}"
-    if choice["versus"] is not None and not pd.isna(choice["versus"]):
-        text += (
-            f"; {_times(choice['speedup_lo'], choice['speedup_hi'])} faster than "
-            f"{_code(choice['versus'])} on the {_cases(choice['versus_cases'])} both ran"
-        )
-    text += ")"
-    # The choice for another way of writing the net that does not run this one: say why.
-    for other in sorted(winners - {choice["fastest"]}):
+def _arch_sentence(arch: str, choices: pd.DataFrame, rows: pd.DataFrame, winners: set[str]) -> str:
+    """What the planner runs on one way of writing the net, per size range: the decision
+    box's rows of that arch (``results.decision``), never another rule."""
+    words = _ARCH_WORDS.get(arch, html.escape(str(arch)))
+    parts = []
+    for choice in choices.sort_values("P_min").to_dict("records"):
+        where = _range(choice["P_min"], choice["P_max"])
+        if choice["runs"] is None:
+            parts.append(f"no ranked strategy ran its {_cases(choice['cases'])} at {where}")
+            continue
+        text = f"<b>{_code(choice['runs'])}</b> at {where}"
+        if isinstance(choice["runner_up"], str) and choice["tie"]:
+            verdict = "slower than" if choice["beaten"] else "tied with"
+            text += f" ({verdict} {_code(choice['runner_up'])})"
+        parts.append(text)
+    text = f"for {words}, {_code(results.PLANNER)} runs {_listing(parts)}"
+    # What the planner runs on another way of writing the net that does not run this one.
+    for other in sorted(winners - set(choices["runs"].dropna())):
         refused = rows[(rows["strategy"] == other) & ~rows["status"].isin(TIMED)]
         if not refused.empty:
             first = refused.iloc[0]
@@ -234,15 +233,16 @@ def _arch_sentence(choice: pd.Series, rows: pd.DataFrame, winners: set[str]) -> 
 
 
 def _use_sentences(df: pd.DataFrame, groups: list[tuple[str, str]]) -> list[str]:
-    """What to use for each way of writing the net, per machine and device with timings."""
-    choices = results.arch_choices(df)
+    """What the planner runs for each way of writing the net, per machine and device with
+    timings: the decision box's rows, grouped by arch."""
+    choices = results.decision(df)
     if choices.empty:
         return ["Nothing was timed in these runs, so there is no choice."]
     cells = df.assign(arch=df["arch"].fillna("mlp")) if "arch" in df else df.assign(arch="mlp")
     sentences = []
     for machine, device in groups:
         mine = choices[(choices["machine"] == machine) & (choices["device"] == device)]
-        winners = set(mine["fastest"].dropna())
+        winners = set(mine["runs"].dropna())
         rows = cells[(cells["machine"] == machine) & (cells["device"] == device)]
         parts = []
         for arch in ARCHS:
@@ -252,7 +252,7 @@ def _use_sentences(df: pd.DataFrame, groups: list[tuple[str, str]]) -> list[str]
             if choice.empty:
                 parts.append(f"for {_ARCH_WORDS[arch]}, these runs hold no timed case")
             else:
-                parts.append(_arch_sentence(choice.iloc[0], rows[rows["arch"] == arch], winners))
+                parts.append(_arch_sentence(arch, choice, rows[rows["arch"] == arch], winners))
         sentences.append(_capital(_prefix(groups, machine, device) + "; ".join(parts) + "."))
     return sentences
 
@@ -509,35 +509,47 @@ pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
 
 
 def _decision_html(df: pd.DataFrame) -> str:
-    """The decision box, first on the page: the default is the planner; what it runs where,
-    with the evidence and its regret (``results.decision``); devices not measured."""
+    """The decision box, first on the page: the default is the planner; what it runs per
+    device, arch and size, with the evidence and its regret (``results.decision``); devices
+    not measured."""
     planner = _code(results.PLANNER)
     rows = []
     for r in results.decision(df).to_dict("records"):
-        if isinstance(r["runner_up"], str):
-            verdict = "tied with" if r["tie"] else "faster than"
+        if r["runs"] is None:
+            runs = "no ranked strategy ran every case"
+            evidence = f"{_cases(r['cases'])}; {planner} falls back to its estimates"
+        elif isinstance(r["runner_up"], str):
+            runs = _code(r["runs"])
+            verdict = "slower than" if r["beaten"] else "tied with" if r["tie"] else "faster than"
             evidence = (
-                f"{verdict} {_code(r['runner_up'])}: wins {r['wins']} of {_cases(r['cases'])}; "
-                f"runner-up / it {r['ratio_median']:.2f}× median "
+                f"{_cases(r['cases'])}; {verdict} {_code(r['runner_up'])}: wins "
+                f"{r['wins']} of {r['cases']}; runner-up / it {r['ratio_median']:.2f}× median "
                 f"[{r['ratio_lo']:.2f}×–{r['ratio_hi']:.2f}×]"
             )
         else:
+            runs = _code(r["runs"])
             evidence = f"the only strategy repeated on all {_cases(r['cases'])}"
+        if r["runs"] is not None and r["ranked_in"] != (r["P_min"], r["P_max"]):
+            evidence += (
+                f"; no strategy repeated on every case of this range: the ranking of "
+                f"{_range(*r['ranked_in'])}"
+            )
         regret = (
             f"{r['regret_median']:.2f}× median, {r['regret_hi']:.2f}× at most "
             f"({_cases(r['regret_cases'])})"
             if r["regret_cases"]
             else "not measured"
         )
+        arch = html.escape(str(r["arch"]))
         rows.append(
             f"<tr><td>{html.escape(r['device'])}, {html.escape(r['dtype'])}</td>"
-            f"<td>{_range(r['P_min'], r['P_max'])}</td><td>{_code(r['runs'])}</td>"
+            f"<td>{arch}</td><td>{_range(r['P_min'], r['P_max'])}</td><td>{runs}</td>"
             f"<td>{evidence}</td><td>{regret}</td></tr>"
         )
     measured = set(df.loc[results.device_timed(df), "device"]) if not df.empty else set()
     for device in sorted({"cpu", "cuda"} - measured):
         rows.append(
-            f"<tr><td>{device}</td><td>any P</td><td>not measured</td>"
+            f"<tr><td>{device}</td><td>any</td><td>any P</td><td>not measured</td>"
             f"<td>no {device.upper() if device == 'cuda' else device} run exists: {planner} "
             "has no measured ranking there (its estimates say never measured on this "
             "device) until one is committed</td><td>not measured</td></tr>"
@@ -551,12 +563,15 @@ def _decision_html(df: pd.DataFrame) -> str:
     )
     return (
         f"<div id='decision'><h2>Decision: the default is {planner}</h2>"
-        f"<p>{planner} plans per net: it runs the strategy its table ranks fastest for the "
-        "net's device and size (the recommendation rule below) and verifies the result. "
-        "Evidence: the runner-up's min time over the choice's, per case; a win is at least "
-        f"{results.FASTER_RATIO:g}× and significant (Mann-Whitney U over rounds). Regret: "
-        f"{planner}'s own time over the fastest strategy's on the same case.{note}</p>"
-        "<table id='decision-table'><tr><th>device</th><th>size</th>"
+        f"<p>{planner} plans per net: it takes the ranking of the net's device and size range "
+        "(the recommendation rule below, as its table keeps it), runs the first strategy there "
+        "that runs the net, and verifies the result; per way of writing the net (arch), that "
+        "is the first of the ranking that ran every case of the arch. Evidence: the fastest "
+        "other strategy on those cases (the runner-up), its min time over the choice's per "
+        f"case (below 1× where it was faster); a win is at least {results.FASTER_RATIO:g}× "
+        f"and significant (Mann-Whitney U over rounds). Regret: {planner}'s own time over the "
+        f"fastest strategy's on the same case.{note}</p>"
+        "<table id='decision-table'><tr><th>device</th><th>arch</th><th>size</th>"
         f"<th>{planner} runs</th><th>evidence</th><th>{planner}'s regret</th></tr>"
         f"{''.join(rows)}</table></div>"
     )

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shlex
+import statistics
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from bench.cli import (
     write_json,
 )
 from bench.grid import DEVICES, GRIDS, cases
-from bench.run.session import Run
+from bench.run.session import Run, Timed
 from bench.run.worker import Worker
 from bench.vocabulary import BASELINE
 
@@ -313,24 +314,53 @@ def _write_partial(config: pytest.Config) -> None:
     state.partial_written = True
 
 
+def _median(timed: Timed) -> float:
+    """A timed cell's median round (its min alone where no rounds were kept)."""
+    return statistics.median(timed.rounds or (timed.seconds,))
+
+
 def _summary_lines(run: Run) -> list[str]:
+    """Per case, the fastest by the report's rule: accurate, repeated (not too slow to
+    repeat), no peer, no dispatcher; the least median; faster than the runner-up only by
+    ``results.versus``, else tied with it."""
+    from bench import results
+
     lines = []
     for case_id in run.cases:
         rows = {s: timed for (c, s), timed in run.timed.items() if c == case_id}
-        accurate = {s: timed for s, timed in rows.items() if timed.accurate and not timed.peer}
-        if not accurate:
-            if rows:
+        accurate = {
+            s: t
+            for s, t in rows.items()
+            if t.accurate and not t.peer and s not in results.DISPATCHERS
+        }
+        ranked = {s: t for s, t in accurate.items() if not t.too_slow}
+        if not ranked:
+            if accurate:
+                lines.append(
+                    f"{case_id}: no accurate strategy repeated ({len(accurate)} too slow to "
+                    "repeat, left out of every ranking)"
+                )
+            elif rows:
                 lines.append(f"{case_id}: no accurate strategy timed")
             continue
-        best = min(accurate, key=lambda s: accurate[s].seconds)
-        seconds, peak = accurate[best].seconds, accurate[best].peak_bytes
+
+        order = sorted(ranked, key=lambda s: _median(ranked[s]))
+        best = order[0]
+        seconds, peak = _median(ranked[best]), ranked[best].peak_bytes
         speedup = (
-            f"{rows[BASELINE].seconds / seconds:.2f}x vs {BASELINE}"
+            f"{_median(rows[BASELINE]) / seconds:.2f}x vs {BASELINE}"
             if BASELINE in rows
             else f"{BASELINE} not timed"
         )
         memory = "peak not measured" if peak is None else f"peak {peak / 2**20:.3g} MiB"
-        lines.append(f"{case_id}: {best} {seconds:.4g} s, {memory}, {speedup}")
+        verdict = ""
+        if len(order) > 1:
+            second = ranked[order[1]]
+            faster = results.versus(
+                ranked[best].rounds or (seconds,), second.rounds or (second.seconds,)
+            )
+            verdict = f", {'faster than' if faster == 1 else 'tied with'} {order[1]}"
+        lines.append(f"{case_id}: {best} {seconds:.4g} s median{verdict}, {memory}, {speedup}")
     return lines
 
 

@@ -43,6 +43,10 @@ class Timed:
     peak_bytes: int | None
     accurate: bool
     peer: bool
+    #: every timed round's seconds
+    rounds: tuple[float, ...] = ()
+    #: too slow to repeat (one round): left out of every ranking
+    too_slow: bool = False
 
 
 @dataclass
