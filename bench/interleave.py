@@ -16,6 +16,7 @@ import functools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -24,7 +25,7 @@ from bench import cli, measure
 from bench.grid import GRIDS, Case, cases
 from bench.models import chosen_params, make_problem
 
-__all__ = ["main"]
+__all__ = ["interleaved_rounds", "main"]
 
 GEMM = "gemm"
 
@@ -57,6 +58,18 @@ def _medians(case: Case, names: list[str], rounds: int) -> dict[str, float]:
         ok, detail = strategies.verify(calls[name](), net, params, batch, loss_fn)
         if not ok:
             raise ValueError(f"{name}: {detail}")
+    seconds = interleaved_rounds(calls, rounds, device)
+    return {name: statistics.median(s) for name, s in seconds.items()}
+
+
+def interleaved_rounds(
+    calls: dict[str, Callable[[], object]], rounds: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Each call's seconds in ``rounds`` rounds, the calls timed in turn within each round.
+
+    Interleaved, a drift in the machine's load falls on every call alike; this is also how
+    the benchmark settles close calls at the end of a run (``bench.run.close_calls``).
+    """
     seconds: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
@@ -65,7 +78,7 @@ def _medians(case: Case, names: list[str], rounds: int) -> dict[str, float]:
             call()
             measure.sync(device)
             seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in seconds.items()}
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:

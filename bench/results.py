@@ -80,6 +80,7 @@ __all__ = [
     "family",
     "strategy_facts",
     "testable",
+    "compared_rounds",
     "versus",
     "ranked",
     "size_range",
@@ -122,7 +123,7 @@ __all__ = [
 STAT_FIELDS = ("min", "max", "mean", "stddev", "median", "iqr", "rounds")
 #: the round times of a timed cell (a list, from pytest-benchmark's ``stats.data``): in the
 #: frame for the tests, never in a CSV (which keeps the JSON's statistics)
-NOT_IN_CSV = ("rounds_s",)
+NOT_IN_CSV = ("rounds_s", "interleaved_s")
 #: one strategy is faster than another only by at least this ratio (as asv's default)...
 FASTER_RATIO = 1.1
 #: ...and significantly: a two-sided Mann-Whitney U test over rounds, p below this
@@ -337,6 +338,13 @@ def _benchmark_rows(path: Path, data: dict) -> pd.DataFrame:
                 "rounds_s": [float(t) for t in data] if isinstance(data, list) else None,
             }
         )
+    interleaved = {
+        (case, name): [float(t) for t in seconds]
+        for case, entry in (meta.get("interleaved") or {}).items()
+        for name, seconds in (entry.get("rounds_s") or {}).items()
+    }
+    for row in rows:
+        row["interleaved_s"] = interleaved.get((row.get("case"), row.get("strategy")))
     for outcome in meta.get("outcomes") or []:
         rows.append({**run, **outcome, "status": _status(path, outcome["status"])})
     frame = pd.DataFrame(rows)
@@ -371,6 +379,7 @@ _TIMED_COLUMNS = (
     "first_call_s",
     "threads",
     "rounds_s",
+    "interleaved_s",
 )
 
 
@@ -582,6 +591,23 @@ def _rounds_of(cell: Any) -> list[float]:
     return [float(cell["min"])]
 
 
+def compared_rounds(a: Any, b: Any) -> tuple[list[float], list[float]]:
+    """The rounds two cells of one case are compared by: their interleaved rounds
+    (``interleaved_s``: timed in turn at the end of the run that timed both,
+    docs/DESIGN.md "Close calls") where both have them from the same run, else each one's
+    own rounds (:func:`_rounds_of`)."""
+
+    def interleaved(cell: Any) -> Any:
+        data = cell.get("interleaved_s") if hasattr(cell, "get") else None
+        ok = isinstance(data, (list, tuple, np.ndarray)) and len(data)
+        return data if ok else None
+
+    mine, theirs = interleaved(a), interleaved(b)
+    if mine is not None and theirs is not None and a.get("source") == b.get("source"):
+        return [float(t) for t in mine], [float(t) for t in theirs]
+    return _rounds_of(a), _rounds_of(b)
+
+
 def versus(a: Sequence[float], b: Sequence[float]) -> int:
     """1 where rounds ``a`` are faster than rounds ``b``, -1 where slower, 0 for a tie.
 
@@ -618,7 +644,7 @@ def _faster_on_range(rows: pd.DataFrame, fast: str, slow: str) -> bool:
     """Whether ``fast`` beats ``slow`` case by case: faster on more than half, slower on none."""
     cells = ranked(rows).set_index(["case", "strategy"])
     verdicts = [
-        versus(_rounds_of(cells.loc[(case, fast)]), _rounds_of(cells.loc[(case, slow)]))
+        versus(*compared_rounds(cells.loc[(case, fast)], cells.loc[(case, slow)]))
         for case in sorted(set(rows["case"]))
     ]
     return -1 not in verdicts and 2 * verdicts.count(1) > len(verdicts)
@@ -1082,6 +1108,10 @@ def decision(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
                 fast = [_rounds_of(cells.loc[(c, runs)]) for c in sorted(cases)]
                 slow = [_rounds_of(cells.loc[(c, runner_up)]) for c in sorted(cases)]
                 ratios = [min(b) / min(a) for a, b in zip(fast, slow)]
+                pairs = [
+                    compared_rounds(cells.loc[(c, runs)], cells.loc[(c, runner_up)])
+                    for c in sorted(cases)
+                ]
                 ratio = summary.loc[runner_up, "time_s"] / summary.loc[runs, "time_s"]
                 record.update(
                     runner_up=runner_up,
@@ -1089,7 +1119,7 @@ def decision(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
                         1 / ratio >= FASTER_RATIO and _faster_on_range(mine, runner_up, runs)
                     ),
                     tie=not (ratio >= FASTER_RATIO and _faster_on_range(mine, runs, runner_up)),
-                    wins=sum(versus(a, b) == 1 for a, b in zip(fast, slow)),
+                    wins=sum(versus(a, b) == 1 for a, b in pairs),
                     ratio_median=float(np.median(ratios)),
                     ratio_lo=float(min(ratios)),
                     ratio_hi=float(max(ratios)),

@@ -388,8 +388,62 @@ def test_the_end_of_run_summary_follows_the_reports_rule():
         ("b", BASELINE): Timed(0.30, None, True, False, slow),
         ("c", "one_round"): Timed(9.0, None, True, False, (9.0,), too_slow=True),
     }
-    run = SimpleNamespace(cases={"a": None, "b": None, "c": None}, timed=timed)
+    run = SimpleNamespace(cases={"a": None, "b": None, "c": None}, timed=timed, interleaved={})
     a, b, c = _summary_lines(run)
     assert a.startswith("a: quick 0.1 s median, tied with close") and "3.00x vs" in a
     assert b.startswith(f"b: quick 0.1 s median, faster than {BASELINE}")
     assert c == "c: no accurate strategy repeated (1 too slow to repeat, left out of every ranking)"
+    # interleaved rounds, where the case has them, decide instead of the cells' own
+    apart = {"quick": [0.1] * 5, BASELINE: [0.1] * 5}
+    run.interleaved = {"b": {"strategies": list(apart), "rounds_s": apart}}
+    assert _summary_lines(run)[1].startswith(f"b: quick 0.1 s median, tied with {BASELINE}")
+
+
+TWINS = """
+GRIDS["smoke"] = [dict(TINY, width=2, depth=1), dict(TINY, width=3, depth=1)]
+import time
+import bench.run.close_calls as close_calls
+def twin(net, params, batch, loss_fn=None):
+    time.sleep(0.002)  # the three are tied, whatever the machine's noise
+    return strategies.compute("torch_func", net, params, batch, loss_fn)
+for name in ("twin_a", "twin_b", "twin_c", "twin_d"):
+    strategies.register(name, twin, "test-only: torch_func after 2 ms")
+"""
+
+
+def test_close_calls_are_timed_interleaved_and_kept_in_the_json(pytester, monkeypatch):
+    result, data = _run(
+        pytester, monkeypatch, TWINS,
+        "--grid", "smoke", "--devices", "cpu", "--strategies", "twin_a,twin_b,twin_c,twin_d",
+    )  # fmt: skip
+    assert result.ret == 0, result.stdout.str()
+    interleaved = data["hessbench"]["interleaved"]
+    assert set(interleaved) == {r["group"] for r in data["benchmarks"]}
+    for entry in interleaved.values():
+        assert len(entry["strategies"]) == 3 and set(entry["rounds_s"]) == set(entry["strategies"])
+        counts = {len(seconds) for seconds in entry["rounds_s"].values()}
+        assert len(counts) == 1 and counts.pop() >= 5
+    assert not (pytester.path / "run.json.partial").exists()
+    result.stdout.fnmatch_lines(["*close calls timed interleaved on 2 of 2 cases*"])
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "said"),
+    [
+        ("", ("--no-interleave",), None),
+        ("close_calls.CASE_SECONDS = 1e-9", (), "over the 1e-09 s per case"),
+        ("close_calls.TOTAL_SECONDS = 1e-9", (), "over the 1e-09 s of the whole run"),
+    ],
+)
+def test_interleaving_opts_out_and_keeps_to_its_caps(pytester, monkeypatch, setup, args, said):
+    result, data = _run(
+        pytester, monkeypatch, TWINS + setup,
+        "--grid", "smoke", "--devices", "cpu", "--strategies", "twin_a,twin_b,twin_c", *args,
+    )  # fmt: skip
+    assert result.ret == 0, result.stdout.str()
+    interleaved = data["hessbench"]["interleaved"]
+    if said is None:
+        assert interleaved == {}
+    else:
+        assert len(interleaved) == 2
+        assert all(said in e["skipped"] and "rounds_s" not in e for e in interleaved.values())

@@ -939,3 +939,38 @@ def test_figures_fit_the_page_with_contenders_in_colour_and_untimed_cells_as_mar
     # a cell not timed is never a bar: no hatched or empty-faced patch in the speedup figure
     for axis in bars.axes:
         assert all(not patch.get_hatch() or patch.get_hatch() == ".." for patch in axis.patches)
+
+
+def test_two_cells_are_compared_by_their_interleaved_rounds_where_both_have_them(tmp_path):
+    """A JSON whose cells, timed apart, say "faster", and whose interleaved rounds say "tie":
+    the ranking follows the interleaved rounds; a cell without them falls back to its own."""
+    path = _run_json(tmp_path / "run.json", 1.0, MIN_ROUNDS, "2026-01-01")
+    raw = json.loads(path.read_text())
+    [kron] = raw["benchmarks"]
+    slow = json.loads(json.dumps(kron))
+    slow["extra_info"]["strategy"] = "torch_func"
+    slow["stats"]["data"] = [t * 1.5 for t in kron["stats"]["data"]]
+    slow["stats"].update(min=1.5, median=float(np.median(slow["stats"]["data"])))
+    raw["benchmarks"].append(slow)
+    same = [1.0, 1.01, 0.99, 1.02, 1.0]
+    rounds = {"kron": same, "torch_func": [t * 1.01 for t in same]}
+    raw["hessbench"]["interleaved"] = {
+        "w8-d1": {"strategies": ["kron", "torch_func"], "rounds_s": rounds}
+    }
+    path.write_text(json.dumps(raw))
+    df, _ = results.load([path])
+    cells = df.set_index("strategy")
+    assert cells.loc["kron", "interleaved_s"] == same
+    a, b = results.compared_rounds(cells.loc["kron"], cells.loc["torch_func"])
+    assert (a, b) == (same, rounds["torch_func"]) and results.versus(a, b) == 0
+    alone = cells.loc["torch_func"].copy()
+    alone["interleaved_s"] = None
+    a, b = results.compared_rounds(cells.loc["kron"], alone)
+    assert results.versus(a, b) == 1  # each one's own rounds: 1.5x apart
+    [row] = results.decision(df).to_dict("records")
+    assert row["runs"] == "kron" and row["runner_up"] == "torch_func"
+    assert row["tie"] and row["wins"] == 0
+    # another run's interleaved rounds are not compared with this one's
+    other = cells.loc["torch_func"].copy()
+    other["source"] = "another.json"
+    assert results.compared_rounds(cells.loc["kron"], other)[0] == kron["stats"]["data"]

@@ -11,7 +11,6 @@ import math
 import os
 import re
 import shlex
-import statistics
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +32,8 @@ from bench.cli import (
     write_json,
 )
 from bench.grid import DEVICES, GRIDS, cases
-from bench.run.session import Run, Timed
+from bench.run import close_calls
+from bench.run.session import Run
 from bench.run.worker import Worker
 from bench.vocabulary import BASELINE
 
@@ -48,6 +48,7 @@ __all__ = [
     "hessbench",
     "pytest_benchmark_update_machine_info",
     "pytest_benchmark_update_json",
+    "pytest_runtestloop",
     "pytest_terminal_summary",
     "pytest_sessionfinish",
     "pytest_unconfigure",
@@ -109,6 +110,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)"
+    )
+    group.addoption(
+        "--no-interleave",
+        action="store_true",
+        help="do not time the top 3 of each close case interleaved at the end (about 11 s "
+        "on the default grid, at most 10 s a case and 60 s in all)",
     )
     group.addoption(
         "--no-report", action="store_true", help="do not run bench.report on the JSON at the end"
@@ -252,6 +259,7 @@ def pytest_benchmark_update_json(
             "grid": run.grid,
             "command": run.command,
             "outcomes": run.outcomes,
+            "interleaved": run.interleaved,
         }
 
 
@@ -314,27 +322,18 @@ def _write_partial(config: pytest.Config) -> None:
     state.partial_written = True
 
 
-def _median(timed: Timed) -> float:
-    """A timed cell's median round (its min alone where no rounds were kept)."""
-    return statistics.median(timed.rounds or (timed.seconds,))
-
-
 def _summary_lines(run: Run) -> list[str]:
     """Per case, the fastest by the report's rule: accurate, repeated (not too slow to
     repeat), no peer, no dispatcher; the least median; faster than the runner-up only by
-    ``results.versus``, else tied with it."""
+    ``results.versus`` (over their interleaved rounds where the case's close call was
+    settled: ``results.compared_rounds``), else tied with it."""
     from bench import results
 
     lines = []
     for case_id in run.cases:
         rows = {s: timed for (c, s), timed in run.timed.items() if c == case_id}
-        accurate = {
-            s: t
-            for s, t in rows.items()
-            if t.accurate and not t.peer and s not in results.DISPATCHERS
-        }
-        ranked = {s: t for s, t in accurate.items() if not t.too_slow}
-        if not ranked:
+        accurate, order = close_calls.contenders(run, case_id)
+        if not order:
             if accurate:
                 lines.append(
                     f"{case_id}: no accurate strategy repeated ({len(accurate)} too slow to "
@@ -344,24 +343,49 @@ def _summary_lines(run: Run) -> list[str]:
                 lines.append(f"{case_id}: no accurate strategy timed")
             continue
 
-        order = sorted(ranked, key=lambda s: _median(ranked[s]))
         best = order[0]
-        seconds, peak = _median(ranked[best]), ranked[best].peak_bytes
+        seconds, peak = accurate[best].median, accurate[best].peak_bytes
         speedup = (
-            f"{_median(rows[BASELINE]) / seconds:.2f}x vs {BASELINE}"
+            f"{rows[BASELINE].median / seconds:.2f}x vs {BASELINE}"
             if BASELINE in rows
             else f"{BASELINE} not timed"
         )
         memory = "peak not measured" if peak is None else f"peak {peak / 2**20:.3g} MiB"
         verdict = ""
         if len(order) > 1:
-            second = ranked[order[1]]
-            faster = results.versus(
-                ranked[best].rounds or (seconds,), second.rounds or (second.seconds,)
-            )
+            interleaved = run.interleaved.get(case_id, {}).get("rounds_s", {})
+            pair = [
+                {"rounds_s": t.rounds, "min": t.seconds, "interleaved_s": interleaved.get(s)}
+                for s, t in ((s, accurate[s]) for s in order[:2])
+            ]
+            faster = results.versus(*results.compared_rounds(*pair))
             verdict = f", {'faster than' if faster == 1 else 'tied with'} {order[1]}"
         lines.append(f"{case_id}: {best} {seconds:.4g} s median{verdict}, {memory}, {speedup}")
     return lines
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtestloop(session: pytest.Session) -> Any:
+    """After the grid's cells, the close calls settled (``bench.run.close_calls``): here,
+    not in ``pytest_sessionfinish``, whose start is where pytest-benchmark writes the JSON."""
+    result = yield
+    config = session.config
+    run = _state(config).run
+    skip = run is None or config.getoption("--no-interleave") or not run.timed
+    if skip or session.shouldstop or session.shouldfail:
+        return result
+    try:
+        for _ in close_calls.settle(run):
+            _write_partial(config)
+    except KeyboardInterrupt:
+        _write_partial(config)  # the case stopped says "interrupted"; the cells are all there
+        raise
+    settled = [e for e in run.interleaved.values() if "rounds_s" in e]
+    if run.interleaved:
+        _state(config).notes.append(
+            f"close calls timed interleaved on {len(settled)} of {len(run.interleaved)} cases"
+        )
+    return result
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

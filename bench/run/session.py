@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,11 @@ class Timed:
     #: too slow to repeat (one round): left out of every ranking
     too_slow: bool = False
 
+    @property
+    def median(self) -> float:
+        """The median round (the min alone where no rounds were kept)."""
+        return statistics.median(self.rounds or (self.seconds,))
+
 
 @dataclass
 class Run:
@@ -66,6 +72,9 @@ class Run:
     outcomes: list[dict] = field(default_factory=list)
     #: (case id, strategy) -> the timed cell
     timed: dict[tuple[str, str], Timed] = field(default_factory=dict)
+    #: case id -> its close call timed interleaved at the end (``bench.run.close_calls``):
+    #: the JSON's ``hessbench.interleaved``
+    interleaved: dict[str, dict] = field(default_factory=dict)
     #: (strategy, case family) -> its history
     histories: dict[tuple[str, tuple], History] = field(default_factory=dict)
     _current: CaseData | None = None
