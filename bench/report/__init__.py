@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench import cli, results
-from bench.grid import ARCHS, USER_ARCHS
+from bench.problems.grid import ARCHS, USER_ARCHS
 from bench.report import plots
 from bench.vocabulary import BASELINE, TIMED, WRONG
 
