@@ -37,7 +37,7 @@ from typing import TextIO
 import pandas as pd
 
 from bench import cli, results, wheels
-from bench.grid import DEVICES, GRIDS
+from bench.problems.grid import DEVICES, GRIDS
 from bench.vocabulary import CRASHED, ERROR, OK, OOM, WRONG
 
 __all__ = [

@@ -22,8 +22,8 @@ import torch
 
 import strategies
 from bench import cli, measure
-from bench.grid import GRIDS, Case, cases
-from bench.models import chosen_params, make_problem
+from bench.problems.grid import GRIDS, Case, cases
+from bench.problems.models import chosen_params, make_problem
 
 __all__ = ["interleaved_rounds", "main"]
 

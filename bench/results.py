@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.grid import Case
+from bench.problems.grid import Case
 from bench.vocabulary import (
     AUDIT_KIND,
     BASELINE,

@@ -20,24 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._common import (
-    REVERSE_MODE,
-    LossFn,
-    Problem,
-    autograd_enabled,
-    buffers_kept,
-    check_inputs,
-    explain_autograd_error,
-    flatten,
-    from_blocks,
-    mse_loss,
-    prepare,
-    to_blocks,
-    unflatten,
-)
+from ._blocks import flatten, from_blocks, to_blocks, unflatten
+from ._contract import buffers_kept, check_inputs, prepare
+from ._errors import REVERSE_MODE, explain_autograd_error
 from ._kinds import kinds_of, uses_batch_statistics
 from ._memory import POSITIVE_INTEGER_OPTIONS, available_bytes, check_fits, check_positive
 from ._plan import peak_ratio
+from ._problem import LossFn, Problem, autograd_enabled, mse_loss
 from ._verify import default_rtol, verify
 
 __all__ = [

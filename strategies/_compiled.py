@@ -72,16 +72,10 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from ._common import (
-    Inputs,
-    LossFn,
-    Problem,
-    call_net,
-    explain_autograd_error,
-    input_parts,
-    prepare,
-    refuse_hazard,
-)
+from ._contract import prepare
+from ._errors import explain_autograd_error
+from ._hazards import refuse_hazard
+from ._problem import Inputs, LossFn, Problem, call_net, input_parts
 
 __all__ = [
     "MAX_ENTRIES",

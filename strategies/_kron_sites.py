@@ -24,7 +24,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ._common import Problem
+from ._problem import Problem
 
 __all__ = ["Site", "LinearMode", "run", "discover", "has_linear"]
 

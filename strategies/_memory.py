@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor
 
-from ._common import Problem, autograd_enabled
+from ._problem import Problem, autograd_enabled
 
 __all__ = [
     "POSITIVE_INTEGER_OPTIONS",

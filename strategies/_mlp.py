@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import LossFn, mse_loss
+from ._problem import LossFn, mse_loss
 
 __all__ = ["MlpLoss", "flat_modules", "parse_loss"]
 

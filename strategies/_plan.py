@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp
 
-from ._common import Problem, autograd_enabled
+from ._problem import Problem, autograd_enabled
 
 __all__ = [
     "TABLE_PATH",

@@ -46,19 +46,11 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from ._common import (
-    DOUBLE_BACKWARD,
-    LossFn,
-    Problem,
-    autograd_enabled,
-    explain_autograd_error,
-    flat_or_zeros,
-    flatten,
-    hazard,
-    in_float64,
-    prepare,
-    unflatten,
-)
+from ._blocks import flat_or_zeros, flatten, unflatten
+from ._contract import in_float64, prepare
+from ._errors import explain_autograd_error
+from ._hazards import DOUBLE_BACKWARD, hazard
+from ._problem import LossFn, Problem, autograd_enabled
 
 __all__ = ["default_rtol", "verify"]
 

@@ -42,9 +42,10 @@ import torch
 from torch import Tensor, nn
 
 from . import _plan
-from ._common import LossFn, check_inputs, prepare, sharing_problems
+from ._contract import check_inputs, prepare, sharing_problems
 from ._kinds import kinds_of
 from ._memory import available_bytes, check_positive
+from ._problem import LossFn
 from ._verify import verify
 
 __all__ = [

@@ -7,7 +7,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ._common import LEGACY_VMAP_FORWARD, LossFn, prepare, refuse_hazard
+from ._contract import prepare
+from ._hazards import LEGACY_VMAP_FORWARD, refuse_hazard
+from ._problem import LossFn
 
 __all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "supports", "compute"]
 

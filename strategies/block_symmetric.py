@@ -14,7 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
-from ._common import LossFn, Problem, flatten, mirror_upper, prepare
+from ._blocks import flatten, mirror_upper
+from ._contract import prepare
+from ._problem import LossFn, Problem
 
 __all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "compute", "upper_rows", "tail_hvp"]
 

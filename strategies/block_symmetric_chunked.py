@@ -16,8 +16,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from ._common import LossFn, mirror_upper, prepare
+from ._blocks import mirror_upper
+from ._contract import prepare
 from ._memory import problem_chunk, unit_chunks
+from ._problem import LossFn
 from .block_symmetric import tail_hvp
 
 __all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "compute"]

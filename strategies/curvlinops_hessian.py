@@ -15,15 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (
-    JACREV_PATH,
-    LossFn,
-    Problem,
-    jacrev_path_supports,
-    mse_loss,
-    prepare,
-    refuse_hazard,
-)
+from ._contract import prepare
+from ._hazards import JACREV_PATH, jacrev_path_supports, refuse_hazard
+from ._problem import LossFn, Problem, mse_loss
 
 __all__ = ["NAME", "FAMILY", "DESCRIPTION", "PEER", "loss_module", "supports", "compute"]
 

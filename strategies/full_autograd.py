@@ -7,7 +7,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ._common import DOUBLE_BACKWARD, LossFn, flat_or_zeros, prepare, refuse_hazard
+from ._blocks import flat_or_zeros
+from ._contract import prepare
+from ._hazards import DOUBLE_BACKWARD, refuse_hazard
+from ._problem import LossFn
 
 __all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "compute"]
 

@@ -8,7 +8,10 @@ from collections.abc import Mapping
 import functorch
 from torch import Tensor, nn
 
-from ._common import JACREV_PATH, LossFn, from_blocks, jacrev_path_supports, prepare, refuse_hazard
+from ._blocks import from_blocks
+from ._contract import prepare
+from ._hazards import JACREV_PATH, jacrev_path_supports, refuse_hazard
+from ._problem import LossFn
 
 __all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "supports", "compute"]
 

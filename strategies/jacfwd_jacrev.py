@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 from torch.func import jacfwd, jacrev
 
-from ._common import JACREV_PATH, LossFn, jacrev_path_supports, prepare, refuse_hazard
+from ._contract import prepare
+from ._hazards import JACREV_PATH, jacrev_path_supports, refuse_hazard
+from ._problem import LossFn
 
 __all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "supports", "compute"]
 

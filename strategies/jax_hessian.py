@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._common import LossFn, prepare, user_hooks
+from ._contract import prepare, user_hooks
 from ._memory import available_bytes
 from ._mlp import flat_modules, parse_loss
+from ._problem import LossFn
 
 __all__ = ["NAME", "FAMILY", "DESCRIPTION", "PEER", "COMPILES", "supports", "compute"]
 

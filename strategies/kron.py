@@ -58,10 +58,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.utils._pytree import tree_flatten
 
-from ._common import LossFn, Problem, flatten, prepare
+from ._blocks import flatten
+from ._contract import prepare
 from ._kinds import uses_batch_statistics
 from ._kron_sites import Site, discover, has_linear, run
 from ._memory import check_positive, problem_chunk, unit_chunks
+from ._problem import LossFn, Problem
 
 __all__ = ["NAME", "FAMILY", "DESCRIPTION", "supports", "compute", "has_linear", "workload"]
 

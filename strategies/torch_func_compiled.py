@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._common import JACREV_PATH, LossFn, jacrev_path_supports
 from ._compiled import CompiledHessian, compile_supports
+from ._hazards import JACREV_PATH, jacrev_path_supports
+from ._problem import LossFn
 from .torch_func import hessian
 
 __all__ = [

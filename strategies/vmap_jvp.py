@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
-from ._common import LossFn, Problem, prepare
+from ._contract import prepare
+from ._problem import LossFn, Problem
 
 __all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "compute", "hessian", "hvp"]
 

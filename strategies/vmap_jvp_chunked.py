@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from ._common import LossFn, prepare
+from ._contract import prepare
 from ._memory import problem_chunk, unit_chunks
+from ._problem import LossFn
 from .vmap_jvp import hvp
 
 __all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "compute"]

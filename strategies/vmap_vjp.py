@@ -8,7 +8,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
-from ._common import DOUBLE_BACKWARD, LossFn, prepare, refuse_hazard
+from ._contract import prepare
+from ._hazards import DOUBLE_BACKWARD, refuse_hazard
+from ._problem import LossFn
 
 __all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "compute"]
 

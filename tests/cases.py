@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from bench.models import LayerNormMLP
+from bench.problems.models import LayerNormMLP
 
 
 def mlp(act: type[nn.Module] = nn.Tanh, sizes=(3, 5, 4, 2), bias: bool = True) -> nn.Sequential:

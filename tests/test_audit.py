@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import strategies
-from bench import audit, results, zoo
+from bench import audit, results
+from bench.problems import zoo
 from bench.reference import fd_hessian, loop_hessian
 from bench.vocabulary import ERROR, OK, UNSUPPORTED, WRONG
 from strategies import Strategy

@@ -18,8 +18,10 @@ from bench.vocabulary import BASELINE, CRASHED, ERROR, OK, OOM, OVER_BUDGET, SKI
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parent.parent
-HEADER = "import torch\nimport strategies\nfrom bench.grid import GRIDS\nTINY = {!r}\n".format(
-    dict(input=3, output=1, activation="tanh", loss="mse", batch=4, dtype="float32")
+HEADER = (
+    "import torch\nimport strategies\nfrom bench.problems.grid import GRIDS\nTINY = {!r}\n".format(
+        dict(input=3, output=1, activation="tanh", loss="mse", batch=4, dtype="float32")
+    )
 )
 ROW_KEYS = {
     "case", "input", "width", "depth", "output", "activation", "loss", "batch", "dtype",

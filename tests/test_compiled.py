@@ -22,7 +22,7 @@ import torch.fx
 from torch import nn
 
 import strategies
-from bench import zoo as bench_zoo
+from bench.problems import zoo as bench_zoo
 from bench.reference import loop_hessian
 from strategies import _compiled
 

@@ -37,7 +37,7 @@ from torch import nn
 
 import strategies
 from bench.reference import fd_hessian, loop_hessian
-from strategies import _common
+from strategies import _contract, _errors, _problem
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = strategies.names()
@@ -338,7 +338,7 @@ def test_nested_autograd_exact_or_named(name: str, how: str) -> None:
     net, batch = _Nested(how).double(), _batch()
     if _refused(name, net, None):
         pytest.skip(strategies.get(name).supports(net, None)[1])
-    if how == "checkpoint, reentrant" or name not in (*_common.NESTED_AUTOGRAD, "auto"):
+    if how == "checkpoint, reentrant" or name not in (*_contract.NESTED_AUTOGRAD, "auto"):
         match = NESTED[how]
         if how != "checkpoint, reentrant":
             match += ".*use a plain autograd loop \\(full_autograd, symmetric_half\\)"
@@ -384,7 +384,7 @@ def test_torch_func_transforms_inside_the_forward_exact_or_named(name: str) -> N
     batch = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
     if _refused(name, net, None):
         pytest.skip(strategies.get(name).supports(net, None)[1])
-    assert _common.prepare(net, _params(net), batch).nested == ""
+    assert _contract.prepare(net, _params(net), batch).nested == ""
     if name in TRANSFORMED_REFUSED:
         with pytest.raises(ValueError, match=TRANSFORMED_REFUSED[name]):
             strategies.compute(name, net, _params(net), batch)
@@ -499,10 +499,10 @@ def test_mse_loss_is_torch_mean_with_broadcasting() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's own note on broadcasting
         expected = F.mse_loss(outputs, targets)
-        got = _common.mse_loss(outputs, targets)
+        got = _problem.mse_loss(outputs, targets)
     torch.testing.assert_close(got, expected, rtol=1e-15, atol=0)
     same = torch.randn(6, 1, dtype=torch.float64)
-    torch.testing.assert_close(_common.mse_loss(outputs, same), F.mse_loss(outputs, same))
+    torch.testing.assert_close(_problem.mse_loss(outputs, same), F.mse_loss(outputs, same))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -870,8 +870,8 @@ def test_missing_batching_rule_named() -> None:
 
 
 def test_unrecognised_errors_are_left_alone() -> None:
-    assert _common.explain_autograd_error(RuntimeError("something else"), "vmap_jvp") is None
-    explained = _common.explain_autograd_error(
+    assert _errors.explain_autograd_error(RuntimeError("something else"), "vmap_jvp") is None
+    explained = _errors.explain_autograd_error(
         RuntimeError("derivative for aten::multi_margin_loss_backward is not implemented"),
         "full_autograd",
     )
@@ -1093,7 +1093,7 @@ def test_public_names_exist() -> None:
         assert hasattr(strategies, name), name
     for name in ("verify", "kinds_of", "available_bytes", "mse_loss", "check_inputs", "prepare"):
         assert name in strategies.__all__
-    assert strategies.mse_loss is _common.mse_loss
+    assert strategies.mse_loss is _problem.mse_loss
 
 
 # --- nets whose Hessian autograd leaves ill-defined or wrong; batches of several inputs ---
@@ -1172,16 +1172,16 @@ def test_double_backward_of_weight_norm_is_still_wrong_upstream() -> None:
 def test_jax_hessian_refuses_hooks_global_ones_included() -> None:
     net = mlp(sizes=(3, 4, 2)).double()
     assert strategies.get("jax_hessian").supports(net, None)[0] or True  # jax may be absent
-    assert _common.user_hooks(net) == []
+    assert _contract.user_hooks(net) == []
     handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: o)
     try:
-        assert _common.user_hooks(net) == ["global forward hook"]
+        assert _contract.user_hooks(net) == ["global forward hook"]
         ok, reason = strategies.get("jax_hessian").supports(net, None)
         assert not ok and ("global forward hook" in reason or "jax is not installed" in reason)
     finally:
         handle.remove()
     net[2].register_forward_pre_hook(lambda m, a: a)
-    assert _common.user_hooks(net) == ["forward pre-hook on module '2'"]
+    assert _contract.user_hooks(net) == ["forward pre-hook on module '2'"]
 
 
 def test_compiled_strategies_check_symmetry() -> None:
@@ -1240,7 +1240,7 @@ def test_the_probe_cache_follows_new_values_and_refuses_a_changed_path() -> None
     net, batch = _Switch().double(), _batch()
     params = _params(net)
     strategies.compute("torch_func", net, params, batch)
-    assert net in _common._PROBED
+    assert net in _contract._PROBED
     with torch.no_grad():  # a Newton step: new values, the same structure
         for p in params.values():
             p.add_(0.1 * torch.randn_like(p))
@@ -1269,11 +1269,11 @@ def test_the_probe_cache_replays_only_the_same_graph() -> None:
     batch[0].abs_().neg_()
     strategies.compute("torch_func", net, _params(net), batch)  # no LayerNorm on this path
     batch[0].neg_()  # in place, as a data loader refilling its buffer would
-    probed = _common._PROBED[net]
-    known = _common._Probed(
-        _common._Seen.of(net, _params(net), batch, None), probed.graph, (), frozenset(), ""
+    probed = _contract._PROBED[net]
+    known = _contract._Probed(
+        _contract._Seen.of(net, _params(net), batch, None), probed.graph, (), frozenset(), ""
     )
-    _common._PROBED[net] = known  # as if that batch had been probed on the other path
+    _contract._PROBED[net] = known  # as if that batch had been probed on the other path
     with pytest.raises(ValueError, match="functorch#534"):
         strategies.compute("torch_func", net, _params(net), batch)
 
@@ -1284,7 +1284,7 @@ def test_the_probe_cache_keeps_no_net_alive() -> None:
 
     net, batch = _mlp(), _batch()
     strategies.compute("auto", net, _params(net), batch)
-    assert net in _common._PROBED
+    assert net in _contract._PROBED
     ref = weakref.ref(net)
     del net
     gc.collect()

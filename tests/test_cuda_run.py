@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from bench import audit, auto_table, cuda_run, device, measure, results, wheels, zoo
-from bench.grid import GRIDS, Case, cases
+from bench import audit, auto_table, cuda_run, device, measure, results, wheels
+from bench.problems import zoo
+from bench.problems.grid import GRIDS, Case, cases
 from bench.run.cell import CaseData, hessian_call
 from bench.vocabulary import WRONG
 

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from bench.grid import GRIDS, USER_ARCHS, Case, cases, expand
-from bench.models import chosen_params, make_problem
+from bench.problems.grid import GRIDS, USER_ARCHS, Case, cases, expand
+from bench.problems.models import chosen_params, make_problem
 from bench.results import size_range
 
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import strategies
 from bench import measure
-from bench.grid import Case
-from bench.models import make_problem
+from bench.problems.grid import Case
+from bench.problems.models import make_problem
 from bench.reference import batched_loop_hessian, loop_hessian
 from bench.run.cell import CaseData, hessian_call
 from bench.run.worker import Request, Worker
@@ -154,8 +154,8 @@ def test_the_workers_memory_pass_measures_what_this_process_measures(worker, str
 
 
 def test_probe_reference_measures_like_the_dense_one_and_catches_a_wrong_entry():
-    from bench.grid import Case
-    from bench.models import make_problem
+    from bench.problems.grid import Case
+    from bench.problems.models import make_problem
     from bench.reference import batched_loop_hessian, probe_reference
 
     net, batch, loss_fn = make_problem(Case(8, 6, 2, 1, "tanh", "mse", 16, "float64", "cpu"))

@@ -6,7 +6,7 @@ import pytest
 
 import strategies
 from bench import measure
-from bench.grid import Case
+from bench.problems.grid import Case
 from bench.run import policy
 from bench.run.session import History
 from bench.run.worker import Crashed, Reply, Request

@@ -803,8 +803,8 @@ def test_the_decision_box_of_the_committed_runs_is_auto_table_and_the_planner(tm
     planner itself chooses on the arch's smallest case of the range; the "What to use"
     sentences name the same."""
     from bench import auto_table
-    from bench.grid import Case
-    from bench.models import make_problem
+    from bench.problems.grid import Case
+    from bench.problems.models import make_problem
     from strategies import auto
 
     committed = json.loads(auto_table.DEFAULT_OUT.read_text())

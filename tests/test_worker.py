@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench import measure
-from bench.grid import Case
+from bench.problems.grid import Case
 from bench.run.worker import ChildTraceback, Crashed, Request, Worker
 
 CASE = Case(3, 4, 1, 1, "tanh", "mse", 5, "float32", "cpu")

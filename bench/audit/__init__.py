@@ -37,9 +37,10 @@ from typing import Any
 import torch
 
 import strategies
-from bench import cli, device, zoo
+from bench import cli, device
 from bench.audit import known_bugs
 from bench.measure import machine_label
+from bench.problems import zoo
 from bench.reference import fd_hessian, loop_hessian
 from bench.vocabulary import AUDIT_KIND, ERROR, OK, UNSUPPORTED, WRONG
 from strategies import Strategy
@@ -302,7 +303,7 @@ def run_audit(
 
     Args:
         strategy_names: registered strategies to audit; None means all of ``strategies.names()``.
-        models: zoo model names or :class:`bench.zoo.ZooModel` entries; None means the whole zoo.
+        models: zoo model names or :class:`bench.problems.zoo.ZooModel` entries; None means the whole zoo.
         strategy_objects: strategies to audit instead of registered ones (e.g. in tests).
         known_bugs: also run the reproductions of the known upstream bugs.
         ignore_supports: compute where ``supports()`` says no too, to see whether a guard

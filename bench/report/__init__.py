@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench import cli, results
-from bench.grid import ARCHS, USER_ARCHS
+from bench.problems.grid import ARCHS, USER_ARCHS
 from bench.report import plots
 from bench.vocabulary import BASELINE, TIMED, WRONG
 
@@ -70,7 +70,7 @@ def _bytes(value: float | None) -> str:
 
 # --- words -----------------------------------------------------------------------------------
 
-#: how the summary names each way of writing the net (``bench.grid.ARCHS``)
+#: how the summary names each way of writing the net (``bench.problems.grid.ARCHS``)
 _ARCH_WORDS = {
     "mlp": "an MLP written as <code>nn.Sequential</code>",
     "custom": "a custom module (the same weights, a forward ending in <code>squeeze(-1)</code>, "

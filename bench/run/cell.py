@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from bench import measure
-from bench.grid import Case
-from bench.models import chosen_params, make_problem
+from bench.problems.grid import Case
+from bench.problems.models import chosen_params, make_problem
 from bench.reference import ProbeReference
 from strategies import Strategy
 
@@ -36,7 +36,7 @@ class CaseData:
 
     @classmethod
     def of(cls, case: Case) -> CaseData:
-        """The case's seeded net, batch and loss (``bench.models.make_problem``), no baselines."""
+        """The case's seeded net, batch and loss (``bench.problems.models.make_problem``), no baselines."""
         net, batch, loss_fn = make_problem(case)
         return cls(case, net, batch, loss_fn)
 

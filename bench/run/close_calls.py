@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 import strategies
-from bench.grid import Case
 from bench.interleave import interleaved_rounds
+from bench.problems.grid import Case
 from bench.run import policy
 from bench.run.cell import hessian_call
 from bench.run.session import Run, Timed

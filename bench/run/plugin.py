@@ -31,7 +31,7 @@ from bench.cli import (
     unlock_output,
     write_json,
 )
-from bench.grid import DEVICES, GRIDS, cases
+from bench.problems.grid import DEVICES, GRIDS, cases
 from bench.run import close_calls
 from bench.run.session import Run
 from bench.run.worker import Worker

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from bench import measure
-from bench.grid import Case
+from bench.problems.grid import Case
 from bench.reference import ProbeReference
 from bench.run.cell import CaseData
 from bench.run.session import History, Run

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from bench import measure
-from bench.grid import Case
-from bench.models import chosen_params
+from bench.problems.grid import Case
+from bench.problems.models import chosen_params
 from bench.reference import batched_loop_hessian, probe_reference
 from bench.run.cell import CaseData
 from bench.run.worker import Worker

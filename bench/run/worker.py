@@ -29,7 +29,7 @@ import torch
 
 import strategies
 from bench import device, measure
-from bench.grid import Case
+from bench.problems.grid import Case
 from bench.run.cell import CaseData, hessian_call
 from strategies import Strategy
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.models import LayerNormMLP
+from bench.problems.models import LayerNormMLP
 from strategies import kinds_of
 
 __all__ = ["ZooModel", "ZOO", "names", "get", "build", "kinds_of"]

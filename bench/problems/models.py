@@ -253,7 +253,7 @@ def make_problem(case: Case, seed: int = 0) -> tuple[nn.Module, tuple[Tensor, Te
 
     The Linear weights are the same whatever MLP ``case.arch``: the ``custom`` form of a
     case has the weights of its ``nn.Sequential`` form. A ``USER_ARCHS`` case is built as
-    its users write it (``bench.grid.ARCHS`` says how), with its own loss.
+    its users write it (``bench.problems.grid.ARCHS`` says how), with its own loss.
 
     Returns:
         ``(net, batch, loss_fn)``: ``net`` on the case's device and dtype; ``loss_fn`` None

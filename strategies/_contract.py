@@ -1,10 +1,11 @@
-"""Shared pieces of every strategy: the input contract, the loss closure, flatten/unflatten, blocks.
+"""The input contract: the checks of net, params, batch and loss, and the preparation of a Problem.
 
-The contract lives here, in ``check_inputs`` (what can be checked without running the net)
-and ``prepare`` (one probe forward of the loss, which checks what the net and loss return and
-records the normalisation ops the forward calls). ``Strategy.compute`` in the registry runs
-``check_inputs``, then the strategy, which runs ``prepare``; ``explain_autograd_error`` turns
-torch's own errors for derivatives it lacks into ValueErrors that say what to use instead.
+``check_inputs`` checks what can be checked without running the net; ``prepare`` runs one
+probe forward of the loss (cached per net, ``_PROBED``), which checks what the net and loss
+return, refuses what leaves the Hessian ill-defined, records the normalisation ops the
+forward calls (judged by ``_hazards``), and returns the ``Problem`` (``_problem``) every
+strategy computes from. ``Strategy.compute`` in the registry runs ``check_inputs``, then the
+strategy, which runs ``prepare``. docs/DESIGN.md, "The strategy contract".
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import contextvars
 import copy
 import dataclasses
 import functools
-import re
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -24,175 +24,37 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.nn.modules import module as module_hooks
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ._hazards import ANY_PATH, BATCH_NORM_OPS, NORM_OPS, hazard
 from ._kinds import uses_batch_statistics
+from ._problem import (
+    Inputs,
+    LossFn,
+    NormCall,
+    Problem,
+    autograd_enabled,
+    call_net,
+    input_parts,
+    map_inputs,
+    mse_loss,
+)
 
 __all__ = [
-    "LossFn",
-    "Inputs",
-    "NormCall",
-    "Problem",
-    "REVERSE_MODE",
-    "NESTED_AUTOGRAD",
-    "JACREV_PATH",
-    "DOUBLE_BACKWARD",
-    "LEGACY_VMAP_FORWARD",
-    "autograd_enabled",
     "check_inputs",
+    "NESTED_AUTOGRAD",
     "prepare",
+    "sharing_problems",
     "in_float64",
-    "hazard",
-    "refuse_hazard",
-    "explain_autograd_error",
-    "jacrev_normalisation_hazard",
-    "jacrev_path_supports",
-    "flatten",
-    "unflatten",
-    "flat_or_zeros",
-    "to_blocks",
-    "from_blocks",
-    "mirror_upper",
-    "mse_loss",
     "WEIGHT_NORM_OP",
-    "input_parts",
-    "map_inputs",
-    "call_net",
     "plain_weight_norm",
     "buffers_kept",
     "user_hooks",
 ]
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
-#: what the net is called on: ``net(inputs)``, ``net(*inputs)`` or ``net(**inputs)``
-Inputs = Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]
-
-#: strategies that differentiate twice in reverse mode, and so never need a forward-mode
-#: derivative; where torch lacks one, these are what a user should turn to
-REVERSE_MODE = ("full_autograd", "symmetric_half", "vmap_vjp")
-
-
-def mse_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean squared error: the value of ``F.mse_loss(outputs, targets)``, broadcasting included.
-
-    Written out as ``(outputs - targets).square().mean()`` because in torch 2.13
-    forward-over-reverse of ``F.mse_loss`` with its default mean reduction raises
-    "ZeroTensors are immutable" (``jvp(grad(f))`` with ``f`` ending in
-    ``F.mse_loss(out, y)``). The mean is over the broadcast ``outputs - targets``, as
-    torch's is, so that where the shapes differ this is still exactly the loss the caller
-    passed. Of the forms that work on every path it costs least under the transforms
-    (``torch.func.hessian`` of the forum net, P = 49: 0.90x ``F.mse_loss`` itself, where
-    ``F.mse_loss(..., reduction="sum") / size`` cost 1.16x). ``check_inputs`` puts this in
-    place of ``F.mse_loss`` and ``nn.MSELoss()`` (mean).
-    """
-    return (outputs - targets).square().mean()
-
-
-@contextlib.contextmanager
-def autograd_enabled() -> Iterator[None]:
-    """Autograd on, whatever the caller turned off (``torch.no_grad``, ``torch.inference_mode``).
-
-    A Hessian is made of derivatives: under ``inference_mode`` the double-backward loop
-    fails and ``torch.autograd.functional`` returns zeros, so every strategy runs inside this.
-    """
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
-
-
-@dataclass(frozen=True)
-class NormCall:
-    """One normalisation op the loss's forward called, as the probe forward saw it.
-
-    Attributes:
-        op: the aten op, e.g. ``"native_layer_norm"``.
-        batch_statistics: it normalises with statistics of the batch (batch or instance
-            norm in training mode, or without running statistics).
-        weight, bias: it was given an affine weight, a bias.
-        weight_grad, bias_grad: that weight, that bias depends on the chosen params.
-    """
-
-    op: str
-    batch_statistics: bool
-    weight: bool
-    bias: bool
-    weight_grad: bool
-    bias_grad: bool
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A checked Hessian problem: the loss as a pure function of the chosen parameters.
-
-    Attributes:
-        names: parameter names, in the order of the caller's mapping.
-        shapes: their shapes.
-        primals: detached copies of their values (the point the Hessian is taken at).
-        loss: ``loss(dict name -> tensor) -> scalar``; every other parameter and buffer of
-            the net is held fixed at its value, and running statistics are never updated.
-        inputs, targets, loss_fn: the batch, and the loss in use (the default filled in).
-        module: the module the loss evaluates (the net, or a copy that does not update
-            BatchNorm running statistics).
-        norm_calls: the normalisation ops the forward called (see ``hazard``).
-        ops: the names of every aten op the forward and loss called (e.g. ``"addmm"``).
-        nested: what the forward does that only the plain autograd loops differentiate
-            (``torch.autograd.grad`` inside it, a non-reentrant checkpoint), or "";
-            ``prepare`` refuses such a problem unless its caller is one of them.
-        fixed: the net's other params and buffers, by name, held at their values.
-        constant: none of the chosen params reaches the loss (its Hessian is zero).
-    """
-
-    names: tuple[str, ...]
-    shapes: tuple[torch.Size, ...]
-    primals: tuple[Tensor, ...]
-    loss: Callable[[Mapping[str, Tensor]], Tensor]
-    inputs: Inputs
-    targets: Tensor
-    loss_fn: LossFn
-    module: nn.Module
-    norm_calls: tuple[NormCall, ...] = ()
-    ops: frozenset[str] = frozenset()
-    nested: str = ""
-    fixed: Mapping[str, Tensor] = dataclasses.field(default_factory=dict)
-    constant: bool = False
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(s.numel() for s in self.shapes)
-
-    @property
-    def offsets(self) -> tuple[int, ...]:
-        out, total = [], 0
-        for n in self.sizes:
-            out.append(total)
-            total += n
-        return tuple(out)
-
-    @property
-    def P(self) -> int:
-        return sum(self.sizes)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.primals[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.primals[0].device
-
-    def primal_dict(self) -> dict[str, Tensor]:
-        return dict(zip(self.names, self.primals))
-
-    def flat_primal(self) -> Tensor:
-        return flatten(self.primals)
-
-    def flat_loss(self, flat: Tensor) -> Tensor:
-        """The loss as a function of one flat vector of all chosen parameters."""
-        return self.loss(dict(zip(self.names, unflatten(flat, self.shapes))))
 
 
 def _updates_running_stats(net: nn.Module) -> bool:
@@ -365,105 +227,6 @@ def check_inputs(
     return loss_fn
 
 
-def jacrev_normalisation_hazard(net: nn.Module) -> str:
-    """Why forward-over-``jacrev`` Hessians of ``net`` are wrong in torch 2.13, or "" if not.
-
-    torch.func.hessian (jacfwd(jacrev(f))) returns a wrong, asymmetric Hessian, with no
-    error, through BatchNorm that normalises with batch statistics and through LayerNorm and
-    InstanceNorm with an affine weight (relative errors of 5% to 33% on small nets): vmap's
-    batching rules for normalisation backward (pytorch/functorch issue 534). Strategies on
-    that path refuse such nets rather than return a wrong matrix. This looks at the modules
-    only; ``hazard(problem, JACREV_PATH)`` also finds the functional calls
-    (``F.layer_norm`` ...) in a custom forward, from the probe forward of ``prepare``.
-    """
-    for name, m in net.named_modules():
-        if uses_batch_statistics(m):
-            return f"{name or 'net'} is {type(m).__name__} using batch statistics (functorch#534)"
-        if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-            return f"{name or 'net'} is an affine LayerNorm (functorch#534)"
-        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.affine:
-            return f"{name or 'net'} is an affine {type(m).__name__} (functorch#534)"
-    return ""
-
-
-def jacrev_path_supports(net: nn.Module, loss_fn: LossFn | None = None) -> tuple[bool, str]:
-    """``supports`` of the strategies on the jacfwd(jacrev) path: no net with that hazard."""
-    reason = jacrev_normalisation_hazard(net)
-    return (False, f"wrong Hessian upstream: {reason}") if reason else (True, "")
-
-
-# --- normalisation ops through which some differentiation paths of torch 2.13 go wrong ---
-
-_BATCH_NORM_OPS = frozenset(
-    {
-        "native_batch_norm",
-        "_native_batch_norm_legit",
-        "_native_batch_norm_legit_no_training",
-        "_batch_norm_with_update",
-        "cudnn_batch_norm",
-        "miopen_batch_norm",
-    }
-)
-_NORM_OPS = _BATCH_NORM_OPS | {"native_layer_norm", "native_group_norm"}
-
-#: a path of differentiation: torch.func's jacfwd(jacrev(f)) (torch_func, functorch,
-#: jacfwd_jacrev); reverse-over-reverse (full_autograd, symmetric_half, vmap_vjp); the
-#: legacy vmap over forward-mode jacobians (autograd_functional)
-JACREV_PATH = "jacfwd(jacrev) of torch.func"
-DOUBLE_BACKWARD = "double backward"
-LEGACY_VMAP_FORWARD = "torch.autograd.functional's vectorized forward-mode jacobian"
-#: every path: torch 2.13 cannot take even the gradient
-_ANY_PATH = "any differentiation"
-
-
-def _wrong_on(call: NormCall) -> dict[str, str]:
-    """The paths on which torch 2.13 is wrong or fails through ``call``, each with why.
-
-    Measured against central finite differences of the gradient on small float64 nets, for
-    every op with no affine parameter, a weight, a bias, or both (tests/test_contract.py): a
-    Hessian along a path not listed here matched them.
-    """
-    out: dict[str, str] = {}
-    is_batch = call.op in _BATCH_NORM_OPS
-    if call.weight_grad and (
-        call.op == "native_layer_norm" or (is_batch and call.batch_statistics)
-    ):
-        out[JACREV_PATH] = (
-            "returns a wrong Hessian (3% to 80% off) through it with a differentiated affine "
-            "weight: vmap's batching rule of the normalisation backward (functorch#534)"
-        )
-    if (call.op == "native_layer_norm" or is_batch) and call.bias_grad and not call.weight:
-        out[DOUBLE_BACKWARD] = (
-            "fails or returns a wrong Hessian (20% to 80% off) through it with a "
-            "differentiated bias and no weight"
-        )
-    if call.op == "native_group_norm":
-        out[LEGACY_VMAP_FORWARD] = "fails through it (a tangent of the wrong shape)"
-        if call.bias_grad and not call.weight:
-            out[_ANY_PATH] = "cannot differentiate it w.r.t. a bias given without a weight"
-    return out
-
-
-def hazard(problem: Problem, path: str) -> str:
-    """Why torch 2.13 differentiates ``problem``'s forward wrongly along ``path``, or ""."""
-    for call in problem.norm_calls:
-        why = _wrong_on(call).get(path)
-        if why:
-            return f"the forward calls aten.{call.op}; torch {_torch_version()}'s {path} {why}"
-    return ""
-
-
-def refuse_hazard(problem: Problem, path: str, strategy: str) -> None:
-    """Raise ValueError where ``hazard(problem, path)`` finds one, naming ``strategy``."""
-    reason = hazard(problem, path)
-    if reason:
-        raise ValueError(f"strategy {strategy!r} refuses this problem: {reason}")
-
-
-def _torch_version() -> str:
-    return torch.__version__.split("+")[0]
-
-
 def _saved_tensor_hooks() -> Any:
     """The pack hook of the innermost ``saved_tensors_hooks`` in force, or None."""
     top = torch._C._autograd._top_saved_tensors_default_hooks(True)
@@ -558,13 +321,13 @@ class _ForwardRecorder(TorchDispatchMode):
             "training", bound.get("train", True)
         ):
             self.random_ops.append(op)
-        if op in _NORM_OPS:
+        if op in NORM_OPS:
             weight, bias = bound.get("weight"), bound.get("bias")
             training = bound.get("training", op == "_batch_norm_with_update")
             self.norm_calls.append(
                 NormCall(
                     op=op,
-                    batch_statistics=op in _BATCH_NORM_OPS and bool(training),
+                    batch_statistics=op in BATCH_NORM_OPS and bool(training),
                     weight=weight is not None,
                     bias=bias is not None,
                     weight_grad=weight is not None and weight.requires_grad,
@@ -729,7 +492,7 @@ def _prepare(
         fixed=probe.fixed,
         constant=constant,
     )
-    reason = hazard(problem, _ANY_PATH)
+    reason = hazard(problem, ANY_PATH)
     if reason:
         raise ValueError(f"no strategy can differentiate this loss: {reason}")
     if found.seen is not None and found is not known:
@@ -1013,73 +776,6 @@ def in_float64(problem: Problem) -> Problem:
         targets=targets,
         fixed=fixed,
     )
-
-
-# --- the batch users bring: one tensor, a tuple of tensors, a dict of tensors ---
-
-
-def input_parts(inputs: Any) -> list[tuple[str, Tensor]]:
-    """The tensors of ``inputs``, each with the name an error message gives it.
-
-    Raises:
-        TypeError: ``inputs`` is not a tensor, a non-empty tuple (or list) of tensors, or a
-            non-empty dict of tensors with string keys.
-        ValueError: the tensors of a tuple or dict differ in batch size (the first dimension
-            of each), or one has no batch dimension.
-    """
-    if isinstance(inputs, Tensor):
-        return [("inputs", inputs)]
-    if isinstance(inputs, (tuple, list)):
-        parts = [(f"inputs[{i}]", t) for i, t in enumerate(inputs)]
-    elif isinstance(inputs, Mapping):
-        bad = [k for k in inputs if not isinstance(k, str)]
-        if bad:
-            raise TypeError(
-                f"dict inputs need str keys (the forward's argument names), got {bad[0]!r}"
-            )
-        parts = [(f"inputs[{k!r}]", t) for k, t in inputs.items()]
-    else:
-        raise TypeError(
-            "inputs must be a tensor, a tuple of tensors (passed as net(*inputs)) or a dict of "
-            f"tensors (passed as net(**inputs)), got {type(inputs).__name__}"
-        )
-    if not parts:
-        raise ValueError("inputs is an empty tuple or dict: give the net at least one tensor")
-    for what, t in parts:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
-        if t.dim() == 0:
-            raise ValueError(f"{what} has no batch dimension: the batch dimension comes first")
-    first, size = parts[0][0], parts[0][1].shape[0]
-    for what, t in parts[1:]:
-        if t.shape[0] != size:
-            raise ValueError(
-                f"{what} has batch size {t.shape[0]} but {first} has {size}: the batch "
-                "dimension comes first in every input"
-            )
-    return parts
-
-
-def map_inputs(fn: Callable[[Tensor], Tensor], inputs: Inputs) -> Inputs:
-    """``fn`` applied to each tensor of ``inputs``, keeping its form (a list becomes a tuple)."""
-    if isinstance(inputs, Tensor):
-        return fn(inputs)
-    if isinstance(inputs, Mapping):
-        return {k: fn(t) for k, t in inputs.items()}
-    return tuple(fn(t) for t in inputs)
-
-
-def call_net(module: nn.Module, tensors: Mapping[str, Tensor], inputs: Inputs) -> Any:
-    """``module`` called on ``inputs`` with ``tensors`` in place of its own (functional_call).
-
-    A tensor is passed as ``module(inputs)``, a tuple as ``module(*inputs)``, a dict as
-    ``module(**inputs)``.
-    """
-    if isinstance(inputs, Tensor):
-        return functional_call(module, tensors, (inputs,))
-    if isinstance(inputs, Mapping):
-        return functional_call(module, tensors, (), dict(inputs))
-    return functional_call(module, tensors, tuple(inputs))
 
 
 # --- forwards whose Hessian is ill-defined, or that would silently lose part of the loss ---
@@ -1444,146 +1140,3 @@ def _check_loss_value(value: Any, outputs: Any) -> None:
             "loss_fn returned a value that does not depend on the net's outputs (detached, "
             "e.g. through .item(), .detach() or torch.tensor()): its Hessian would be zero"
         )
-
-
-#: torch's messages for what it does not implement, and what a caller should make of each
-#: ({op}: the op the message names; {others}: the reverse-mode strategies)
-_UNIMPLEMENTED = (
-    (
-        re.compile(r"Trying to use forward AD with (?:aten::)?(\w+) that does not support it"),
-        "needs the forward-mode derivative of aten::{op}, which torch {version} does not "
-        "implement: use a reverse-mode strategy ({others})",
-    ),
-    (
-        re.compile(r"Batching rule not implemented for (?:aten::)?(\w+(?:\.\w+)?)"),
-        "needs a vmap batching rule for aten::{op}, which torch {version} does not implement "
-        "on its path: use a reverse-mode strategy ({others})",
-    ),
-    (
-        re.compile(r"derivative for (?:aten::)?(\w+) is not implemented"),
-        "needs the derivative of aten::{op}, which torch {version} does not implement: torch "
-        "cannot differentiate this loss twice",
-    ),
-)
-
-
-def explain_autograd_error(error: BaseException, strategy: str) -> ValueError | None:
-    """A ValueError that says what ``strategy`` met and what to use instead, or None.
-
-    torch 2.13 has no forward-mode derivative for some ops (``huber_loss_backward``,
-    ``soft_margin_loss_backward``, ...), no vmap batching rule for others on some paths
-    (``unsafe_split`` of nn.GRU in ``torch.autograd.functional``), no second derivative for
-    a few (``multi_margin_loss_backward``), and forward-over-reverse of ``F.mse_loss`` with
-    mean reduction called from a loss of the caller's own raises "ZeroTensors are
-    immutable". A forward that changes in place a tensor autograd saved (torch's "modified by
-    an inplace operation") is named with the op whose output it changed. Other errors are not
-    recognised (None): the caller re-raises them as they are.
-    """
-    message = str(error)
-    version = _torch_version()
-    others = ", ".join(n for n in REVERSE_MODE if n != strategy)
-    if "autograd.Function with functorch transforms" in message or (
-        "implement the jvp function for custom autograd.Function" in message
-    ):
-        return ValueError(
-            f"strategy {strategy!r}: the forward calls a custom torch.autograd.Function "
-            "(a reentrant torch.utils.checkpoint is one) without the vmap or jvp rule its path "
-            f"needs: use a plain autograd loop ({', '.join(NESTED_AUTOGRAD)})"
-        )
-    if "Nested forward mode AD is not supported" in message:
-        return ValueError(
-            f"strategy {strategy!r}: its forward-mode derivative meets one of the forward's own "
-            "(torch.func.jvp, jacfwd or hessian inside the forward?), and torch "
-            f"{version} cannot nest forward mode in it: use a reverse-mode strategy ({others}) "
-            "or block_symmetric"
-        )
-    if "don't yet support saved tensor hooks" in message:
-        return ValueError(
-            f"strategy {strategy!r} runs the forward under saved-tensor hooks of its own, "
-            f"under which torch {version}'s torch.func transforms inside the forward "
-            "(torch.func.hessian ...) cannot run: use a strategy that computes the whole "
-            f"Hessian at once ({others}, block_symmetric)"
-        )
-    if "modified by an inplace operation" in message:
-        found = re.search(
-            r"\[(\d+(?:, \d+)*)?\]\], which is output \d+ of (\w+?)(?:Backward\d*)?,", message
-        )
-        what = f"the [{found.group(1)}] output of {found.group(2)} " if found else "a tensor "
-        return ValueError(
-            f"strategy {strategy!r}: the forward changes {what}in place after autograd saved "
-            "it for the gradient (e.g. `h += 1` on h = torch.tanh(...), or an inplace=True "
-            "activation), so even loss.backward() fails: write that op out of place "
-            "(h = h + 1)"
-        )
-    if "ZeroTensors are immutable" in message:
-        return ValueError(
-            f"strategy {strategy!r} met torch {version}'s forward-over-reverse bug of "
-            "F.mse_loss with mean reduction ('ZeroTensors are immutable'): pass F.mse_loss or "
-            "nn.MSELoss() itself as loss_fn (both are replaced by an exact equivalent), use "
-            f"reduction='sum', or a reverse-mode strategy ({others})"
-        )
-    for pattern, explanation in _UNIMPLEMENTED:
-        found = pattern.search(message)
-        if found:
-            what = explanation.format(op=found.group(1), version=version, others=others)
-            return ValueError(f"strategy {strategy!r} {what}")
-    return None
-
-
-def flatten(tensors: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
-    """Concatenate tensors into one vector, each flattened row-major."""
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def unflatten(flat: Tensor, shapes: tuple[torch.Size, ...]) -> tuple[Tensor, ...]:
-    """Split a vector (or the last dimension of a batch of them) back into shaped tensors."""
-    sizes = [s.numel() for s in shapes]
-    parts = torch.split(flat, sizes, dim=-1)
-    return tuple(p.reshape(*flat.shape[:-1], *s) for p, s in zip(parts, shapes))
-
-
-def flat_or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
-    """``grad`` as a vector; None (``allow_unused``: the output does not depend on ``like``) is 0."""
-    if grad is None:
-        return torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
-    return grad.reshape(-1)
-
-
-def to_blocks(H: Tensor, params: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """Split a dense ``P x P`` Hessian into blocks shaped like torch.func.hessian's output.
-
-    ``blocks[a][b]`` has shape ``params[a].shape + params[b].shape``.
-    """
-    names = list(params)
-    sizes = [params[n].numel() for n in names]
-    if H.shape != (sum(sizes), sum(sizes)):
-        raise ValueError(f"H has shape {tuple(H.shape)}, expected {(sum(sizes), sum(sizes))}")
-    rows = torch.split(H, sizes, dim=0)
-    blocks: dict[str, dict[str, Tensor]] = {}
-    for a, row in zip(names, rows):
-        cols = torch.split(row, sizes, dim=1)
-        blocks[a] = {b: c.reshape(*params[a].shape, *params[b].shape) for b, c in zip(names, cols)}
-    return blocks
-
-
-def from_blocks(blocks: Mapping[str, Mapping[str, Tensor]], params: Mapping[str, Tensor]) -> Tensor:
-    """Assemble blocks shaped like torch.func.hessian's output into a dense ``P x P`` matrix."""
-    names = list(params)
-    sizes = [params[n].numel() for n in names]
-    return torch.cat(
-        [
-            torch.cat([blocks[a][b].reshape(na, nb) for b, nb in zip(names, sizes)], dim=1)
-            for a, na in zip(names, sizes)
-        ],
-        dim=0,
-    )
-
-
-def mirror_upper(H: Tensor, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> Tensor:
-    """Fill the blocks below the block diagonal from those above it, in place."""
-    for k in range(len(sizes)):
-        rk = slice(offsets[k], offsets[k] + sizes[k])
-        for m in range(k + 1, len(sizes)):
-            rm = slice(offsets[m], offsets[m] + sizes[m])
-            H[rm, rk] = H[rk, rm].T
-    return H

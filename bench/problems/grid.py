@@ -36,7 +36,7 @@ ARCHS = (
     "transformer",
     "weighted",
 )
-#: the ``users`` family, each net as its users write it (``bench.models`` builds them), and
+#: the ``users`` family, each net as its users write it (``bench.problems.models`` builds them), and
 #: what the case's fields mean for it where that is not an MLP's ``input -> width x depth ->
 #: output``:
 #:
@@ -133,7 +133,7 @@ class Case:
 
     @property
     def P(self) -> int:
-        """Number of chosen weights and biases (``bench.models.chosen_params``): all of the
+        """Number of chosen weights and biases (``bench.problems.models.chosen_params``): all of the
         net's (LayerNorm's affine ones included) but for ``cnn``, whose head alone is chosen."""
         w, out = self.width, self.output
         if self.arch == "cnn":
