@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _plan
-from ._common import LossFn, check_inputs, prepare, sharing_problems
+from ._common import LossFn, check_inputs_once, prepare, sharing_problems
 from ._kinds import kinds_of
 from ._memory import available_bytes, check_positive
 from ._verify import verify
@@ -349,7 +349,7 @@ def _plan_for(
     memory_budget: int | None,
     measure: bool,
 ) -> Plan:
-    check_inputs(net, params, batch, loss_fn)
+    check_inputs_once(net, params, batch, loss_fn)
     check_positive(memory_budget=memory_budget)
     if not isinstance(measure, bool):
         raise TypeError(f"measure must be True or False, got {measure!r}")
