@@ -10,6 +10,7 @@ an independent Hessian-vector product.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from collections.abc import Callable, Mapping
@@ -21,10 +22,22 @@ import torch
 from torch import Tensor, nn
 
 from ._blocks import flatten, from_blocks, to_blocks, unflatten
-from ._contract import buffers_kept, check_inputs, prepare
+from ._contract import (
+    buffers_kept,
+    check_inputs,
+    check_inputs_once,
+    prepare,
+    sharing_problems,
+)
 from ._errors import REVERSE_MODE, explain_autograd_error
 from ._kinds import kinds_of, uses_batch_statistics
-from ._memory import POSITIVE_INTEGER_OPTIONS, available_bytes, check_fits, check_positive
+from ._memory import (
+    POSITIVE_INTEGER_OPTIONS,
+    available_bytes,
+    check_fits,
+    check_positive,
+    reading_for_next_check,
+)
 from ._plan import peak_ratio
 from ._problem import LossFn, Problem, autograd_enabled, mse_loss
 from ._verify import default_rtol, verify
@@ -101,9 +114,10 @@ class Strategy:
         """Whether this strategy handles ``net`` with ``loss_fn``, and if not, why."""
         return self.supports_fn(net, loss_fn)
 
-    @property
+    @functools.cached_property
     def options(self) -> tuple[str, ...] | None:
-        """The keyword options ``compute`` accepts (e.g. ``chunk_size``); None: any."""
+        """The keyword options ``compute`` accepts (e.g. ``chunk_size``); None: any (read
+        from ``compute_fn``'s signature once: every call checks its options against it)."""
         parameters = list(inspect.signature(self.compute_fn).parameters.values())
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
             return None
@@ -143,9 +157,12 @@ class Strategy:
                 size in the committed runs, times this Hessian's size; the Hessian alone where
                 it was never measured) does not fit in the memory of the params' device.
 
-        The net's buffers are as they were afterwards, whatever the strategy did.
+        The net's buffers are as they were afterwards, whatever the strategy did. The inputs
+        are checked once per call (``check_inputs_once`` within ``sharing_problems``): by this
+        wrapper, not again by the strategy's ``prepare``, nor, under a dispatcher, by the
+        wrapper of the strategy it runs; a direct call of any strategy checks them itself.
         """
-        with buffers_kept(net):
+        with buffers_kept(net), sharing_problems():
             return self._compute(net, params, batch, loss_fn, options)
 
     def _compute(
@@ -156,7 +173,7 @@ class Strategy:
         loss_fn: LossFn | None,
         options: dict[str, Any],
     ) -> Tensor:
-        check_inputs(net, params, batch, loss_fn)
+        check_inputs_once(net, params, batch, loss_fn)
         if not isinstance(batch[0], Tensor) and not self.multi_input:
             raise ValueError(
                 f"strategy {self.name!r} does not support this problem: it takes the inputs as "
@@ -185,11 +202,21 @@ class Strategy:
             if self.family == "dispatcher"
             else peak_ratio(self.name, first.device, first.dtype, P, unmeasured=1.0)
         )
+        if self.family == "dispatcher":
+            # its H alone must fit; the strategy it runs checks its own peak against the same
+            # reading of the free memory (taken once, before either allocates anything)
+            with reading_for_next_check(first.device) as reading:
+                check_fits(params, ratio, self.name, available=reading)
+                return self._run((net, params, batch, loss_fn), options)
         check_fits(params, ratio, self.name)
+        return self._run((net, params, batch, loss_fn), options)
+
+    def _run(self, problem: tuple[Any, ...], options: dict[str, Any]) -> Tensor:
+        """``compute_fn`` on the checked ``(net, params, batch, loss_fn)``, autograd on."""
         hooks_enabled = torch._C._autograd._saved_tensors_hooks_is_enabled()
         with autograd_enabled():
             try:
-                return self.compute_fn(net, params, batch, loss_fn, **options)
+                return self.compute_fn(*problem, **options)
             except (NotImplementedError, RuntimeError) as error:
                 explained = explain_autograd_error(error, self.name)
                 if explained is None:

@@ -399,7 +399,8 @@ def prepare(
 
 
 #: the problems ``prepare`` built inside ``sharing_problems``, by the identity of its arguments
-_SHARED: contextvars.ContextVar[dict[tuple, Problem] | None] = contextvars.ContextVar(
+#: (and under ``("checked", *identity)`` the loss function ``check_inputs_once`` returned)
+_SHARED: contextvars.ContextVar[dict[tuple, Any] | None] = contextvars.ContextVar(
     "_SHARED", default=None
 )
 
@@ -423,10 +424,26 @@ def _identity(net: Any, params: Any, batch: Any, loss_fn: Any) -> tuple | None:
     )
 
 
+def check_inputs_once(
+    net: nn.Module, params: Mapping[str, Tensor], batch: tuple[Any, Any], loss_fn: Any = None
+) -> LossFn:
+    """``check_inputs``; inside ``sharing_problems``, once per call's arguments (the same
+    objects, unmodified: ``_identity``), however many strategies and checks they pass."""
+    shared = _SHARED.get()
+    key = _identity(net, params, batch, loss_fn) if shared is not None else None
+    if key is None:
+        return check_inputs(net, params, batch, loss_fn)
+    key = ("checked", *key)
+    if key not in shared:
+        shared[key] = check_inputs(net, params, batch, loss_fn)
+    return shared[key]
+
+
 @contextlib.contextmanager
 def sharing_problems() -> Iterator[None]:
     """Within, ``prepare`` called again with the same, unmodified arguments returns the same
-    ``Problem``: a dispatcher checks the input once, not once per strategy and verification."""
+    ``Problem`` (and ``check_inputs_once`` checks them once): a call checks its input once,
+    not once per strategy and verification."""
     token = _SHARED.set({} if _SHARED.get() is None else _SHARED.get())
     try:
         yield
@@ -440,7 +457,7 @@ def _prepare(
     batch: tuple[Tensor, Tensor],
     given_loss_fn: LossFn | None,
 ) -> Problem:
-    loss_fn = check_inputs(net, params, batch, given_loss_fn)
+    loss_fn = check_inputs_once(net, params, batch, given_loss_fn)
     inputs = map_inputs(_normal, batch[0])
     targets = _normal(batch[1])
     names = tuple(params)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
 import os
 import resource
@@ -20,6 +22,7 @@ __all__ = [
     "available_bytes",
     "check_fits",
     "check_positive",
+    "reading_for_next_check",
     "direction_bytes",
     "choose_chunk",
     "problem_chunk",
@@ -113,19 +116,52 @@ def _address_space_available() -> int:
     return max(soft - size, 0)
 
 
-def check_fits(params: Mapping[str, Tensor], peak_ratio: float = 1.0, strategy: str = "") -> None:
+#: a dispatcher's reading of the free memory: [device, bytes], bytes None once used
+_READING: contextvars.ContextVar[list | None] = contextvars.ContextVar("_READING", default=None)
+
+
+@contextlib.contextmanager
+def reading_for_next_check(device: torch.device) -> Iterator[int]:
+    """Read the free memory of ``device`` once; within, the next ``check_fits`` on that device
+    uses this reading rather than its own (a dispatcher's check and that of the strategy it
+    runs first, with nothing allocated between them); every later check reads afresh."""
+    device = torch.device(device)
+    reading = [device, available_bytes(device)]
+    token = _READING.set(reading)
+    try:
+        yield reading[1]
+    finally:
+        _READING.reset(token)
+
+
+def _available(device: torch.device) -> int:
+    reading = _READING.get()
+    if reading is not None and reading[1] is not None and reading[0] == device:
+        available, reading[1] = reading[1], None
+        return available
+    return available_bytes(device)
+
+
+def check_fits(
+    params: Mapping[str, Tensor],
+    peak_ratio: float = 1.0,
+    strategy: str = "",
+    available: int | None = None,
+) -> None:
     """Raise MemoryError where a strategy's predicted peak does not fit in the params' device.
 
     The peak is predicted as ``peak_ratio`` times the dense Hessian's own size (at least the
-    Hessian itself). Called by the registry before any strategy allocates anything, so that
-    an impossible request is answered at once rather than by the allocator half way, or by
-    the host killing the process.
+    Hessian itself), against ``available`` bytes (default: read now, or the reading of
+    ``reading_for_next_check`` where one is pending). Called by the registry before any
+    strategy allocates anything, so that an impossible request is answered at once rather
+    than by the allocator half way, or by the host killing the process.
     """
     first = next(iter(params.values()))
     P = sum(t.numel() for t in params.values())
     hessian = P * P * first.element_size()
     needed = int(max(peak_ratio, 1.0) * hessian)
-    available = available_bytes(first.device)
+    if available is None:
+        available = _available(first.device)
     if needed > available:
         what = (
             f"strategy {strategy!r} is predicted to peak at {needed / 2**30:,.1f} GiB "

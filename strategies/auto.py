@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _plan
-from ._contract import check_inputs, prepare, sharing_problems
+from ._contract import check_inputs_once, prepare, sharing_problems
 from ._kinds import kinds_of
 from ._memory import available_bytes, check_positive
 from ._problem import LossFn
@@ -350,7 +350,7 @@ def _plan_for(
     memory_budget: int | None,
     measure: bool,
 ) -> Plan:
-    check_inputs(net, params, batch, loss_fn)
+    check_inputs_once(net, params, batch, loss_fn)
     check_positive(memory_budget=memory_budget)
     if not isinstance(measure, bool):
         raise TypeError(f"measure must be True or False, got {measure!r}")

@@ -430,3 +430,61 @@ def test_auto_exact_on_a_custom_module(loss_fn) -> None:
     net, params, batch = _problem(Net(), 3, 2, torch.float64)
     H = strategies.compute("auto", net, params, batch, loss_fn)
     assert_close_to(H, loop_hessian(net, list(params), batch, loss_fn), 1e-10)
+
+
+# --- fixed costs: each check once per call ---
+
+
+def _counting(monkeypatch, module, name: str) -> list[int]:
+    calls, original = [0], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_with_wisdom_auto_checks_its_inputs_and_reads_free_memory_once(monkeypatch) -> None:
+    from strategies import _contract, _memory
+
+    net, params, batch = _small_mlp()
+    H = strategies.compute("auto", net, params, batch)  # learns
+    checks = _counting(monkeypatch, _contract, "check_inputs")
+    readings = _counting(monkeypatch, _memory, "available_bytes")
+    assert torch.equal(strategies.compute("auto", net, params, batch), H)
+    assert (checks[0], readings[0]) == (1, 1)
+    checks[0] = readings[0] = 0
+    strategies.compute(auto.wisdom().popitem()[1]["strategy"], net, params, batch)
+    assert (checks[0], readings[0]) == (1, 1)  # a direct call checks for itself, once
+    checks[0] = 0
+    auto.plan(net, params, batch)
+    assert checks[0] == 1
+
+
+def test_a_direct_call_after_auto_still_checks_its_inputs() -> None:
+    net, params, batch = _small_mlp()
+    strategies.compute("auto", net, params, batch)
+    name = auto.wisdom().popitem()[1]["strategy"]
+    with torch.no_grad():
+        batch[0][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        strategies.compute(name, net, params, batch)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        strategies.compute("auto", net, params, batch)
+
+
+def test_the_memory_reading_auto_takes_serves_only_the_first_check_after_it(monkeypatch) -> None:
+    from strategies import _memory
+
+    readings = _counting(monkeypatch, _memory, "available_bytes")
+    params = {"w": torch.zeros(3)}
+    with _memory.reading_for_next_check(torch.device("cpu")) as free:
+        assert free > 0 and readings[0] == 1
+        _memory.check_fits(params)
+        assert readings[0] == 1
+        _memory.check_fits(params)
+        assert readings[0] == 2
+    _memory.check_fits(params)
+    assert readings[0] == 3

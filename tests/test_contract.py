@@ -1317,3 +1317,25 @@ def test_verify_takes_its_float64_reference_without_copying_the_net() -> None:
     assert detail.endswith("reference in float64")
     assert not strategies.verify(H * 1.01, net, params, batch)[0]
     assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_verify_draws_its_default_probes_once_and_the_same_as_a_generator_seeded_with_0() -> None:
+    from strategies import _verify
+
+    torch.manual_seed(0)
+    net, batch = _mlp(), _batch()
+    params = _params(net)
+    H = strategies.compute("full_autograd", net, params, batch)
+    _verify._DEFAULT_PROBES.clear()
+    first = strategies.verify(H, net, params, batch)
+    (kept,) = _verify._DEFAULT_PROBES.values()
+    drawn = kept.clone()
+    assert strategies.verify(H, net, params, batch) == first
+    seeded = torch.Generator().manual_seed(0)
+    assert strategies.verify(H, net, params, batch, generator=seeded) == first
+    assert torch.equal(next(iter(_verify._DEFAULT_PROBES.values())), drawn)
+    assert not strategies.verify(H * 1.01, net, params, batch)[0]
+    with torch.inference_mode():
+        _verify._DEFAULT_PROBES.clear()
+        assert strategies.verify(H, net, params, batch) == first
+    assert not next(iter(_verify._DEFAULT_PROBES.values())).is_inference()
