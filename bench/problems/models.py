@@ -245,7 +245,7 @@ def _user_problem(case: Case, generator: torch.Generator) -> tuple[nn.Module, Te
         targets = torch.randn(B, case.output, generator=generator)
         weights = torch.rand(B, generator=generator) + 0.5
         return net, inputs, targets, lambda out, y: (weights * ((out - y) ** 2).sum(-1)).mean()
-    raise ValueError(f"arch {case.arch!r} is not one of bench.grid.USER_ARCHS")
+    raise ValueError(f"arch {case.arch!r} is not one of bench.problems.grid.USER_ARCHS")
 
 
 def make_problem(case: Case, seed: int = 0) -> tuple[nn.Module, tuple[Tensor, Tensor], object]:
