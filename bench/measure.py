@@ -20,6 +20,7 @@ from strategies import available_bytes, mse_loss
 __all__ = [
     "TOLERANCES",
     "sync",
+    "warm_up",
     "min_seconds",
     "peak_bytes",
     "peak_and_events",
@@ -45,6 +46,27 @@ def sync(device: torch.device | str) -> None:
     """Wait for the device's queued work, so that a timer around a call sees all of it."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+_WARM: set[torch.device] = set()
+
+
+def warm_up(device: torch.device | str) -> None:
+    """Pay this process's one-time costs on ``device`` before anything is timed there.
+
+    The first ``torch.func`` transform of a process sets torch.func up (about 1.5 s on the
+    2-core machine, against milliseconds for the next), and the first call on a GPU creates
+    its context. Left in the first cell of a run (in the worker and here alike), they made a
+    millisecond strategy look too slow to repeat and timed its one round at a second. Runs
+    once per process and device.
+    """
+    device = torch.device(device)
+    if device in _WARM:
+        return
+    x = torch.ones(2, device=device)
+    torch.func.hessian(lambda v: (v**3).sum())(x)
+    sync(device)
+    _WARM.add(device)
 
 
 def min_seconds(fn: Callable[[], Any], device: torch.device | str, repeats: int = 5) -> float:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bench import conftest, report, results
+from bench.run import policy
 from bench.vocabulary import BASELINE, CRASHED, ERROR, OK, OOM, OVER_BUDGET, SKIPPED, WRONG
 
 pytest_plugins = ["pytester"]
@@ -81,6 +82,8 @@ def test_smoke_grid_writes_every_field(pytester, monkeypatch):
         assert info["peak_bytes"] >= info["hessian_bytes"]
         assert info["vs_gemm"] == pytest.approx(row["stats"]["min"] / info["gemm_s"])
         assert row["params"] == {"strategy": info["strategy"], "case": info["case"]}
+        # the run's first cell too: the processes' one-time costs are paid before any timing
+        assert row["stats"]["rounds"] >= policy.MIN_ROUNDS and row["stats"]["max"] < 0.5, row
     assert MACHINE_KEYS <= set(data["machine_info"])
     assert data["machine_info"]["torch_threads"] == 1
     # exact float32 (TF32 off), as every benchmark process sets it before it computes
@@ -431,6 +434,53 @@ def test_close_calls_are_timed_interleaved_and_kept_in_the_json(pytester, monkey
         assert len(counts) == 1 and counts.pop() >= 5
     assert not (pytester.path / "run.json.partial").exists()
     result.stdout.fnmatch_lines(["*close calls timed interleaved on 2 of 2 cases*"])
+
+
+WRONG_WHEN_INTERLEAVED = """
+_call = close_calls.hessian_call
+def _wrong_b(strategy, data):  # twin_b passes its cell's check, then goes wrong
+    call = _call(strategy, data)
+    return (lambda: call() + 1.0) if strategy.name == "twin_b" else call
+close_calls.hessian_call = _wrong_b
+"""
+
+
+def test_a_strategy_wrong_when_interleaved_leaves_the_case_skipped(pytester, monkeypatch):
+    """Each interleaved contender is checked against the case's float64 reference before
+    its rounds: one that fails there leaves the case's close call skipped, naming it, and
+    the cells' own times stand."""
+    result, data = _run(
+        pytester, monkeypatch, TWINS + WRONG_WHEN_INTERLEAVED,
+        "--grid", "smoke", "--devices", "cpu", "--strategies", "twin_a,twin_b,twin_c",
+    )  # fmt: skip
+    assert result.ret == 0, result.stdout.str()
+    interleaved = data["hessbench"]["interleaved"]
+    assert len(interleaved) == 2
+    for entry in interleaved.values():
+        assert "rounds_s" not in entry and "twin_b" in entry["skipped"], entry
+    assert {r["params"]["strategy"] for r in data["benchmarks"]} == {"twin_a", "twin_b", "twin_c"}
+    result.stdout.fnmatch_lines(["*close calls timed interleaved on 0 of 2 cases*"])
+
+
+INTERRUPTED_WHEN_INTERLEAVED = """
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+close_calls.interleaved_rounds = _interrupt
+"""
+
+
+def test_an_interrupt_while_interleaving_loses_no_cell(pytester, monkeypatch):
+    """Ctrl-C during the close calls: the run ends as interrupted, its JSON holds every cell
+    already timed, and the case stopped says "interrupted" instead of rounds."""
+    result, data = _run(
+        pytester, monkeypatch, TWINS + INTERRUPTED_WHEN_INTERLEAVED,
+        "--grid", "smoke", "--devices", "cpu", "--strategies", "twin_a,twin_b,twin_c",
+    )  # fmt: skip
+    assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()
+    assert len(data["benchmarks"]) == 2 * 3
+    (entry,) = data["hessbench"]["interleaved"].values()  # the run stopped at its first case
+    assert entry == {"strategies": entry["strategies"], "skipped": "interrupted"}
+    assert len(entry["strategies"]) >= 2
 
 
 @pytest.mark.parametrize(

@@ -47,9 +47,11 @@ def hessian_call(strategy: Strategy, data: CaseData) -> Callable[[], torch.Tenso
     The same call runs in the worker's isolated pass, the first call and the timed rounds
     (pytest-benchmark's timer is around it): on a GPU, where work is queued, the wait before
     keeps earlier work out of the time and the wait after puts all of the call's work in it.
+    The process is warmed up on the device first (``bench.measure.warm_up``).
     """
     params = chosen_params(data.case, data.net)
     device = torch.device(data.case.device)
+    measure.warm_up(device)  # the process's one-time costs stay out of every time
 
     def call() -> torch.Tensor:
         measure.sync(device)
