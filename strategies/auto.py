@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _plan
-from ._contract import check_inputs_once, prepare, sharing_problems
+from ._contract import check_inputs_once, once_per_scope, prepare, sharing_problems
 from ._kinds import kinds_of
 from ._memory import available_bytes, check_positive
 from ._problem import LossFn
@@ -356,7 +356,7 @@ def _plan_for(
         raise TypeError(f"measure must be True or False, got {measure!r}")
     first = next(iter(params.values()))
     budget = available_bytes(first.device) if memory_budget is None else memory_budget
-    key = _plan.structure_key(net, params, batch, loss_fn)
+    key = once_per_scope("structure", _plan.structure_key, net, params, batch, loss_fn)
     ranked, passed_over = _estimates(net, params, batch, loss_fn, budget)
     result = Plan(key, ranked, passed_over, "estimate")
     if measure:
@@ -439,7 +439,7 @@ def _compute(
     # is not: the reverse-mode loops compute it
     prepare(net, params, batch, loss_fn, nested_autograd=True)
     check_positive(memory_budget=memory_budget)
-    key = _plan.structure_key(net, params, batch, loss_fn)
+    key = once_per_scope("structure", _plan.structure_key, net, params, batch, loss_fn)
     result: Plan | None = None
     if measure:
         result = plan(net, params, batch, loss_fn, memory_budget, measure=True)
