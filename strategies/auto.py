@@ -319,6 +319,10 @@ def _time_candidates(
     return (best[1], best[2]) if best else (None, None)
 
 
+# ``plan`` and ``compute`` each run in one ``sharing_problems`` scope, as a decorator (a
+# fresh scope per call; one called within another's shares it): the inputs are checked, and
+# the problem prepared, once per call, however many candidates, pilots and checks see them
+@sharing_problems()
 def plan(
     net: nn.Module,
     params: Mapping[str, Tensor],
@@ -338,18 +342,6 @@ def plan(
     Raises:
         TypeError, ValueError: bad input (``strategies.check_inputs``).
     """
-    with sharing_problems():
-        return _plan_for(net, params, batch, loss_fn, memory_budget, measure)
-
-
-def _plan_for(
-    net: nn.Module,
-    params: Mapping[str, Tensor],
-    batch: tuple[Any, Any],
-    loss_fn: LossFn | None,
-    memory_budget: int | None,
-    measure: bool,
-) -> Plan:
     check_inputs_once(net, params, batch, loss_fn)
     check_positive(memory_budget=memory_budget)
     if not isinstance(measure, bool):
@@ -403,6 +395,7 @@ def choose(
     return plan(net, params, batch, loss_fn, memory_budget).choice
 
 
+@sharing_problems()
 def compute(
     net: nn.Module,
     params: Mapping[str, Tensor],
@@ -421,18 +414,6 @@ def compute(
         ValueError: every candidate refused, failed or failed verification (the message says
             why for each), or torch cannot compute the product ``verify`` checks with.
     """
-    with sharing_problems():
-        return _compute(net, params, batch, loss_fn, memory_budget, measure)
-
-
-def _compute(
-    net: nn.Module,
-    params: Mapping[str, Tensor],
-    batch: tuple[Any, Any],
-    loss_fn: LossFn | None,
-    memory_budget: int | None,
-    measure: bool,
-) -> Tensor:
     import strategies
 
     # a bad input is the caller's, not a strategy's; a forward that differentiates itself
