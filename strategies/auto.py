@@ -8,10 +8,13 @@ As FFTW plans a transform:
   the committed measurements scaled by this net's structure and its own gradient time).
   The same measurements make the report's recommendation, by the same rule.
 - **Measure** (``plan(..., measure=True)``): the plausible candidates (predicted within
-  ``MEASURE_FACTOR`` of the best, at most ``MAX_PILOTS``) each compute the Hessian on the
-  real problem, interleaved, and are verified; the fastest exact one wins. ``Plan.rows()``
-  is the table of predicted and measured time, peak and exactness: a benchmark of the
-  user's own net in one call.
+  ``MEASURE_FACTOR`` of the best, at most ``MAX_PILOTS``) each run a pilot on the real
+  problem, interleaved: a slice of their work (a few rows of each pass, timed and
+  extrapolated: ``strategies._pilot``) where they work row by row, else the whole Hessian.
+  The fastest by its pilot then computes the whole Hessian and is verified (the next where
+  it fails); a whole pilot faster than that whole run wins instead if it is exact.
+  ``Plan.rows()`` is the table of predicted, piloted and measured time, peak, exactness and
+  how each pilot was timed: a benchmark of the user's own net in one call.
 - **Wisdom**: the strategy that computed a verified Hessian is remembered under the
   problem's structure (``_plan.structure_key``: module types and settings, forward code,
   parameter names and shapes, batch shapes, dtype, device, loss), so later calls of the same
@@ -41,8 +44,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _plan
-from ._contract import check_inputs_once, once_per_scope, prepare, sharing_problems
+from . import _pilot, _plan
+from ._contract import (
+    NESTED_AUTOGRAD,
+    check_inputs_once,
+    once_per_scope,
+    prepare,
+    sharing_problems,
+)
 from ._kinds import kinds_of
 from ._memory import available_bytes, check_positive
 from ._problem import LossFn
@@ -150,6 +159,14 @@ class Candidate:
     predicted_s: float
     predicted_peak_bytes: int
     basis: str
+    #: measure mode: the whole Hessian's time, extrapolated from the pilot's slices (or its
+    #: whole time, where the pilot computes the whole Hessian)
+    pilot_s: float | None = None
+    #: measure mode: how the pilot timed it, per pass: rows, rows timed, seconds (the setup
+    #: first; one pass "whole" where it computed the whole Hessian)
+    pilot: list[dict[str, Any]] | None = None
+    #: measure mode: the time of a whole Hessian it computed (the winner's, and of any whose
+    #: Hessian failed verification, or whose pilot is the whole Hessian)
     measured_s: float | None = None
     exact: bool | None = None
     note: str = ""
@@ -193,8 +210,10 @@ class Plan:
                 "strategy": c.name,
                 "predicted_s": c.predicted_s,
                 "predicted_peak_bytes": c.predicted_peak_bytes,
+                "pilot_s": c.pilot_s,
                 "measured_s": c.measured_s,
                 "exact": c.exact,
+                "pilot": c.pilot,
                 "basis": c.basis,
                 "note": c.note,
             }
@@ -204,7 +223,8 @@ class Plan:
     def __str__(self) -> str:
         lines = [f"auto runs {self.choice!r} ({self.how}); candidates in order:"]
         for c in self.candidates:
-            measured = "" if c.measured_s is None else f", measured {c.measured_s:.3g} s"
+            measured = "" if c.pilot_s is None else f", pilot {c.pilot_s:.3g} s"
+            measured += "" if c.measured_s is None else f", measured {c.measured_s:.3g} s"
             exact = "" if c.exact is None else (", exact" if c.exact else ", NOT exact")
             note = f" [{c.note}]" if c.note else ""
             lines.append(
@@ -282,41 +302,112 @@ def _estimates(
     return ranked, passed_over
 
 
+def _pilot_round(
+    c: Candidate,
+    work: _pilot.Work | None,
+    best: dict[str, float],
+    problem: Any,
+    run_whole: Any,
+) -> Tensor | None:
+    """One round of ``c``'s pilot: its slices timed (``_pilot.time_slices``), or, without a
+    ``Work``, the whole Hessian timed and returned."""
+    if work is not None:
+        _pilot.time_slices(work, problem, best)
+        return None
+    start = time.perf_counter()
+    H = run_whole(c.name)
+    if H.device.type == "cuda":
+        torch.cuda.synchronize(H.device)
+    best["whole"] = min(best.get("whole", math.inf), time.perf_counter() - start)
+    return H
+
+
 def _time_candidates(
     pilots: list[Candidate],
     net: nn.Module,
     params: Mapping[str, Tensor],
     batch: tuple[Any, Any],
     loss_fn: LossFn | None,
+    memory_budget: int | None,
 ) -> tuple[str | None, Tensor | None]:
-    """Measure mode: each pilot computes the Hessian, interleaved; the fastest exact one wins."""
+    """Measure mode: each pilot's time on this problem, in interleaved rounds, from a slice of
+    its work where it works row by row (``strategies._pilot``), else from the whole Hessian;
+    then the fastest by its pilot computes the whole Hessian (unless its pilot did) and is
+    verified, the next where it fails or is not exact. Returns the winner and its Hessian."""
     import strategies
 
-    best: tuple[float, str, Tensor] | None = None
-    rounds = _REPEATS if all(c.predicted_s < _REPEAT_BELOW_S for c in pilots) else 1
-    live = list(pilots)
+    def run_whole(name: str) -> Tensor:
+        strategy = strategies.get(name)
+        options = {}
+        if memory_budget is not None and "memory_budget" in (strategy.options or ()):
+            options["memory_budget"] = memory_budget
+        return strategy.compute(net, params, batch, loss_fn, **options)
+
+    works: dict[str, _pilot.Work | None] = {}
+    best: dict[str, dict[str, float]] = {c.name: {} for c in pilots}
+    live = []
+    problem = prepare(net, params, batch, loss_fn, nested_autograd=True)
+    for c in pilots:
+        try:
+            # the same problem; it refuses a forward that differentiates itself as c would
+            prepare(net, params, batch, loss_fn, nested_autograd=c.name in NESTED_AUTOGRAD)
+            works[c.name] = _pilot.work(c.name, problem, memory_budget)
+        except Exception as error:  # its own compute would refuse the same way
+            c.exact, c.note = False, f"{type(error).__name__}: {error}"
+            continue
+        live.append(c)
+    rounds = _REPEATS if all(c.predicted_s < _REPEAT_BELOW_S for c in live) else 1
+    held: tuple[float, str, Tensor] | None = None  # the fastest whole pilot's Hessian
     for _ in range(rounds):
         for c in list(live):
-            start = time.perf_counter()
             try:
-                H = strategies.get(c.name).compute(net, params, batch, loss_fn)
-                if H.device.type == "cuda":
-                    torch.cuda.synchronize(H.device)
+                H = _pilot_round(c, works[c.name], best[c.name], problem, run_whole)
             except Exception as error:
                 c.exact, c.note = False, f"{type(error).__name__}: {error}"
                 live.remove(c)
+                if held is not None and held[1] == c.name:
+                    held = None
                 continue
-            seconds = time.perf_counter() - start
-            c.measured_s = seconds if c.measured_s is None else min(c.measured_s, seconds)
-            if c.exact is None:
-                c.exact, detail = verify(H, net, params, batch, loss_fn)
-                if not c.exact:
-                    c.note = f"failed verification ({detail})"
-                    live.remove(c)
-                    continue
-            if best is None or c.measured_s < best[0]:
-                best = (c.measured_s, c.name, H)
-    return (best[1], best[2]) if best else (None, None)
+            if H is not None:
+                seconds = best[c.name]["whole"]
+                if held is None or seconds < held[0] or held[1] == c.name:
+                    held = (seconds, c.name, H)
+                del H
+    for c in live:
+        work = works[c.name]
+        if work is None:
+            c.pilot_s = c.measured_s = best[c.name]["whole"]
+            c.pilot = [{"pass": "whole", "rows": problem.P, "timed_rows": problem.P,
+                        "seconds": c.pilot_s}]  # fmt: skip
+        else:
+            c.pilot_s, c.pilot = _pilot.extrapolate(work, best[c.name])
+    for c in sorted(live, key=lambda c: c.pilot_s):
+        if held is not None and held[1] == c.name:
+            H = held[2]
+        else:
+            start = time.perf_counter()
+            try:
+                H = run_whole(c.name)
+            except Exception as error:
+                c.exact, c.note = False, f"{type(error).__name__}: {error}"
+                continue
+            if H.device.type == "cuda":
+                torch.cuda.synchronize(H.device)
+            c.measured_s = time.perf_counter() - start
+        c.exact, detail = verify(H, net, params, batch, loss_fn)
+        if not c.exact:
+            c.note = f"failed verification ({detail})"
+            del H
+            continue
+        if held is not None and held[1] != c.name and held[0] < c.measured_s:
+            # a whole pilot beat this whole run: whole against whole, it wins if exact
+            other = next(o for o in live if o.name == held[1])
+            other.exact, detail = verify(held[2], net, params, batch, loss_fn)
+            if other.exact:
+                return other.name, held[2]
+            other.note = f"failed verification ({detail})"
+        return c.name, H
+    return None, None
 
 
 # ``plan`` and ``compute`` each run in one ``sharing_problems`` scope, as a decorator (a
@@ -336,8 +427,9 @@ def plan(
     Args:
         memory_budget: bytes the computation may use at its peak; default: the memory
             available on the params' device now.
-        measure: time the plausible candidates on this problem (each computes the Hessian)
-            and remember the fastest exact one; ``Plan.rows()`` then holds the measurements.
+        measure: time the plausible candidates on this problem (a slice of each one's work,
+            extrapolated, or its whole Hessian; the module docstring) and remember the
+            fastest exact one; ``Plan.rows()`` then holds the measurements.
 
     Raises:
         TypeError, ValueError: bad input (``strategies.check_inputs``).
@@ -355,7 +447,7 @@ def plan(
         finite = [c for c in ranked if math.isfinite(c.predicted_s)]
         fastest = min((c.predicted_s for c in finite), default=math.inf)
         pilots = [c for c in finite if c.predicted_s <= MEASURE_FACTOR * fastest][:MAX_PILOTS]
-        winner, H = _time_candidates(pilots, net, params, batch, loss_fn)
+        winner, H = _time_candidates(pilots, net, params, batch, loss_fn, memory_budget)
         if winner is not None:
             _learn(key, winner, "measure")
             result.candidates.sort(key=lambda c: c.name != winner)
