@@ -11,8 +11,8 @@ of that pass the way the strategy computes them (the same helpers: ``vmap_jvp.hv
 times the setup and, per pass, two slices (``slice_rows``: an eighth of its rows, at least
 ``MIN_SLICE``, and a quarter of that); ``extrapolate`` fits ``a + b k`` to them (``a``:
 what a pass costs whatever its rows, e.g. a vmap's trace of the net; ``b``: one row) and
-sums the setup and each pass at its full rows. A pass of at most ``2 x MIN_SLICE`` rows is
-timed whole.
+sums the setup and each pass at its full rows. A pass of at most ``WHOLE_PASS`` (64) rows
+is timed whole.
 
 Strategies whose work is one call of torch's own transform over the whole basis
 (``torch_func``, ``functorch``, ``jacfwd_jacrev``, ``autograd_functional``) or is not row by
@@ -42,6 +42,7 @@ from ._problem import Problem
 __all__ = [
     "SLICE_SHARE",
     "MIN_SLICE",
+    "WHOLE_PASS",
     "slice_rows",
     "SLICED",
     "Work",
@@ -52,14 +53,16 @@ __all__ = [
 ]
 
 #: the larger slice of a pass: this share of its rows, at least ``MIN_SLICE`` rows; the smaller
-#: slice is a quarter of it; a pass of at most ``2 x MIN_SLICE`` rows is timed whole
+#: slice is a quarter of it; a pass of at most ``WHOLE_PASS`` rows is timed whole (its two
+#: slices would cost about as much: a vmap's trace of the net is paid per call)
 SLICE_SHARE = 1 / 8
 MIN_SLICE = 16
+WHOLE_PASS = 4 * MIN_SLICE
 
 
 def slice_rows(rows: int) -> tuple[int, ...]:
     """The sizes of the slices timed of a pass of ``rows`` rows: two, or the whole pass."""
-    if rows <= 2 * MIN_SLICE:
+    if rows <= WHOLE_PASS:
         return (rows,)
     large = max(MIN_SLICE, math.ceil(rows * SLICE_SHARE))
     return (math.ceil(large / 4), large)

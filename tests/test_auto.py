@@ -257,8 +257,8 @@ def test_measure_times_the_plausible_candidates_and_remembers_the_fastest() -> N
 
 
 def _sliceable(dtype=torch.float64):
-    """Passes of more than ``2 x MIN_SLICE`` rows: the pilots time slices, not whole passes."""
-    return _problem(nn.Sequential(nn.Linear(3, 12), nn.Tanh(), nn.Linear(12, 4)), 3, 4, dtype, n=7)
+    """Passes of more than ``WHOLE_PASS`` rows: the pilots time slices, not whole passes."""
+    return _problem(nn.Sequential(nn.Linear(3, 24), nn.Tanh(), nn.Linear(24, 4)), 3, 4, dtype, n=7)
 
 
 @pytest.mark.parametrize("name", sorted(_pilot.SLICED))
@@ -284,7 +284,7 @@ def test_a_pilots_slices_are_rows_of_the_strategys_own_hessian(name) -> None:
         lambda: _exact_problem(),
         lambda: _problem(Model(1, 16).double(), 1, 1, torch.float64, n=20),
     ],
-    ids=["mlp-3-12-4", "mlp-3-5-2", "forum-model"],
+    ids=["mlp-3-24-4", "mlp-3-5-2", "forum-model"],
 )
 def test_measure_mode_picks_an_exact_strategy_and_records_its_pilot(make) -> None:
     net, params, batch = make()
