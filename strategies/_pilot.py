@@ -12,7 +12,7 @@ times the setup and, per pass, two slices (``slice_rows``: an eighth of its rows
 ``MIN_SLICE``, and a quarter of that); ``extrapolate`` fits ``a + b k`` to them (``a``:
 what a pass costs whatever its rows, e.g. a vmap's trace of the net; ``b``: one row) and
 sums the setup and each pass at its full rows. A pass of at most ``WHOLE_PASS`` (64) rows
-is timed whole.
+is timed whole; where every pass is that small (P = 49), the pilot is the whole Hessian.
 
 Strategies whose work is one call of torch's own transform over the whole basis
 (``torch_func``, ``functorch``, ``jacfwd_jacrev``, ``autograd_functional``) or is not row by
@@ -229,9 +229,14 @@ SLICED: dict[str, Callable[[Problem, int | None], Work]] = {
 
 
 def work(name: str, problem: Problem, memory_budget: int | None = None) -> Work | None:
-    """``name``'s work on ``problem`` as slices, or None where its pilot is the whole Hessian."""
+    """``name``'s work on ``problem`` as slices, or None where its pilot is the whole Hessian:
+    a strategy not in ``SLICED``, or one none of whose passes has more than ``WHOLE_PASS``
+    rows (its slices would be all its rows; the whole Hessian, kept, is then worth more)."""
     build = SLICED.get(name)
-    return None if build is None else build(problem, memory_budget)
+    w = None if build is None else build(problem, memory_budget)
+    if w is None or all(p.rows <= WHOLE_PASS for p in w.passes):
+        return None
+    return w
 
 
 def _timed(f: Callable[[], Any], synchronize: Callable[[], None]) -> tuple[float, Any]:

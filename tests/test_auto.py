@@ -297,14 +297,16 @@ def test_measure_mode_picks_an_exact_strategy_and_records_its_pilot(make) -> Non
         if row["pilot_s"] is None:
             continue
         passes = row["pilot"]
-        if passes[0]["pass"] == "whole":  # a strategy not sliced: its pilot is the whole H
-            assert row["strategy"] not in _pilot.SLICED and passes[0]["rows"] == P
+        if passes[0]["pass"] == "whole":  # not sliced, or nothing to slice: the whole H
+            assert passes[0]["rows"] == P and row["measured_s"] == row["pilot_s"]
             continue
         assert row["strategy"] in _pilot.SLICED
         assert passes[0]["pass"] == "setup"
         assert sum(p["rows"] for p in passes[1:]) == P
         assert all(0 < p["timed_rows"] <= p["rows"] for p in passes[1:])
         assert row["pilot_s"] == pytest.approx(sum(p["seconds"] for p in passes))
+    if P <= _pilot.WHOLE_PASS:  # every pass fits in one slice: every pilot is whole
+        assert all(r["pilot"] is None or r["pilot"][0]["pass"] == "whole" for r in plan.rows())
     winner = plan.rows()[0]
     # extrapolated against the whole run, within a generous factor (not a timing test)
     assert winner["measured_s"] / 5 <= winner["pilot_s"] <= 5 * winner["measured_s"]
