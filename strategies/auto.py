@@ -11,8 +11,8 @@ As FFTW plans a transform:
   ``MEASURE_FACTOR`` of the best, at most ``MAX_PILOTS``) each run a pilot on the real
   problem, interleaved: a slice of their work (a few rows of each pass, timed and
   extrapolated: ``strategies._pilot``) where they work row by row, else the whole Hessian.
-  The fastest by its pilot then computes the whole Hessian and is verified (the next where
-  it fails); a whole pilot faster than that whole run wins instead if it is exact.
+  Every candidate whose pilot is within ``CLOSE_CALL`` of the fastest pilot's computes the
+  whole Hessian; the fastest whole run wins, verified first (the next where it fails).
   ``Plan.rows()`` is the table of predicted, piloted and measured time, peak, exactness and
   how each pilot was timed: a benchmark of the user's own net in one call.
 - **Wisdom**: the strategy that computed a verified Hessian is remembered under the
@@ -64,6 +64,7 @@ __all__ = [
     "LAST_RESORT",
     "MEASURE_FACTOR",
     "MAX_PILOTS",
+    "CLOSE_CALL",
     "Candidate",
     "Plan",
     "plan",
@@ -90,6 +91,9 @@ LAST_RESORT = ("symmetric_half", "full_autograd")
 MEASURE_FACTOR = 4.0
 #: and at most this many of them
 MAX_PILOTS = 4
+#: measure mode: a candidate whose pilot is within this factor of the fastest pilot's also
+#: computes the whole Hessian, and the whole times decide
+CLOSE_CALL = 1.3
 #: measure mode repeats candidates faster than this (seconds) and keeps their least time
 _REPEAT_BELOW_S = 0.25
 _REPEATS = 3
@@ -332,8 +336,9 @@ def _time_candidates(
 ) -> tuple[str | None, Tensor | None]:
     """Measure mode: each pilot's time on this problem, in interleaved rounds, from a slice of
     its work where it works row by row (``strategies._pilot``), else from the whole Hessian;
-    then the fastest by its pilot computes the whole Hessian (unless its pilot did) and is
-    verified, the next where it fails or is not exact. Returns the winner and its Hessian."""
+    then those within ``CLOSE_CALL`` of the fastest pilot compute the whole Hessian, and the
+    fastest whole run is verified, the next where it fails or is not exact. Returns the
+    winner and its Hessian."""
     import strategies
 
     def run_whole(name: str) -> Tensor:
@@ -381,33 +386,47 @@ def _time_candidates(
                         "seconds": c.pilot_s}]  # fmt: skip
         else:
             c.pilot_s, c.pilot = _pilot.extrapolate(work, best[c.name])
-    for c in sorted(live, key=lambda c: c.pilot_s):
+
+    def whole_run(c: Candidate) -> Tensor | None:
+        """``c``'s whole Hessian, run as often as the whole pilots were, its least time kept
+        (a whole pilot is then weighed against it like for like)."""
+        whole: dict[str, float] = {}
+        try:
+            for _ in range(rounds):
+                H = _pilot_round(c, None, whole, problem, run_whole)
+        except Exception as error:
+            c.exact, c.note = False, f"{type(error).__name__}: {error}"
+            return None
+        c.measured_s = whole["whole"]
+        return H
+
+    # close calls: every candidate whose pilot is within CLOSE_CALL of the fastest pilot's
+    # computes the whole Hessian, as sliced estimates err by tens of per cent
+    ranked = sorted(live, key=lambda c: c.pilot_s)
+    lead = ranked[0].pilot_s if ranked else math.inf
+    for c in ranked:
+        if c.measured_s is None and c.pilot_s <= CLOSE_CALL * lead:
+            H = whole_run(c)
+            if H is not None and (held is None or c.measured_s < held[0]):
+                held = (c.measured_s, c.name, H)
+            del H
+    # the fastest whole run first, then the others by their whole or else pilot time; each
+    # verified before it wins
+    for c in sorted(ranked, key=lambda c: (c.measured_s is None, c.measured_s or c.pilot_s)):
+        if c.exact is False:
+            continue
         if held is not None and held[1] == c.name:
             H = held[2]
+            held = None
         else:
-            # as many runs as the whole pilots had, their least time kept: whole against
-            # whole below is then like against like
-            whole: dict[str, float] = {}
-            try:
-                for _ in range(rounds):
-                    H = _pilot_round(c, None, whole, problem, run_whole)
-            except Exception as error:
-                c.exact, c.note = False, f"{type(error).__name__}: {error}"
+            H = whole_run(c)
+            if H is None:
                 continue
-            c.measured_s = whole["whole"]
         c.exact, detail = verify(H, net, params, batch, loss_fn)
-        if not c.exact:
-            c.note = f"failed verification ({detail})"
-            del H
-            continue
-        if held is not None and held[1] != c.name and held[0] < c.measured_s:
-            # a whole pilot beat this whole run: whole against whole, it wins if exact
-            other = next(o for o in live if o.name == held[1])
-            other.exact, detail = verify(held[2], net, params, batch, loss_fn)
-            if other.exact:
-                return other.name, held[2]
-            other.note = f"failed verification ({detail})"
-        return c.name, H
+        if c.exact:
+            return c.name, H
+        c.note = f"failed verification ({detail})"
+        del H
     return None, None
 
 
