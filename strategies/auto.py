@@ -169,8 +169,8 @@ class Candidate:
     #: measure mode: how the pilot timed it, per pass: rows, rows timed, seconds (the setup
     #: first; one pass "whole" where it computed the whole Hessian)
     pilot: list[dict[str, Any]] | None = None
-    #: measure mode: the time of a whole Hessian it computed (the winner's, and of any whose
-    #: Hessian failed verification, or whose pilot is the whole Hessian)
+    #: measure mode: the time of a whole Hessian it computed (its pilot's where that is the
+    #: whole Hessian; a close call's, within ``CLOSE_CALL`` of the fastest pilot; the winner's)
     measured_s: float | None = None
     exact: bool | None = None
     note: str = ""
