@@ -8,10 +8,13 @@ As FFTW plans a transform:
   the committed measurements scaled by this net's structure and its own gradient time).
   The same measurements make the report's recommendation, by the same rule.
 - **Measure** (``plan(..., measure=True)``): the plausible candidates (predicted within
-  ``MEASURE_FACTOR`` of the best, at most ``MAX_PILOTS``) each compute the Hessian on the
-  real problem, interleaved, and are verified; the fastest exact one wins. ``Plan.rows()``
-  is the table of predicted and measured time, peak and exactness: a benchmark of the
-  user's own net in one call.
+  ``MEASURE_FACTOR`` of the best, at most ``MAX_PILOTS``) each run a pilot on the real
+  problem, interleaved: a slice of their work (a few rows of each pass, timed and
+  extrapolated: ``strategies._pilot``) where they work row by row, else the whole Hessian.
+  Every candidate whose pilot is within ``CLOSE_CALL`` of the fastest pilot's computes the
+  whole Hessian; the fastest whole run wins, verified first (the next where it fails).
+  ``Plan.rows()`` is the table of predicted, piloted and measured time, peak, exactness and
+  how each pilot was timed: a benchmark of the user's own net in one call.
 - **Wisdom**: the strategy that computed a verified Hessian is remembered under the
   problem's structure (``_plan.structure_key``: module types and settings, forward code,
   parameter names and shapes, batch shapes, dtype, device, loss), so later calls of the same
@@ -41,8 +44,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _plan
-from ._contract import check_inputs_once, prepare, sharing_problems
+from . import _pilot, _plan
+from ._contract import (
+    NESTED_AUTOGRAD,
+    check_inputs_once,
+    once_per_scope,
+    prepare,
+    sharing_problems,
+)
 from ._kinds import kinds_of
 from ._memory import available_bytes, check_positive
 from ._problem import LossFn
@@ -55,6 +64,7 @@ __all__ = [
     "LAST_RESORT",
     "MEASURE_FACTOR",
     "MAX_PILOTS",
+    "CLOSE_CALL",
     "Candidate",
     "Plan",
     "plan",
@@ -81,6 +91,9 @@ LAST_RESORT = ("symmetric_half", "full_autograd")
 MEASURE_FACTOR = 4.0
 #: and at most this many of them
 MAX_PILOTS = 4
+#: measure mode: a candidate whose pilot is within this factor of the fastest pilot's also
+#: computes the whole Hessian, and the whole times decide
+CLOSE_CALL = 1.3
 #: measure mode repeats candidates faster than this (seconds) and keeps their least time
 _REPEAT_BELOW_S = 0.25
 _REPEATS = 3
@@ -150,6 +163,14 @@ class Candidate:
     predicted_s: float
     predicted_peak_bytes: int
     basis: str
+    #: measure mode: the whole Hessian's time, extrapolated from the pilot's slices (or its
+    #: whole time, where the pilot computes the whole Hessian)
+    pilot_s: float | None = None
+    #: measure mode: how the pilot timed it, per pass: rows, rows timed, seconds (the setup
+    #: first; one pass "whole" where it computed the whole Hessian)
+    pilot: list[dict[str, Any]] | None = None
+    #: measure mode: the time of a whole Hessian it computed (its pilot's where that is the
+    #: whole Hessian; a close call's, within ``CLOSE_CALL`` of the fastest pilot; the winner's)
     measured_s: float | None = None
     exact: bool | None = None
     note: str = ""
@@ -193,8 +214,10 @@ class Plan:
                 "strategy": c.name,
                 "predicted_s": c.predicted_s,
                 "predicted_peak_bytes": c.predicted_peak_bytes,
+                "pilot_s": c.pilot_s,
                 "measured_s": c.measured_s,
                 "exact": c.exact,
+                "pilot": c.pilot,
                 "basis": c.basis,
                 "note": c.note,
             }
@@ -204,7 +227,8 @@ class Plan:
     def __str__(self) -> str:
         lines = [f"auto runs {self.choice!r} ({self.how}); candidates in order:"]
         for c in self.candidates:
-            measured = "" if c.measured_s is None else f", measured {c.measured_s:.3g} s"
+            measured = "" if c.pilot_s is None else f", pilot {c.pilot_s:.3g} s"
+            measured += "" if c.measured_s is None else f", measured {c.measured_s:.3g} s"
             exact = "" if c.exact is None else (", exact" if c.exact else ", NOT exact")
             note = f" [{c.note}]" if c.note else ""
             lines.append(
@@ -282,43 +306,134 @@ def _estimates(
     return ranked, passed_over
 
 
+def _pilot_round(
+    c: Candidate,
+    work: _pilot.Work | None,
+    best: dict[str, float],
+    problem: Any,
+    run_whole: Any,
+) -> Tensor | None:
+    """One round of ``c``'s pilot: its slices timed (``_pilot.time_slices``), or, without a
+    ``Work``, the whole Hessian timed and returned."""
+    if work is not None:
+        _pilot.time_slices(work, problem, best)
+        return None
+    start = time.perf_counter()
+    H = run_whole(c.name)
+    if H.device.type == "cuda":
+        torch.cuda.synchronize(H.device)
+    best["whole"] = min(best.get("whole", math.inf), time.perf_counter() - start)
+    return H
+
+
 def _time_candidates(
     pilots: list[Candidate],
     net: nn.Module,
     params: Mapping[str, Tensor],
     batch: tuple[Any, Any],
     loss_fn: LossFn | None,
+    memory_budget: int | None,
 ) -> tuple[str | None, Tensor | None]:
-    """Measure mode: each pilot computes the Hessian, interleaved; the fastest exact one wins."""
+    """Measure mode: each pilot's time on this problem, in interleaved rounds, from a slice of
+    its work where it works row by row (``strategies._pilot``), else from the whole Hessian;
+    then those within ``CLOSE_CALL`` of the fastest pilot compute the whole Hessian, and the
+    fastest whole run is verified, the next where it fails or is not exact. Returns the
+    winner and its Hessian."""
     import strategies
 
-    best: tuple[float, str, Tensor] | None = None
-    rounds = _REPEATS if all(c.predicted_s < _REPEAT_BELOW_S for c in pilots) else 1
-    live = list(pilots)
+    def run_whole(name: str) -> Tensor:
+        strategy = strategies.get(name)
+        options = {}
+        if memory_budget is not None and "memory_budget" in (strategy.options or ()):
+            options["memory_budget"] = memory_budget
+        return strategy.compute(net, params, batch, loss_fn, **options)
+
+    works: dict[str, _pilot.Work | None] = {}
+    best: dict[str, dict[str, float]] = {c.name: {} for c in pilots}
+    live = []
+    problem = prepare(net, params, batch, loss_fn, nested_autograd=True)
+    for c in pilots:
+        try:
+            # the same problem; it refuses a forward that differentiates itself as c would
+            prepare(net, params, batch, loss_fn, nested_autograd=c.name in NESTED_AUTOGRAD)
+            works[c.name] = _pilot.work(c.name, problem, memory_budget)
+        except Exception as error:  # its own compute would refuse the same way
+            c.exact, c.note = False, f"{type(error).__name__}: {error}"
+            continue
+        live.append(c)
+    rounds = _REPEATS if all(c.predicted_s < _REPEAT_BELOW_S for c in live) else 1
+    held: tuple[float, str, Tensor] | None = None  # the fastest whole pilot's Hessian
     for _ in range(rounds):
         for c in list(live):
-            start = time.perf_counter()
             try:
-                H = strategies.get(c.name).compute(net, params, batch, loss_fn)
-                if H.device.type == "cuda":
-                    torch.cuda.synchronize(H.device)
+                H = _pilot_round(c, works[c.name], best[c.name], problem, run_whole)
             except Exception as error:
                 c.exact, c.note = False, f"{type(error).__name__}: {error}"
                 live.remove(c)
+                if held is not None and held[1] == c.name:
+                    held = None
                 continue
-            seconds = time.perf_counter() - start
-            c.measured_s = seconds if c.measured_s is None else min(c.measured_s, seconds)
-            if c.exact is None:
-                c.exact, detail = verify(H, net, params, batch, loss_fn)
-                if not c.exact:
-                    c.note = f"failed verification ({detail})"
-                    live.remove(c)
-                    continue
-            if best is None or c.measured_s < best[0]:
-                best = (c.measured_s, c.name, H)
-    return (best[1], best[2]) if best else (None, None)
+            if H is not None:
+                seconds = best[c.name]["whole"]
+                if held is None or seconds < held[0] or held[1] == c.name:
+                    held = (seconds, c.name, H)
+                del H
+    for c in live:
+        work = works[c.name]
+        if work is None:
+            c.pilot_s = c.measured_s = best[c.name]["whole"]
+            c.pilot = [{"pass": "whole", "rows": problem.P, "timed_rows": problem.P,
+                        "seconds": c.pilot_s}]  # fmt: skip
+        else:
+            c.pilot_s, c.pilot = _pilot.extrapolate(work, best[c.name])
+
+    def whole_run(c: Candidate) -> Tensor | None:
+        """``c``'s whole Hessian, run as often as the whole pilots were, its least time kept
+        (a whole pilot is then weighed against it like for like)."""
+        whole: dict[str, float] = {}
+        try:
+            for _ in range(rounds):
+                H = _pilot_round(c, None, whole, problem, run_whole)
+        except Exception as error:
+            c.exact, c.note = False, f"{type(error).__name__}: {error}"
+            return None
+        c.measured_s = whole["whole"]
+        return H
+
+    # close calls: every candidate whose pilot is within CLOSE_CALL of the fastest pilot's
+    # computes the whole Hessian, as sliced estimates err by tens of per cent
+    ranked = sorted(live, key=lambda c: c.pilot_s)
+    lead = ranked[0].pilot_s if ranked else math.inf
+    for c in ranked:
+        if c.measured_s is None and c.pilot_s <= CLOSE_CALL * lead:
+            H = whole_run(c)
+            if H is not None and (held is None or c.measured_s < held[0]):
+                held = (c.measured_s, c.name, H)
+            del H
+    # the fastest whole run first, then the others by their whole or else pilot time; each
+    # verified before it wins
+    for c in sorted(ranked, key=lambda c: (c.measured_s is None, c.measured_s or c.pilot_s)):
+        if c.exact is False:
+            continue
+        if held is not None and held[1] == c.name:
+            H = held[2]
+            held = None
+        else:
+            H = whole_run(c)
+            if H is None:
+                continue
+        c.exact, detail = verify(H, net, params, batch, loss_fn)
+        if c.exact:
+            return c.name, H
+        c.note = f"failed verification ({detail})"
+        del H
+    return None, None
 
 
+# ``plan`` and ``compute`` each run in one ``sharing_problems`` scope, as a decorator (a
+# fresh scope per call; one called within another's shares it): the inputs are checked, and
+# the problem prepared, once per call, however many candidates, pilots and checks see them
+@sharing_problems()
 def plan(
     net: nn.Module,
     params: Mapping[str, Tensor],
@@ -332,38 +447,27 @@ def plan(
     Args:
         memory_budget: bytes the computation may use at its peak; default: the memory
             available on the params' device now.
-        measure: time the plausible candidates on this problem (each computes the Hessian)
-            and remember the fastest exact one; ``Plan.rows()`` then holds the measurements.
+        measure: time the plausible candidates on this problem (a slice of each one's work,
+            extrapolated, or its whole Hessian; the module docstring) and remember the
+            fastest exact one; ``Plan.rows()`` then holds the measurements.
 
     Raises:
         TypeError, ValueError: bad input (``strategies.check_inputs``).
     """
-    with sharing_problems():
-        return _plan_for(net, params, batch, loss_fn, memory_budget, measure)
-
-
-def _plan_for(
-    net: nn.Module,
-    params: Mapping[str, Tensor],
-    batch: tuple[Any, Any],
-    loss_fn: LossFn | None,
-    memory_budget: int | None,
-    measure: bool,
-) -> Plan:
     check_inputs_once(net, params, batch, loss_fn)
     check_positive(memory_budget=memory_budget)
     if not isinstance(measure, bool):
         raise TypeError(f"measure must be True or False, got {measure!r}")
     first = next(iter(params.values()))
     budget = available_bytes(first.device) if memory_budget is None else memory_budget
-    key = _plan.structure_key(net, params, batch, loss_fn)
+    key = once_per_scope("structure", _plan.structure_key, net, params, batch, loss_fn)
     ranked, passed_over = _estimates(net, params, batch, loss_fn, budget)
     result = Plan(key, ranked, passed_over, "estimate")
     if measure:
         finite = [c for c in ranked if math.isfinite(c.predicted_s)]
         fastest = min((c.predicted_s for c in finite), default=math.inf)
         pilots = [c for c in finite if c.predicted_s <= MEASURE_FACTOR * fastest][:MAX_PILOTS]
-        winner, H = _time_candidates(pilots, net, params, batch, loss_fn)
+        winner, H = _time_candidates(pilots, net, params, batch, loss_fn, memory_budget)
         if winner is not None:
             _learn(key, winner, "measure")
             result.candidates.sort(key=lambda c: c.name != winner)
@@ -403,6 +507,7 @@ def choose(
     return plan(net, params, batch, loss_fn, memory_budget).choice
 
 
+@sharing_problems()
 def compute(
     net: nn.Module,
     params: Mapping[str, Tensor],
@@ -421,25 +526,13 @@ def compute(
         ValueError: every candidate refused, failed or failed verification (the message says
             why for each), or torch cannot compute the product ``verify`` checks with.
     """
-    with sharing_problems():
-        return _compute(net, params, batch, loss_fn, memory_budget, measure)
-
-
-def _compute(
-    net: nn.Module,
-    params: Mapping[str, Tensor],
-    batch: tuple[Any, Any],
-    loss_fn: LossFn | None,
-    memory_budget: int | None,
-    measure: bool,
-) -> Tensor:
     import strategies
 
     # a bad input is the caller's, not a strategy's; a forward that differentiates itself
     # is not: the reverse-mode loops compute it
     prepare(net, params, batch, loss_fn, nested_autograd=True)
     check_positive(memory_budget=memory_budget)
-    key = _plan.structure_key(net, params, batch, loss_fn)
+    key = once_per_scope("structure", _plan.structure_key, net, params, batch, loss_fn)
     result: Plan | None = None
     if measure:
         result = plan(net, params, batch, loss_fn, memory_budget, measure=True)

@@ -19,7 +19,8 @@ from torch import nn
 
 import strategies
 from bench.reference import loop_hessian
-from strategies import _plan, auto
+from strategies import _pilot, _plan, auto
+from strategies._contract import prepare, sharing_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -242,14 +243,73 @@ def test_measure_times_the_plausible_candidates_and_remembers_the_fastest() -> N
     net, params, batch = _exact_problem()
     plan = auto.plan(net, params, batch, measure=True)
     assert plan.how == "measure"
-    measured = [r for r in plan.rows() if r["measured_s"] is not None]
-    assert 2 <= len(measured) <= auto.MAX_PILOTS
-    assert all(r["exact"] for r in measured)
-    fastest = min(measured, key=lambda r: r["measured_s"])
-    assert plan.choice == fastest["strategy"]
+    piloted = [r for r in plan.rows() if r["pilot_s"] is not None]
+    assert 2 <= len(piloted) <= auto.MAX_PILOTS
+    # the winner computed its whole Hessian, which passed the float64 check
+    winner = plan.rows()[0]
+    assert winner["strategy"] == plan.choice and winner["exact"] is True
+    assert winner["measured_s"] is not None
+    faster = [r for r in piloted if r["pilot_s"] < winner["pilot_s"]]
+    assert all(r["exact"] is False or r["measured_s"] is not None for r in faster)
     assert auto.wisdom()[plan.key] == {"strategy": plan.choice, "how": "measure"}
     H = strategies.compute("auto", net, params, batch, measure=True)
     assert_close_to(H, loop_hessian(net, list(params), batch), 1e-10)
+
+
+def _sliceable(dtype=torch.float64):
+    """Passes of more than ``WHOLE_PASS`` rows: the pilots time slices, not whole passes."""
+    return _problem(nn.Sequential(nn.Linear(3, 24), nn.Tanh(), nn.Linear(24, 4)), 3, 4, dtype, n=7)
+
+
+@pytest.mark.parametrize("name", sorted(_pilot.SLICED))
+def test_a_pilots_slices_are_rows_of_the_strategys_own_hessian(name) -> None:
+    net, params, batch = _sliceable()
+    H = strategies.compute(name, net, params, batch)
+    with sharing_problems():
+        problem = prepare(net, params, batch, nested_autograd=True)
+        work = _pilot.work(name, problem)
+        state = work.setup()
+        assert sum(p.rows for p in work.passes) == problem.P
+        for p in work.passes:
+            for k in _pilot.slice_rows(p.rows):
+                rows = p.run(state, k)
+                assert_close_to(rows, H[p.row : p.row + k, p.column :].double(), 1e-12)
+    assert any(len(_pilot.slice_rows(p.rows)) == 2 for p in work.passes)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _sliceable,
+        lambda: _exact_problem(),
+        lambda: _problem(Model(1, 16).double(), 1, 1, torch.float64, n=20),
+    ],
+    ids=["mlp-3-24-4", "mlp-3-5-2", "forum-model"],
+)
+def test_measure_mode_picks_an_exact_strategy_and_records_its_pilot(make) -> None:
+    net, params, batch = make()
+    if isinstance(net, Model):  # the forum's squeezed output
+        batch = (batch[0], batch[1].squeeze(-1))
+    plan = auto.plan(net, params, batch, measure=True)
+    assert_close_to(plan._hessian, loop_hessian(net, list(params), batch), 1e-10)
+    P = sum(p.numel() for p in params.values())
+    for row in plan.rows():
+        if row["pilot_s"] is None:
+            continue
+        passes = row["pilot"]
+        if passes[0]["pass"] == "whole":  # not sliced, or nothing to slice: the whole H
+            assert passes[0]["rows"] == P and row["measured_s"] == row["pilot_s"]
+            continue
+        assert row["strategy"] in _pilot.SLICED
+        assert passes[0]["pass"] == "setup"
+        assert sum(p["rows"] for p in passes[1:]) == P
+        assert all(0 < p["timed_rows"] <= p["rows"] for p in passes[1:])
+        assert row["pilot_s"] == pytest.approx(sum(p["seconds"] for p in passes))
+    if P <= _pilot.WHOLE_PASS:  # every pass fits in one slice: every pilot is whole
+        assert all(r["pilot"] is None or r["pilot"][0]["pass"] == "whole" for r in plan.rows())
+    winner = plan.rows()[0]
+    # extrapolated against the whole run, within a generous factor (not a timing test)
+    assert winner["measured_s"] / 5 <= winner["pilot_s"] <= 5 * winner["measured_s"]
 
 
 # --- memory ---
