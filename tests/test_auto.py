@@ -291,13 +291,13 @@ def test_a_strategy_predicted_over_memory_refuses_before_allocating(tmp_path) ->
 
 
 def test_auto_agrees_with_the_reports_recommendation_on_the_committed_runs() -> None:
-    from bench import results
+    from bench.analysis import rule, tidy
     from bench.problems.grid import Case
     from bench.problems.models import make_problem
 
     committed = json.loads(_plan.TABLE_PATH.read_text())
-    df, _ = results.load([str(ROOT / f) for f in committed["sources"]])
-    table = results.recommend(df)
+    df, _ = tidy.load([str(ROOT / f) for f in committed["sources"]])
+    table = rule.recommend(df)
     checked = 0
     for row in table.itertuples():
         if row.device != "cpu" or not isinstance(row.fastest, str):

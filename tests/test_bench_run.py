@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import conftest, report, results
+from bench import conftest, report
+from bench.analysis import numbers, rule, tidy
 from bench.vocabulary import BASELINE, CRASHED, ERROR, OK, OOM, OVER_BUDGET, SKIPPED, WRONG
 
 pytest_plugins = ["pytester"]
@@ -188,7 +189,7 @@ def test_oom_error_and_interrupt_are_recorded_and_keep_what_was_measured(
     }
     assert "out of memory" in outcomes["fake_oom"]["reason"]
     assert "shapes do not match" in outcomes["fake_error"]["reason"]
-    df, _ = results.load([pytester.path / "run.json"])
+    df, _ = tidy.load([pytester.path / "run.json"])
     assert df.set_index("strategy")["status"].to_dict()["fake_interrupt"] == SKIPPED
 
 
@@ -284,8 +285,8 @@ def test_a_crash_ends_only_its_cell(pytester, monkeypatch):
         killed = crashed[("zz_sigkill", depth)]["reason"]
         assert "killed by SIGKILL" in killed and "zz_sigkill: about to be killed" in killed
     result.stdout.fnmatch_lines(["*Crashed: the worker was killed by SIGABRT*"])
-    df, _ = results.load([pytester.path / "run.json"])
-    not_timed = results.not_timed(df)
+    df, _ = tidy.load([pytester.path / "run.json"])
+    not_timed = numbers.not_timed(df)
     assert set(not_timed.loc[not_timed["status"] == CRASHED, "strategy"]) == {
         "zz_abort",
         "zz_sigkill",
@@ -334,8 +335,8 @@ def test_users_nets_time_auto_with_its_first_call_planning_included(pytester, mo
         info = row["extra_info"]
         assert info["status"] == OK and info["P"] == (2 * 4 * 4 * 3 + 3 if arch == "cnn" else 16)
         assert (info["first_call_s"] is not None) is (strategy == "auto")
-    df, _ = results.load([pytester.path / "run.json"])
-    regrets = results.regrets(df)
+    df, _ = tidy.load([pytester.path / "run.json"])
+    regrets = rule.regrets(df)
     assert len(regrets) == 2 and (regrets["fastest"] == "vmap_vjp").all()
     assert (regrets["regret"] > 0).all() and (regrets["first_call_regret"] > 0).all()
 
@@ -404,11 +405,11 @@ def test_the_end_of_run_summary_follows_the_reports_rule():
 TWINS = """
 GRIDS["smoke"] = [dict(TINY, width=2, depth=1), dict(TINY, width=3, depth=1)]
 import time
-import bench.results
+import bench.analysis.rule
 import bench.run.close_calls as close_calls
 # every pair is a tie: a loaded machine can make one twin significantly faster by chance,
-# and which pairs tie is results.versus's own test (tests/test_report.py)
-bench.results.versus = lambda a, b: 0
+# and which pairs tie is rule.versus's own test (tests/test_report.py)
+bench.analysis.rule.versus = lambda a, b: 0
 def twin(net, params, batch, loss_fn=None):
     time.sleep(0.002)
     return strategies.compute("torch_func", net, params, batch, loss_fn)

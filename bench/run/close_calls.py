@@ -3,10 +3,10 @@
 Each cell is timed on its own, minutes apart from the others; on a shared machine the load
 drifts in between, and two strategies within 1.1x of each other can swap places from one
 run to the next. After the grid's cells, for each case whose two fastest contenders are
-tied by ``results.versus``, the top :data:`TOP` are timed again in turn, round after round
-(``bench.interleave.interleaved_rounds``), each result first checked against the case's
-float64 reference as the benchmark checks a cell. ``results.compared_rounds`` then compares
-two cells by these rounds where both have them (docs/DESIGN.md, "Close calls").
+tied by ``bench.analysis.rule.versus``, the top :data:`TOP` are timed again in turn, round
+after round (``bench.interleave.interleaved_rounds``), each result first checked against the
+case's float64 reference as the benchmark checks a cell. ``bench.analysis.rule.compared_rounds``
+then compares two cells by these rounds where both have them (docs/DESIGN.md, "Close calls").
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ TOTAL_SECONDS = 60.0
 
 def contenders(run: Run, case_id: str) -> tuple[dict[str, Timed], list[str]]:
     """The case's accurate cells (no peer, no dispatcher), and those repeated (not too slow
-    to repeat), least median first: the report's rule (``results.ranked``)."""
-    from bench import results
+    to repeat), least median first: the report's rule (``rule.ranked``)."""
+    from bench.analysis import rule
 
     accurate = {
         s: t
         for (c, s), t in run.timed.items()
-        if c == case_id and t.accurate and not t.peer and s not in results.DISPATCHERS
+        if c == case_id and t.accurate and not t.peer and s not in rule.DISPATCHERS
     }
     ranked = [s for s, t in accurate.items() if not t.too_slow]
     return accurate, sorted(ranked, key=lambda s: accurate[s].median)
@@ -53,14 +53,14 @@ def contenders(run: Run, case_id: str) -> tuple[dict[str, Timed], list[str]]:
 
 def close(run: Run, case_id: str) -> list[str]:
     """The case's top :data:`TOP` contenders where its two fastest are tied by
-    ``results.versus`` (within 1.1x, or not significantly apart), else none."""
-    from bench import results
+    ``rule.versus`` (within 1.1x, or not significantly apart), else none."""
+    from bench.analysis import rule
 
     accurate, order = contenders(run, case_id)
     if len(order) < 2:
         return []
     best, second = accurate[order[0]], accurate[order[1]]
-    if results.versus(best.rounds or (best.seconds,), second.rounds or (second.seconds,)):
+    if rule.versus(best.rounds or (best.seconds,), second.rounds or (second.seconds,)):
         return []
     return order[:TOP]
 

@@ -325,9 +325,9 @@ def _write_partial(config: pytest.Config) -> None:
 def _summary_lines(run: Run) -> list[str]:
     """Per case, the fastest by the report's rule: accurate, repeated (not too slow to
     repeat), no peer, no dispatcher; the least median; faster than the runner-up only by
-    ``results.versus`` (over their interleaved rounds where the case's close call was
-    settled: ``results.compared_rounds``), else tied with it."""
-    from bench import results
+    ``rule.versus`` (over their interleaved rounds where the case's close call was
+    settled: ``rule.compared_rounds``), else tied with it."""
+    from bench.analysis import rule
 
     lines = []
     for case_id in run.cases:
@@ -358,7 +358,7 @@ def _summary_lines(run: Run) -> list[str]:
                 {"rounds_s": t.rounds, "min": t.seconds, "interleaved_s": interleaved.get(s)}
                 for s, t in ((s, accurate[s]) for s in order[:2])
             ]
-            faster = results.versus(*results.compared_rounds(*pair))
+            faster = rule.versus(*rule.compared_rounds(*pair))
             verdict = f", {'faster than' if faster == 1 else 'tied with'} {order[1]}"
         lines.append(f"{case_id}: {best} {seconds:.4g} s median{verdict}, {memory}, {speedup}")
     return lines
