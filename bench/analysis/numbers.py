@@ -61,7 +61,7 @@ def _slope(x: pd.Series, y: pd.Series) -> float:
 def growth_exponents(df: pd.DataFrame) -> pd.DataFrame:
     """Exponent of min time in P and in batch size, from log-log least-squares fits.
 
-    In P: over the cases of one family (:func:`family`). In batch: over cases that differ
+    In P: over the cases of one family (``tidy.family``). In batch: over cases that differ
     only in batch. Each fit needs at least two distinct values; a strategy's exponent is the
     mean over its fits, with the fit count.
     """
@@ -238,7 +238,7 @@ def first_calls(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def case_cells(df: pd.DataFrame) -> pd.DataFrame:
-    """Every ranked cell (:func:`ranked`; peers and dispatchers included) with its multiples:
+    """Every ranked cell (``rule.ranked``; peers and dispatchers included) with its multiples:
     ``times_grad``, its median over one gradient of the same loss (``grad_s``, curvlinops'
     convention), and ``times_fastest``, its median over the least median of the case among
     the strategies that could be recommended; ``rank`` within its case by median.

@@ -445,7 +445,7 @@ def decision(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
     case: below 1 where the runner-up was faster), and ``regret_cases``, ``regret_median``,
     ``regret_hi`` (:func:`regrets` on those cases where the planner ran). A row where no
     ranked strategy ran every case has ``runs`` None. Devices where nothing was timed are
-    left to :func:`untimed_devices`.
+    left to ``numbers.untimed_devices``.
     """
     columns = ["machine", "device", "dtype", "P_min", "P_max", "arch", "runs", "ranked_in"]
     columns += ["runner_up", "tie", "beaten", "cases", "wins", "ratio_median", "ratio_lo"]
