@@ -7,7 +7,6 @@ says how the page words them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -113,12 +112,6 @@ def speedups(df: pd.DataFrame, strategy: str, other: str) -> pd.DataFrame:
     return (
         pairs[CELL_COLUMNS].assign(speedup=pairs["partner_s"] / pairs["min"]).reset_index(drop=True)
     )
-
-
-def _timed_groups(df: pd.DataFrame, keys: list[str]) -> Iterator[tuple[tuple, pd.DataFrame]]:
-    for key, rows in df.groupby(keys, sort=True):
-        if rows["status"].isin(TIMED).any():
-            yield key, rows
 
 
 def much_slower(df: pd.DataFrame, factor: float = SLOW_FACTOR) -> pd.DataFrame:
