@@ -376,7 +376,7 @@ def test_the_end_of_run_summary_follows_the_reports_rule():
     1.1x and significant is a tie; a case with only cells too slow to repeat says so."""
     from types import SimpleNamespace
 
-    from bench.run.plugin import _summary_lines
+    from bench.run.finish import summary_lines
     from bench.run.session import Timed
 
     fast, slow = (0.10, 0.11, 0.10, 0.12, 0.10), (0.30, 0.31, 0.30, 0.32, 0.30)
@@ -392,14 +392,14 @@ def test_the_end_of_run_summary_follows_the_reports_rule():
         ("c", "one_round"): Timed(9.0, None, True, False, (9.0,), too_slow=True),
     }
     run = SimpleNamespace(cases={"a": None, "b": None, "c": None}, timed=timed, interleaved={})
-    a, b, c = _summary_lines(run)
+    a, b, c = summary_lines(run)
     assert a.startswith("a: quick 0.1 s median, tied with close") and "3.00x vs" in a
     assert b.startswith(f"b: quick 0.1 s median, faster than {BASELINE}")
     assert c == "c: no accurate strategy repeated (1 too slow to repeat, left out of every ranking)"
     # interleaved rounds, where the case has them, decide instead of the cells' own
     apart = {"quick": [0.1] * 5, BASELINE: [0.1] * 5}
     run.interleaved = {"b": {"strategies": list(apart), "rounds_s": apart}}
-    assert _summary_lines(run)[1].startswith(f"b: quick 0.1 s median, tied with {BASELINE}")
+    assert summary_lines(run)[1].startswith(f"b: quick 0.1 s median, tied with {BASELINE}")
 
 
 TWINS = """
