@@ -7,6 +7,7 @@ tied by ``bench.analysis.rule.versus``, the top :data:`TOP` are timed again in t
 after round (``bench.interleave.interleaved_rounds``), each result first checked against the
 case's float64 reference as the benchmark checks a cell. ``bench.analysis.rule.compared_rounds``
 then compares two cells by these rounds where both have them (docs/DESIGN.md, "Close calls").
+
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from bench.run import policy
 from bench.run.cell import hessian_call
 from bench.run.session import Run, Timed
 
-__all__ = ["TOP", "CASE_SECONDS", "TOTAL_SECONDS", "contenders", "close", "settle"]
+__all__ = ["TOP", "CASE_SECONDS", "TOTAL_SECONDS", "contenders", "verdict", "close", "settle"]
 
 #: how many of a close case's contenders are timed interleaved
 TOP = 3
@@ -51,16 +52,29 @@ def contenders(run: Run, case_id: str) -> tuple[dict[str, Timed], list[str]]:
     return accurate, sorted(ranked, key=lambda s: accurate[s].median)
 
 
-def close(run: Run, case_id: str) -> list[str]:
-    """The case's top :data:`TOP` contenders where its two fastest are tied by
-    ``rule.versus`` (within 1.1x, or not significantly apart), else none."""
+def verdict(run: Run, case_id: str, a: str, b: str) -> int:
+    """``rule.versus`` of two of the case's timed cells, ``a`` against ``b`` (1: ``a`` is
+    faster, -1: slower, 0: tied), over the rounds ``rule.compared_rounds`` chooses for them:
+    their interleaved rounds where the case's close call was settled, else each one's own
+    (its min alone where it kept none). The close calls and the end-of-run summary
+    (``bench.run.finish``) compare by it."""
     from bench.analysis import rule
 
-    accurate, order = contenders(run, case_id)
+    interleaved = run.interleaved.get(case_id, {}).get("rounds_s", {})
+    cells = [
+        {"rounds_s": t.rounds, "min": t.seconds, "interleaved_s": interleaved.get(s)}
+        for s, t in ((s, run.timed[(case_id, s)]) for s in (a, b))
+    ]
+    return rule.versus(*rule.compared_rounds(*cells))
+
+
+def close(run: Run, case_id: str) -> list[str]:
+    """The case's top :data:`TOP` contenders where its two fastest are tied by
+    :func:`verdict` (within 1.1x, or not significantly apart), else none."""
+    _, order = contenders(run, case_id)
     if len(order) < 2:
         return []
-    best, second = accurate[order[0]], accurate[order[1]]
-    if rule.versus(best.rounds or (best.seconds,), second.rounds or (second.seconds,)):
+    if verdict(run, case_id, order[0], order[1]):
         return []
     return order[:TOP]
 

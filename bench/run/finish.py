@@ -18,10 +18,8 @@ __all__ = ["summary_lines", "run_audit", "audit_and_report"]
 def summary_lines(run: Run) -> list[str]:
     """Per case, the fastest by the report's rule: accurate, repeated (not too slow to
     repeat), no peer, no dispatcher; the least median; faster than the runner-up only by
-    ``rule.versus`` (over their interleaved rounds where the case's close call was
-    settled: ``rule.compared_rounds``), else tied with it."""
-    from bench.analysis import rule
-
+    ``close_calls.verdict`` (``rule.versus`` over their interleaved rounds where the case's
+    close call was settled: ``rule.compared_rounds``), else tied with it."""
     lines = []
     for case_id in run.cases:
         rows = {s: timed for (c, s), timed in run.timed.items() if c == case_id}
@@ -46,12 +44,7 @@ def summary_lines(run: Run) -> list[str]:
         memory = "peak not measured" if peak is None else f"peak {peak / 2**20:.3g} MiB"
         verdict = ""
         if len(order) > 1:
-            interleaved = run.interleaved.get(case_id, {}).get("rounds_s", {})
-            pair = [
-                {"rounds_s": t.rounds, "min": t.seconds, "interleaved_s": interleaved.get(s)}
-                for s, t in ((s, accurate[s]) for s in order[:2])
-            ]
-            faster = rule.versus(*rule.compared_rounds(*pair))
+            faster = close_calls.verdict(run, case_id, order[0], order[1])
             verdict = f", {'faster than' if faster == 1 else 'tied with'} {order[1]}"
         lines.append(f"{case_id}: {best} {seconds:.4g} s median{verdict}, {memory}, {speedup}")
     return lines
