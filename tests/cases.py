@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from bench.problems.models import LayerNormMLP
+from bench.problems.models import LayerNormMLP, custom_mse, small_conv
 
 
 def mlp(act: type[nn.Module] = nn.Tanh, sizes=(3, 5, 4, 2), bias: bool = True) -> nn.Sequential:
@@ -46,13 +46,8 @@ def relu_mse():
     return _regression(mlp(nn.ReLU, sizes=(3, 6, 6, 2)), 3, 2)
 
 
-def conv() -> nn.Sequential:
-    """A 3x3 convolution of a 5x5 image, then a Linear head of 3 classes."""
-    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
-
-
 def conv_net():
-    net = conv()
+    net = small_conv()
     return net, (torch.randn(4, 1, 5, 5), torch.randint(0, 3, (4,))), F.cross_entropy
 
 
@@ -199,10 +194,6 @@ class Model(nn.Module):
         return self.fc2(self.act(self.fc1(x))).squeeze(-1)
 
 
-def mean_over_batch_mse(outputs, targets):
-    return torch.mean((outputs - targets) ** 2, dim=0)
-
-
 class Residual(nn.Module):
     """Functional activations and a skip connection around a wide Linear: ``hidden`` and
     ``out`` see ``width`` >= 32 inputs (kron's one-GEMM-per-direction path), at a P small
@@ -335,7 +326,7 @@ def _x(n: int, d: int):
 
 #: name -> (net builder, batch builder, loss, parameter names or None for all)
 USER_CASES = {
-    "thread_model": (Model, lambda: (_x(16, 8), torch.randn(16)), mean_over_batch_mse, None),
+    "thread_model": (Model, lambda: (_x(16, 8), torch.randn(16)), custom_mse, None),
     "residual_silu_gelu": (Residual, lambda: (_x(12, 5), torch.randn(12, 3)), None, None),
     "layernorm_mlp": (layernorm_mlp, lambda: (_x(10, 6), torch.randn(10, 2)), None, None),
     "functional_layer_norm": (FunctionalNorm, lambda: (_x(9, 4), torch.randn(9, 2)), None, None),
@@ -413,7 +404,7 @@ USER_CASES = {
     ),
     "gru_then_linear": (Recurrent, lambda: (torch.randn(5, 4, 3), torch.randn(5, 2)), None, None),
     "conv_then_linear": (
-        conv,
+        small_conv,
         lambda: (torch.randn(5, 1, 5, 5), torch.randint(0, 3, (5,))),
         F.cross_entropy,
         None,

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import PINN, Model, RawWeights, assert_close_to, mean_over_batch_mse
+from cases import PINN, Model, RawWeights, assert_close_to
 from torch import nn
 
 import strategies
+from bench.problems.models import custom_mse
 from bench.reference import loop_hessian
 from strategies import _plan, auto
 
@@ -164,7 +165,7 @@ def test_the_forum_threads_model_gets_the_fastest_measured_below_1000_params() -
     assert sum(p.numel() for p in params.values()) == 49
     table = _plan.load_table()
     nearest = _plan.regime(table, "cpu", "float32", 49)
-    plan = auto.plan(net, params, batch, mean_over_batch_mse)
+    plan = auto.plan(net, params, batch, custom_mse)
     eligible = [name for name in nearest["ranking"] if name in {c.name for c in plan.candidates}]
     assert plan.choice == eligible[0]
 
