@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import PINN, Model, RawWeights, assert_close_to
+from cases import PINN, RawWeights, ReadmeModel, assert_close_to
 from torch import nn
 
 import strategies
@@ -159,7 +159,7 @@ def test_a_pinn_with_autograd_grad_in_its_forward_gets_an_exact_reverse_mode_loo
 
 def test_the_forum_threads_model_gets_the_fastest_measured_below_1000_params() -> None:
     """P = 49: the table's regime nearest in P decides, not a preferred strategy."""
-    net = Model(input_dim=1, hidden_dim=16)
+    net = ReadmeModel(input_dim=1, hidden_dim=16)
     net, params, batch = _problem(net, n_in=1, n=100)
     batch = (batch[0], batch[1].squeeze(-1))
     assert sum(p.numel() for p in params.values()) == 49
@@ -174,7 +174,7 @@ def test_the_forum_threads_model_gets_the_fastest_measured_below_1000_params() -
 
 
 def test_wisdom_sends_later_calls_straight_to_the_winner(monkeypatch, tmp_path) -> None:
-    net, params, batch = _problem(Model(input_dim=2, hidden_dim=5), n_in=2, n=6)
+    net, params, batch = _problem(ReadmeModel(input_dim=2, hidden_dim=5), n_in=2, n=6)
     batch = (batch[0], batch[1].squeeze(-1))
     H = strategies.compute("auto", net, params, batch)
     (entry,) = auto.wisdom().values()
