@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench import results
+from bench.analysis import audit_tables, rule, tidy
 
 __all__ = ["DEFAULT_OUT", "build", "main"]
 
@@ -37,11 +37,11 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "strategies" / "auto_tabl
 def build(df: pd.DataFrame, audits: list[dict], sources: Sequence[str], command: str) -> dict:
     """The table as a JSON-ready dict (see the module docstring)."""
     table: list[dict[str, Any]] = []
-    for regime, rows in results.regimes(df):
-        summary = results.ranking(rows)
+    for regime, rows in rule.regimes(df):
+        summary = rule.ranking(rows)
         if summary.empty:
             continue
-        ratio = results.peak_ratios(rows)
+        ratio = rule.peak_ratios(rows)
         table.append(
             {
                 **regime,
@@ -62,7 +62,7 @@ def build(df: pd.DataFrame, audits: list[dict], sources: Sequence[str], command:
         "command": command,
         "sources": list(sources),
         "regimes": table,
-        "wrong_on": results.merged_wrong_kinds(audits),
+        "wrong_on": audit_tables.merged_wrong_kinds(audits),
     }
 
 
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     try:
-        df, audits = results.load(args.files)
-    except results.InputFileError as error:
+        df, audits = tidy.load(args.files)
+    except tidy.InputFileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     argv = sys.argv[1:] if argv is None else argv

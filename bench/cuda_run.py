@@ -36,7 +36,8 @@ from typing import TextIO
 
 import pandas as pd
 
-from bench import cli, results, wheels
+from bench import cli, wheels
+from bench.analysis import numbers, tidy
 from bench.problems.grid import DEVICES, GRIDS
 from bench.vocabulary import CRASHED, ERROR, OK, OOM, WRONG
 
@@ -141,7 +142,7 @@ def output_name(devices: Sequence[str], grid: str, gpu_name: str | None) -> str:
 
 def _kron_over(df: pd.DataFrame, other: str) -> pd.Series:
     """``kron``'s min time over ``other``'s, per case where both ran accurately."""
-    pairs = results.speedups(df, other, "kron")
+    pairs = numbers.speedups(df, other, "kron")
     return pd.Series(pairs["speedup"].to_numpy(), index=pairs["case"], dtype=float)
 
 
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         out / "auto_table.log",
         env=env,
     )
-    df, _ = results.load([measured])
+    df, _ = tidy.load([measured])
     text = summary(df[df["device"].isin(devices)])
     (out / "summary.md").write_text(text)
     print(text)

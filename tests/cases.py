@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from bench.problems.models import LayerNormMLP
+from bench.problems.models import LayerNormMLP, custom_mse, small_conv
 
 
 def mlp(act: type[nn.Module] = nn.Tanh, sizes=(3, 5, 4, 2), bias: bool = True) -> nn.Sequential:
@@ -46,13 +46,8 @@ def relu_mse():
     return _regression(mlp(nn.ReLU, sizes=(3, 6, 6, 2)), 3, 2)
 
 
-def conv() -> nn.Sequential:
-    """A 3x3 convolution of a 5x5 image, then a Linear head of 3 classes."""
-    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
-
-
 def conv_net():
-    net = conv()
+    net = small_conv()
     return net, (torch.randn(4, 1, 5, 5), torch.randint(0, 3, (4,))), F.cross_entropy
 
 
@@ -186,8 +181,10 @@ def assert_close_to(H: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
 # --- the nets users write ---
 
 
-class Model(nn.Module):
-    """The form of the question this project answers: two Linear layers, a squeezed output."""
+class ReadmeModel(nn.Module):
+    """The form of the question this project answers, the README's ``Model``: two Linear layers,
+    a squeezed output (``bench.problems.models.Model``, the forum thread's, keeps its output
+    dimension)."""
 
     def __init__(self, input_dim: int = 8, hidden_dim: int = 16):
         super().__init__()
@@ -197,10 +194,6 @@ class Model(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x))).squeeze(-1)
-
-
-def mean_over_batch_mse(outputs, targets):
-    return torch.mean((outputs - targets) ** 2, dim=0)
 
 
 class Residual(nn.Module):
@@ -335,13 +328,13 @@ def _x(n: int, d: int):
 
 #: name -> (net builder, batch builder, loss, parameter names or None for all)
 USER_CASES = {
-    "thread_model": (Model, lambda: (_x(16, 8), torch.randn(16)), mean_over_batch_mse, None),
+    "thread_model": (ReadmeModel, lambda: (_x(16, 8), torch.randn(16)), custom_mse, None),
     "residual_silu_gelu": (Residual, lambda: (_x(12, 5), torch.randn(12, 3)), None, None),
     "layernorm_mlp": (layernorm_mlp, lambda: (_x(10, 6), torch.randn(10, 2)), None, None),
     "functional_layer_norm": (FunctionalNorm, lambda: (_x(9, 4), torch.randn(9, 2)), None, None),
     "huber": (Residual, lambda: (_x(12, 5), 3 * torch.randn(12, 3)), F.huber_loss, None),
     "smooth_l1_sum": (
-        Model,
+        ReadmeModel,
         lambda: (_x(10, 8), 2 * torch.randn(10)),
         functools.partial(F.smooth_l1_loss, reduction="sum", beta=0.5),
         None,
@@ -413,7 +406,7 @@ USER_CASES = {
     ),
     "gru_then_linear": (Recurrent, lambda: (torch.randn(5, 4, 3), torch.randn(5, 2)), None, None),
     "conv_then_linear": (
-        conv,
+        small_conv,
         lambda: (torch.randn(5, 1, 5, 5), torch.randint(0, 3, (5,))),
         F.cross_entropy,
         None,
@@ -586,8 +579,9 @@ class TwoInputs(nn.Module):
         return self.b(torch.tanh(self.a(x) + self.c(z)))
 
 
-class TokenClassifier(nn.Module):
-    """A HuggingFace-style model: forward(input_ids, attention_mask), called as net(**inputs)."""
+class MaskedTokenClassifier(nn.Module):
+    """A HuggingFace-style model: forward(input_ids, attention_mask), called as net(**inputs)
+    (not ``bench.problems.models.TokenClassifier``, the benchmark's transformer)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -705,7 +699,7 @@ ROBUST_CASES: dict[str, dict] = {
         allowed="takes the inputs as one tensor",
     ),
     "dict_inputs": dict(
-        net=TokenClassifier,
+        net=MaskedTokenClassifier,
         batch=lambda: (
             {"input_ids": torch.randint(0, 6, (4, 3)), "attention_mask": _mask()},
             torch.randint(0, 2, (4,)),

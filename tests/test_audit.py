@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import strategies
-from bench import audit, results
+from bench import audit
+from bench.analysis import audit_tables
 from bench.problems import zoo
 from bench.reference import fd_hessian, loop_hessian
 from bench.vocabulary import ERROR, OK, UNSUPPORTED, WRONG
@@ -156,7 +157,7 @@ def test_records_follow_the_contract(result):
 
 
 def test_wrong_kinds_collects_tags_of_wrong_and_crashing_cells(result):
-    kinds = results.wrong_kinds(result)
+    kinds = audit_tables.wrong_kinds(result)
     every_tag = {tag for m in zoo.ZOO for tag in m.model_kind}
     assert kinds["full_autograd"] == set()
     assert kinds["planted_unsupported"] == set()
@@ -171,7 +172,7 @@ def test_wrong_kinds_only_names_models_where_the_strategy_failed():
         {"strategy": "s", "model": "c", "model_kind": ["conv"], "status": ERROR},
         {"strategy": "s", "model": "d", "model_kind": ["tied"], "status": UNSUPPORTED},
     ]
-    assert results.wrong_kinds({"records": records}) == {"s": {"layernorm", "mlp", "conv"}}
+    assert audit_tables.wrong_kinds({"records": records}) == {"s": {"layernorm", "mlp", "conv"}}
 
 
 def test_fd_agrees_with_loop_on_a_smooth_model():
@@ -212,10 +213,10 @@ def test_a_refusal_counts_against_nothing_in_the_findings_nor_in_auto_s_table():
          "exception": "RuntimeError", "max_rel_err": None},
     ]  # fmt: skip
     audit_json = {"records": records}
-    assert results.wrong_kinds(audit_json) == {"s": {"conv"}}
-    assert results.merged_wrong_kinds([audit_json]) == {"s": ["conv"]}
-    assert not results.counts_against(ERROR, "TypeError")
-    assert results.counts_against(WRONG) and results.counts_against(ERROR, "RuntimeError")
+    assert audit_tables.wrong_kinds(audit_json) == {"s": {"conv"}}
+    assert audit_tables.merged_wrong_kinds([audit_json]) == {"s": ["conv"]}
+    assert not audit_tables.counts_against(ERROR, "TypeError")
+    assert audit_tables.counts_against(WRONG) and audit_tables.counts_against(ERROR, "RuntimeError")
 
 
 def test_kinds_of_tags_batchnorm_by_the_statistics_it_normalises_with():

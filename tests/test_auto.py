@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import PINN, Model, RawWeights, assert_close_to, mean_over_batch_mse
+from cases import PINN, RawWeights, ReadmeModel, assert_close_to
 from torch import nn
 
 import strategies
+from bench.problems.models import custom_mse
 from bench.reference import loop_hessian
 from strategies import _pilot, _plan, auto
 from strategies._contract import prepare, sharing_problems
@@ -159,13 +160,13 @@ def test_a_pinn_with_autograd_grad_in_its_forward_gets_an_exact_reverse_mode_loo
 
 def test_the_forum_threads_model_gets_the_fastest_measured_below_1000_params() -> None:
     """P = 49: the table's regime nearest in P decides, not a preferred strategy."""
-    net = Model(input_dim=1, hidden_dim=16)
+    net = ReadmeModel(input_dim=1, hidden_dim=16)
     net, params, batch = _problem(net, n_in=1, n=100)
     batch = (batch[0], batch[1].squeeze(-1))
     assert sum(p.numel() for p in params.values()) == 49
     table = _plan.load_table()
     nearest = _plan.regime(table, "cpu", "float32", 49)
-    plan = auto.plan(net, params, batch, mean_over_batch_mse)
+    plan = auto.plan(net, params, batch, custom_mse)
     eligible = [name for name in nearest["ranking"] if name in {c.name for c in plan.candidates}]
     assert plan.choice == eligible[0]
 
@@ -174,7 +175,7 @@ def test_the_forum_threads_model_gets_the_fastest_measured_below_1000_params() -
 
 
 def test_wisdom_sends_later_calls_straight_to_the_winner(monkeypatch, tmp_path) -> None:
-    net, params, batch = _problem(Model(input_dim=2, hidden_dim=5), n_in=2, n=6)
+    net, params, batch = _problem(ReadmeModel(input_dim=2, hidden_dim=5), n_in=2, n=6)
     batch = (batch[0], batch[1].squeeze(-1))
     H = strategies.compute("auto", net, params, batch)
     (entry,) = auto.wisdom().values()
@@ -282,13 +283,13 @@ def test_a_pilots_slices_are_rows_of_the_strategys_own_hessian(name) -> None:
     [
         _sliceable,
         lambda: _exact_problem(),
-        lambda: _problem(Model(1, 16).double(), 1, 1, torch.float64, n=20),
+        lambda: _problem(ReadmeModel(1, 16).double(), 1, 1, torch.float64, n=20),
     ],
     ids=["mlp-3-24-4", "mlp-3-5-2", "forum-model"],
 )
 def test_measure_mode_picks_an_exact_strategy_and_records_its_pilot(make) -> None:
     net, params, batch = make()
-    if isinstance(net, Model):  # the forum's squeezed output
+    if isinstance(net, ReadmeModel):  # the forum's squeezed output
         batch = (batch[0], batch[1].squeeze(-1))
     plan = auto.plan(net, params, batch, measure=True)
     assert_close_to(plan._hessian, loop_hessian(net, list(params), batch), 1e-10)
@@ -351,13 +352,13 @@ def test_a_strategy_predicted_over_memory_refuses_before_allocating(tmp_path) ->
 
 
 def test_auto_agrees_with_the_reports_recommendation_on_the_committed_runs() -> None:
-    from bench import results
+    from bench.analysis import rule, tidy
     from bench.problems.grid import Case
     from bench.problems.models import make_problem
 
     committed = json.loads(_plan.TABLE_PATH.read_text())
-    df, _ = results.load([str(ROOT / f) for f in committed["sources"]])
-    table = results.recommend(df)
+    df, _ = tidy.load([str(ROOT / f) for f in committed["sources"]])
+    table = rule.recommend(df)
     checked = 0
     for row in table.itertuples():
         if row.device != "cpu" or not isinstance(row.fastest, str):

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import conftest, report, results
+from bench import conftest, report
+from bench.analysis import numbers, rule, tidy
 from bench.run import policy
 from bench.vocabulary import BASELINE, CRASHED, ERROR, OK, OOM, OVER_BUDGET, SKIPPED, WRONG
 
@@ -191,7 +192,7 @@ def test_oom_error_and_interrupt_are_recorded_and_keep_what_was_measured(
     }
     assert "out of memory" in outcomes["fake_oom"]["reason"]
     assert "shapes do not match" in outcomes["fake_error"]["reason"]
-    df, _ = results.load([pytester.path / "run.json"])
+    df, _ = tidy.load([pytester.path / "run.json"])
     assert df.set_index("strategy")["status"].to_dict()["fake_interrupt"] == SKIPPED
 
 
@@ -287,8 +288,8 @@ def test_a_crash_ends_only_its_cell(pytester, monkeypatch):
         killed = crashed[("zz_sigkill", depth)]["reason"]
         assert "killed by SIGKILL" in killed and "zz_sigkill: about to be killed" in killed
     result.stdout.fnmatch_lines(["*Crashed: the worker was killed by SIGABRT*"])
-    df, _ = results.load([pytester.path / "run.json"])
-    not_timed = results.not_timed(df)
+    df, _ = tidy.load([pytester.path / "run.json"])
+    not_timed = numbers.not_timed(df)
     assert set(not_timed.loc[not_timed["status"] == CRASHED, "strategy"]) == {
         "zz_abort",
         "zz_sigkill",
@@ -337,8 +338,8 @@ def test_users_nets_time_auto_with_its_first_call_planning_included(pytester, mo
         info = row["extra_info"]
         assert info["status"] == OK and info["P"] == (2 * 4 * 4 * 3 + 3 if arch == "cnn" else 16)
         assert (info["first_call_s"] is not None) is (strategy == "auto")
-    df, _ = results.load([pytester.path / "run.json"])
-    regrets = results.regrets(df)
+    df, _ = tidy.load([pytester.path / "run.json"])
+    regrets = rule.regrets(df)
     assert len(regrets) == 2 and (regrets["fastest"] == "vmap_vjp").all()
     assert (regrets["regret"] > 0).all() and (regrets["first_call_regret"] > 0).all()
 
@@ -378,7 +379,7 @@ def test_the_end_of_run_summary_follows_the_reports_rule():
     1.1x and significant is a tie; a case with only cells too slow to repeat says so."""
     from types import SimpleNamespace
 
-    from bench.run.plugin import _summary_lines
+    from bench.run.finish import summary_lines
     from bench.run.session import Timed
 
     fast, slow = (0.10, 0.11, 0.10, 0.12, 0.10), (0.30, 0.31, 0.30, 0.32, 0.30)
@@ -394,24 +395,24 @@ def test_the_end_of_run_summary_follows_the_reports_rule():
         ("c", "one_round"): Timed(9.0, None, True, False, (9.0,), too_slow=True),
     }
     run = SimpleNamespace(cases={"a": None, "b": None, "c": None}, timed=timed, interleaved={})
-    a, b, c = _summary_lines(run)
+    a, b, c = summary_lines(run)
     assert a.startswith("a: quick 0.1 s median, tied with close") and "3.00x vs" in a
     assert b.startswith(f"b: quick 0.1 s median, faster than {BASELINE}")
     assert c == "c: no accurate strategy repeated (1 too slow to repeat, left out of every ranking)"
     # interleaved rounds, where the case has them, decide instead of the cells' own
     apart = {"quick": [0.1] * 5, BASELINE: [0.1] * 5}
     run.interleaved = {"b": {"strategies": list(apart), "rounds_s": apart}}
-    assert _summary_lines(run)[1].startswith(f"b: quick 0.1 s median, tied with {BASELINE}")
+    assert summary_lines(run)[1].startswith(f"b: quick 0.1 s median, tied with {BASELINE}")
 
 
 TWINS = """
 GRIDS["smoke"] = [dict(TINY, width=2, depth=1), dict(TINY, width=3, depth=1)]
 import time
-import bench.results
+import bench.analysis.rule
 import bench.run.close_calls as close_calls
 # every pair is a tie: a loaded machine can make one twin significantly faster by chance,
-# and which pairs tie is results.versus's own test (tests/test_report.py)
-bench.results.versus = lambda a, b: 0
+# and which pairs tie is rule.versus's own test (tests/test_report.py)
+bench.analysis.rule.versus = lambda a, b: 0
 def twin(net, params, batch, loss_fn=None):
     time.sleep(0.002)
     return strategies.compute("torch_func", net, params, batch, loss_fn)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from bench import audit, auto_table, cuda_run, device, measure, results, wheels
+from bench import audit, auto_table, cuda_run, device, measure, wheels
+from bench.analysis import tidy
 from bench.problems import zoo
 from bench.problems.grid import GRIDS, Case, cases
 from bench.run.cell import CaseData, hessian_call
@@ -254,7 +255,7 @@ def test_summary_quotes_kron_against_the_others_per_case(tmp_path):
         raw["benchmarks"].append(kron)
     raw["benchmarks"][-1]["extra_info"].update(status=WRONG, accurate=False, max_rel_err=0.5)
     (tmp_path / "run.json").write_text(json.dumps(raw))
-    text = cuda_run.summary(results.load([tmp_path / "run.json"])[0])
+    text = cuda_run.summary(tidy.load([tmp_path / "run.json"])[0])
     small, large = (r["extra_info"]["case"] for r in rows)
     assert f"| {small} | 1,377 | 0.5 | 3 | - |" in text
     assert f"| {large} | 4,801 | - | - | - |" in text
@@ -264,7 +265,7 @@ def test_summary_quotes_kron_against_the_others_per_case(tmp_path):
 
 def test_auto_table_keeps_cuda_regimes_apart(tmp_path):
     inputs = [shutil.copy(DATA / n, tmp_path / n) for n in ("bench_cpu.json", "bench_cuda.json")]
-    df, audits = results.load(inputs)
+    df, audits = tidy.load(inputs)
     table = auto_table.build(df, audits, inputs, "test")
     cuda = [r for r in table["regimes"] if r["device"] == "cuda"]
     assert [(r["P_min"], r["P_max"]) for r in cuda] == [(1000, 3000), (3000, 10000)]

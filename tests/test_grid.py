@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
+from bench.analysis.rule import size_range
 from bench.problems.grid import GRIDS, USER_ARCHS, Case, cases, expand
 from bench.problems.models import chosen_params, make_problem
-from bench.results import size_range
 
 
 def _case(**changes) -> Case:

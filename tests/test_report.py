@@ -1,4 +1,4 @@
-"""Tests of bench.results and bench.report: loading JSON, the recommendation rule, tables, files."""
+"""Tests of bench.analysis and bench.report: loading JSON, the recommendation rule, tables, files."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import pytest
 from matplotlib.colors import rgb_to_hsv, to_rgba
 
 import strategies
-from bench import report, results
+from bench import report
+from bench.analysis import audit_tables, numbers, rule, tidy
 from bench.report import plots
 from bench.vocabulary import (
     BASELINE,
@@ -49,7 +50,7 @@ def _raw(path: Path) -> dict:
 
 
 def test_load_keeps_machines_apart_and_records_every_cell(inputs):
-    df, audits = results.load(inputs)
+    df, audits = tidy.load(inputs)
     expected = {}
     for path in inputs[:2]:
         raw = _raw(path)
@@ -62,7 +63,7 @@ def test_load_keeps_machines_apart_and_records_every_cell(inputs):
 
 
 def test_load_statuses_timings_and_peer_flag(inputs):
-    df, _ = results.load(inputs)
+    df, _ = tidy.load(inputs)
     statuses = set(df["status"])
     assert {OK, WRONG, OOM, SKIPPED, UNSUPPORTED} <= statuses
     timed = df["status"].isin(TIMED)
@@ -79,7 +80,7 @@ def test_load_marks_timed_but_inaccurate_row_as_wrong(inputs):
     raw = _raw(inputs[0])
     raw["benchmarks"][0]["extra_info"].update(status=OK, accurate=False)
     inputs[0].write_text(json.dumps(raw))
-    df, _ = results.load(inputs[:1])
+    df, _ = tidy.load(inputs[:1])
     row = raw["benchmarks"][0]["extra_info"]
     cell = df[(df["strategy"] == row["strategy"]) & (df["case"] == row["case"])]
     assert cell["status"].tolist() == [WRONG]
@@ -90,7 +91,7 @@ def test_load_reads_the_old_status_words(inputs):
     benchmark_words = [b["extra_info"]["status"] for b in _raw(inputs[0])["benchmarks"]]
     audit_words = [r["status"] for r in _raw(inputs[2])["records"]]
     assert "inaccurate" in benchmark_words and "pass" in audit_words
-    df, [audit] = results.load(inputs)
+    df, [audit] = tidy.load(inputs)
     assert set(df["status"]) <= set(STATUSES)
     cpu = df[df["source"] == str(inputs[0])]
     assert (cpu["status"] == WRONG).sum() == benchmark_words.count("inaccurate")
@@ -101,16 +102,16 @@ def test_load_names_the_file_with_an_unknown_status(inputs):
     raw = _raw(inputs[0])
     raw["benchmarks"][0]["extra_info"]["status"] = "fine"
     inputs[0].write_text(json.dumps(raw))
-    with pytest.raises(results.InputFileError, match="bench_cpu.json.*'fine'"):
-        results.load(inputs[:1])
+    with pytest.raises(tidy.InputFileError, match="bench_cpu.json.*'fine'"):
+        tidy.load(inputs[:1])
 
 
 @pytest.mark.parametrize("content", ['{"benchmarks": "nope"}', "not json", '["a list"]'])
 def test_unknown_file_is_named_and_exits_2(tmp_path, inputs, capsys, content):
     bad = tmp_path / "strange.json"
     bad.write_text(content)
-    with pytest.raises(results.InputFileError, match="strange.json"):
-        results.load([inputs[0], bad])
+    with pytest.raises(tidy.InputFileError, match="strange.json"):
+        tidy.load([inputs[0], bad])
     assert report.main([str(inputs[0]), str(bad), "--plots-dir", str(tmp_path / "p")]) == 2
     assert "strange.json" in capsys.readouterr().err
 
@@ -126,12 +127,12 @@ def test_unknown_file_is_named_and_exits_2(tmp_path, inputs, capsys, content):
     ],
 )
 def test_size_range_edges(P, expected):
-    assert results.size_range(P) == expected
+    assert rule.size_range(P) == expected
 
 
 def test_size_range_rejects_nonpositive():
     with pytest.raises(ValueError, match="positive"):
-        results.size_range(0)
+        rule.size_range(0)
 
 
 def _cells(*cells: tuple) -> pd.DataFrame:
@@ -158,7 +159,7 @@ def _cells(*cells: tuple) -> pd.DataFrame:
 
 
 def _only_row(df: pd.DataFrame) -> dict:
-    table = results.recommend(df)
+    table = rule.recommend(df)
     assert len(table) == 1
     return table.iloc[0].to_dict()
 
@@ -201,18 +202,18 @@ def test_recommend_tie_within_spread_of_rounds():
     ],
 )
 def test_versus_needs_ratio_and_significance(a, b, expected):
-    assert results.versus(a, b) == expected
+    assert rule.versus(a, b) == expected
 
 
 def test_testable_is_where_the_rank_test_can_reach_alpha():
-    assert results.testable(MIN_ROUNDS, MIN_ROUNDS) and results.testable(4, 4)
-    assert not results.testable(3, 3) and not results.testable(1, 20)
+    assert rule.testable(MIN_ROUNDS, MIN_ROUNDS) and rule.testable(4, 4)
+    assert not rule.testable(3, 3) and not rule.testable(1, 20)
 
 
 @pytest.mark.parametrize("bad", [[], [0.0], [float("nan")], [-1.0]])
 def test_versus_refuses_rounds_that_are_no_times(bad):
     with pytest.raises(ValueError, match="positive finite"):
-        results.versus(bad, [1.0])
+        rule.versus(bad, [1.0])
 
 
 def test_a_win_must_hold_case_by_case():
@@ -239,12 +240,12 @@ def test_cells_too_slow_to_repeat_are_left_out_of_the_rankings():
     cells = _cells(
         ("slow_flagged", "c1", 0.5, 0.0, OK, 100, False),
         ("repeated", "c1", 1.0, 0.01, OK, 100, False),
-        (results.PLANNER, "c1", 1.1, 0.01, OK, 100, False),
+        (rule.PLANNER, "c1", 1.1, 0.01, OK, 100, False),
     ).assign(too_slow=[True, False, False])
     row = _only_row(cells)
     assert row["fastest"] == "repeated" and row["runner_up"] is None
     frame = cells.assign(arch="mlp", first_call_s=np.nan)
-    assert results.regrets(frame)["fastest"].tolist() == ["repeated"]
+    assert rule.regrets(frame)["fastest"].tolist() == ["repeated"]
 
 
 def _run_json(path: Path, minimum: float, rounds: int, when: str) -> Path:
@@ -282,7 +283,7 @@ def test_runs_merge_by_a_rule_whatever_their_order(tmp_path):
         _run_json(tmp_path / "b.json", 1.0, MIN_ROUNDS, "2026-01-02"),
         _run_json(tmp_path / "c.json", 1.5, MIN_ROUNDS, "2026-01-03"),
     ]
-    merged = [results.load(order)[0] for order in (files, files[::-1], files[1:] + files[:1])]
+    merged = [tidy.load(order)[0] for order in (files, files[::-1], files[1:] + files[:1])]
     for df in merged[1:]:
         pd.testing.assert_frame_equal(df, merged[0])
     [cell] = merged[0].to_dict("records")
@@ -297,7 +298,7 @@ def test_noisy_cells_are_flagged_by_iqr_over_median(tmp_path):
     data["benchmarks"][0]["stats"]["iqr"] = 0.2
     noisy = tmp_path / "n.json"
     noisy.write_text(json.dumps({**data, "machine_info": {"machine_label": "other"}}))
-    df = results.load([quiet, noisy])[0].set_index("machine")
+    df = tidy.load([quiet, noisy])[0].set_index("machine")
     assert df.loc["other", "noisy"] and not df.loc["m", "noisy"]
 
 
@@ -341,7 +342,7 @@ def test_recommend_when_nothing_ran_every_case():
 
 def test_recommend_leaves_out_ranges_where_nothing_was_timed():
     df = _cells(("a", "c1", np.nan, np.nan, SKIPPED, np.nan, False))
-    assert results.recommend(df).empty
+    assert rule.recommend(df).empty
 
 
 def test_growth_exponents_recover_known_powers():
@@ -366,15 +367,15 @@ def test_growth_exponents_recover_known_powers():
                     "min": 1e-6 * P**2 * batch**0.5,
                 }
             )
-    table = results.growth_exponents(pd.DataFrame(rows)).iloc[0]
+    table = numbers.growth_exponents(pd.DataFrame(rows)).iloc[0]
     assert table["exponent_in_P"] == pytest.approx(2.0)
     assert table["exponent_in_batch"] == pytest.approx(0.5)
     assert (table["fits_in_P"], table["fits_in_batch"]) == (2, 3)
 
 
 def test_not_timed_lists_every_cell_without_a_trusted_time(inputs):
-    df, _ = results.load(inputs)
-    table = results.not_timed(df)
+    df, _ = tidy.load(inputs)
+    table = numbers.not_timed(df)
     assert len(table) == (df["status"] != OK).sum()
     assert table["reason"].astype(bool).all()
     wrong = table[table["status"] == WRONG]
@@ -382,9 +383,9 @@ def test_not_timed_lists_every_cell_without_a_trusted_time(inputs):
 
 
 def test_accuracy_matrix_and_audit_marks(inputs, tmp_path):
-    _, audits = results.load(inputs)
-    records = results.audit_frame(audits)
-    matrix = results.accuracy_matrix(records)
+    _, audits = tidy.load(inputs)
+    records = audit_tables.audit_frame(audits)
+    matrix = audit_tables.accuracy_matrix(records)
     assert set(matrix.index) == set(records["strategy"])
     assert set(matrix.columns) == set(records["model"])
     for _, record in records.iterrows():
@@ -405,25 +406,25 @@ def test_strategy_styles_are_fixed_by_name():
     styles = plots.strategy_styles(names)
     assert styles == plots.strategy_styles(list(reversed(names)) + names[:3])
     assert len({(s.colour, s.marker) for s in styles.values()}) == len(names)
-    assert {s.family for s in styles.values()} == {results.OTHER_FAMILY}
+    assert {s.family for s in styles.values()} == {tidy.OTHER_FAMILY}
 
 
 def test_main_writes_every_output(tmp_path, inputs):
     plots_dir = tmp_path / "plots"
     assert report.main([*map(str, inputs), "--plots-dir", str(plots_dir), "--title", "T"]) == 0
-    df, audits = results.load(inputs)
+    df, audits = tidy.load(inputs)
     for path in inputs[:2]:
         written = pd.read_csv(path.with_suffix(".csv"))
         assert len(written) == (df["source"] == str(path)).sum()
         assert set(written["machine"]) == {_raw(path)["machine_info"]["machine_label"]}
     matrix = pd.read_csv(inputs[2].with_name("audit_matrix.csv"), index_col=0)
-    assert matrix.equals(results.accuracy_matrix(results.audit_frame(audits)))
+    assert matrix.equals(audit_tables.accuracy_matrix(audit_tables.audit_frame(audits)))
     for name in ("headline", "time_vs_P", "memory_vs_P", "speedup", "cost_ratios", "accuracy"):
         assert (plots_dir / f"{name}.png").read_bytes().startswith(b"\x89PNG")
     recommendations = json.loads((plots_dir / "recommendations.json").read_text())
-    expected = results.recommend(df)
+    expected = rule.recommend(df)
     assert [r["fastest"] for r in recommendations] == expected["fastest"].tolist()
-    assert all(set(r) == set(results.RECOMMENDATION_FIELDS) for r in recommendations)
+    assert all(set(r) == set(rule.RECOMMENDATION_FIELDS) for r in recommendations)
     never = set(df.loc[df["peer"] | (df["status"] != OK), "strategy"]) - set(
         df.loc[~df["peer"] & (df["status"] == OK), "strategy"]
     )
@@ -450,11 +451,11 @@ def test_main_with_an_audit_alone(tmp_path, inputs):
 
 def test_a_dispatcher_is_never_recommended(inputs):
     """`auto` runs another strategy; even timed faster than everything, it is not a default."""
-    df, _ = results.load(inputs)
-    winners = set(results.recommend(df)["fastest"].dropna())
+    df, _ = tidy.load(inputs)
+    winners = set(rule.recommend(df)["fastest"].dropna())
     faster = df[df["strategy"].isin(winners)].assign(strategy="auto")
     faster["min"] = faster["min"] / 10
-    table = results.recommend(pd.concat([df, faster], ignore_index=True))
+    table = rule.recommend(pd.concat([df, faster], ignore_index=True))
     assert "auto" not in set(table["fastest"]) | set(table["runner_up"]) | set(table["leanest"])
     assert set(table["fastest"].dropna()) == winners
 
@@ -494,16 +495,16 @@ def _summary(page: str) -> str:
 
 
 def test_strategy_facts_come_from_the_registry(compiled):
-    facts = results.strategy_facts(["torch_func_compiled", "full_autograd", "foreign", "auto"])
+    facts = tidy.strategy_facts(["torch_func_compiled", "full_autograd", "foreign", "auto"])
     assert facts.loc["full_autograd", "family"] == strategies.get("full_autograd").family
     assert facts.loc["auto", "family"] == strategies.get("auto").family
-    assert facts.loc["foreign", "family"] == results.OTHER_FAMILY
+    assert facts.loc["foreign", "family"] == tidy.OTHER_FAMILY
     assert facts.loc["torch_func_compiled", "eager"] == "torch_func"
     # the eager form joins, just before its compiled variant; unknown names come last
     order = list(facts.index)
     assert order.index("torch_func") + 1 == order.index("torch_func_compiled")
     assert order[-1] == "foreign"
-    assert list(facts["family"].cat.categories) == [*strategies.FAMILIES, results.OTHER_FAMILY]
+    assert list(facts["family"].cat.categories) == [*strategies.FAMILIES, tidy.OTHER_FAMILY]
 
 
 def test_styles_by_family_compiled_dashed_in_its_eager_colour(compiled):
@@ -530,7 +531,7 @@ def test_styles_by_family_compiled_dashed_in_its_eager_colour(compiled):
         f: float(np.angle(np.mean(np.exp(2j * np.pi * np.array(h)))) / (2 * np.pi)) % 1
         for f, h in hues.items()
     }
-    assert len(hues) == len(set(strategies.FAMILIES) | {results.OTHER_FAMILY}) - 1
+    assert len(hues) == len(set(strategies.FAMILIES) | {tidy.OTHER_FAMILY}) - 1
     for fam, values in hues.items():
         assert max(apart(h, centre[fam]) for h in values) < 0.06, fam
         for other in hues.keys() - {fam}:
@@ -538,9 +539,9 @@ def test_styles_by_family_compiled_dashed_in_its_eager_colour(compiled):
 
 
 def test_compiled_vs_eager_and_break_even(compiled):
-    df, _ = results.load(compiled)
+    df, _ = tidy.load(compiled)
     raw = _raw(compiled[0])
-    table = results.compiled_vs_eager(df)
+    table = numbers.compiled_vs_eager(df)
     assert set(table["strategy"]) == set(COMPILED)
     for _, row in table.iterrows():
         eager = _cell(raw, row["eager"], row["case"])
@@ -555,7 +556,7 @@ def test_compiled_vs_eager_and_break_even(compiled):
             assert math.isinf(row["break_even"])
     # the layernorm case: torch_func_compiled refused it, so it has no pair there
     assert not ((table["arch"] == "layernorm") & (table["strategy"] == "torch_func_compiled")).any()
-    summary = results.compile_summary(df).set_index("strategy")
+    summary = numbers.compile_summary(df).set_index("strategy")
     assert summary.loc["vmap_jvp_compiled", "faster"] == 0
     assert (
         summary.loc["torch_func_compiled", "faster"] == summary.loc["torch_func_compiled", "cases"]
@@ -563,12 +564,12 @@ def test_compiled_vs_eager_and_break_even(compiled):
 
 
 def test_recommendation_for_one_hessian_and_for_many(compiled, tmp_path):
-    df, _ = results.load(compiled)
-    table = results.recommend(df)
+    df, _ = tidy.load(compiled)
+    table = rule.recommend(df)
     for _, row in table.iterrows():
         rows = df[(df["P"] >= row["P_min"]) & (df["P"] < row["P_max"]) & (df["device"] == "cpu")]
         assert row["cases"] == rows["case"].nunique()
-        candidates = results.summaries(rows, set(rows["case"]))
+        candidates = rule.summaries(rows, set(rows["case"]))
         candidates = candidates[~candidates["peer"].astype(bool)]
         # one Hessian: the first call where recorded, else the min time
         assert row["fastest_single"] == candidates["single_s"].idxmin()
@@ -588,15 +589,15 @@ def test_recommendation_for_one_hessian_and_for_many(compiled, tmp_path):
 
 
 def test_a_device_with_nothing_run_collapses_into_one_line_per_reason(compiled):
-    df, _ = results.load(compiled)
+    df, _ = tidy.load(compiled)
     raw = _raw(compiled[0])
     skipped = [o for o in raw["hessbench"]["outcomes"] if o["device"] == "cuda"]
-    lines = results.untimed_devices(df)
+    lines = numbers.untimed_devices(df)
     assert len(lines) == 1
     line = lines.iloc[0]
     assert (line["device"], line["cells"]) == ("cuda", len(skipped))
     assert line["reason"] == skipped[0]["reason"]
-    page = report.render_html("T", df, [], {}, results.recommend(df))
+    page = report.render_html("T", df, [], {}, rule.recommend(df))
     assert f"cuda on {line['machine']}: {len(skipped)} cells not run" in html.unescape(page)
     table = page[page.index('id="not-timed"') :]
     assert "-cuda" not in table
@@ -605,7 +606,7 @@ def test_a_device_with_nothing_run_collapses_into_one_line_per_reason(compiled):
 
 
 def test_figures_leave_out_panels_with_nothing_timed(compiled, tmp_path):
-    df, audits = results.load(compiled)
+    df, audits = tidy.load(compiled)
     styles = plots.strategy_styles(df["strategy"])
     for draw in (plots.time_vs_p, plots.memory_vs_p):
         fig = draw(df, styles)
@@ -621,9 +622,9 @@ def test_figures_leave_out_panels_with_nothing_timed(compiled, tmp_path):
 
 
 def test_recommended_strategy_is_drawn_thicker(compiled):
-    df, _ = results.load(compiled)
+    df, _ = tidy.load(compiled)
     styles = plots.strategy_styles(df["strategy"])
-    recommended = set(results.recommend(df)["fastest"])
+    recommended = set(rule.recommend(df)["fastest"])
     fig = plots.time_vs_p(df, styles)
     widths: dict[str, set] = {}
     for line in fig.axes[0].get_lines():
@@ -635,10 +636,10 @@ def test_recommended_strategy_is_drawn_thicker(compiled):
 
 
 def test_accuracy_heat_map_colours_follow_statuses(inputs, tmp_path):
-    _, audits = results.load(inputs)
+    _, audits = tidy.load(inputs)
     fig = plots.accuracy_heatmap(audits)
     (ax,) = fig.axes[:1]
-    statuses = results.accuracy_statuses(results.audit_frame(audits))
+    statuses = audit_tables.accuracy_statuses(audit_tables.audit_frame(audits))
     rows = [t.get_text() for t in ax.get_yticklabels()]
     columns = [t.get_text() for t in ax.get_xticklabels()]
     codes = ax.images[0].get_array()
@@ -653,18 +654,18 @@ def test_accuracy_heat_map_colours_follow_statuses(inputs, tmp_path):
 
 
 def test_summary_answers_with_numbers_from_the_run(compiled, tmp_path):
-    df, audits = results.load(compiled)
+    df, audits = tidy.load(compiled)
     raw = _raw(compiled[0])
     ratios = [
         _cell(raw, "full_autograd", b["params"]["case"])["min"] / b["stats"]["min"]
         for b in raw["benchmarks"]
         if b["params"]["strategy"] == "symmetric_half"
     ]
-    text = _summary(report.render_html("T", df, audits, {}, results.recommend(df)))
+    text = _summary(report.render_html("T", df, audits, {}, rule.recommend(df)))
     assert text.startswith("Timed on hostC / Intel Xeon / 4 cores (cpu).")
     assert f"on all {len(ratios)} cases both ran accurately" in text
     assert f"{min(ratios):.2g}× to {max(ratios):.2g}× faster" in text
-    choices = results.decision(df)
+    choices = rule.decision(df)
     for arch in ("mlp", "custom", "layernorm"):
         runs = choices.loc[choices["arch"] == arch].sort_values("P_min")["runs"]
         assert runs.notna().all() and f"auto runs {runs.iloc[0]} at " in text
@@ -674,10 +675,10 @@ def test_summary_answers_with_numbers_from_the_run(compiled, tmp_path):
     assert "torch_func_compiled does not run it (unsupported: wrong Hessian upstream" in text
     # what to avoid: the audit's wrong strategy, the much slower loop, the costly compile
     assert "Avoid vmap_jvp on nets with layernorm layers" in text
-    slow = results.much_slower(df)
+    slow = numbers.much_slower(df)
     assert set(slow["strategy"]) and all(f"{s} (" in text for s in slow["strategy"])
     assert "vmap_jvp_compiled is never faster than vmap_jvp" in text
-    pairs = results.compiled_vs_eager(df)
+    pairs = numbers.compiled_vs_eager(df)
     tfc = pairs[pairs["strategy"] == "torch_func_compiled"]["break_even"]
     assert f"pays after {math.ceil(tfc.min())} to {math.ceil(tfc.max())} Hessians" in text
     assert "for many" in text and "first call included" in text
@@ -686,8 +687,8 @@ def test_summary_answers_with_numbers_from_the_run(compiled, tmp_path):
 
 def test_summary_says_what_is_missing(inputs, tmp_path):
     """bench_cpu's symmetric_half is wrong everywhere; no custom or LayerNorm cases; no audit."""
-    df, audits = results.load(inputs[:2])
-    text = _summary(report.render_html("T", df, [], {}, results.recommend(df)))
+    df, audits = tidy.load(inputs[:2])
+    text = _summary(report.render_html("T", df, [], {}, rule.recommend(df)))
     cpu = df.loc[df["device"] == "cpu", "machine"].iloc[0]
     assert f"On {cpu} (cpu), no case ran both symmetric_half and full_autograd" in text
     assert "symmetric_half: wrong on 3 cases" in text
@@ -698,9 +699,9 @@ def test_summary_says_what_is_missing(inputs, tmp_path):
     assert "no audit among these inputs" in text.lower()
     # two machines: each gets its own sentences
     assert all(f"On {m} (" in text for m in set(df["machine"]))
-    _, audits = results.load(inputs[2:])
+    _, audits = tidy.load(inputs[2:])
     only_audit = _summary(
-        report.render_html("T", df.iloc[:0], audits, {}, results.recommend(df.iloc[:0]))
+        report.render_html("T", df.iloc[:0], audits, {}, rule.recommend(df.iloc[:0]))
     )
     assert only_audit.startswith("No benchmark run among these inputs")
     assert "Avoid vmap_jvp" in only_audit
@@ -713,11 +714,11 @@ def test_report_of_the_committed_runs(tmp_path):
     committed = sorted((Path(__file__).parent.parent / "results").glob("*.json"))
     inputs = [str(shutil.copy(path, tmp_path / path.name)) for path in committed]
     assert report.main([*inputs, "--plots-dir", str(tmp_path / "p")]) == 0
-    df, _ = results.load(inputs)
-    ratios = results.speedups(df, results.HALF_LOOP, results.FULL_LOOP)["speedup"]
+    df, _ = tidy.load(inputs)
+    ratios = numbers.speedups(df, numbers.HALF_LOOP, numbers.FULL_LOOP)["speedup"]
     text = _summary((tmp_path / "p" / "report.html").read_text())
     assert f"{ratios.min():.2g}× to {ratios.max():.2g}×" in text
-    choices = results.decision(df)
+    choices = rule.decision(df)
     for arch, mine in choices[choices["device"] == "cpu"].groupby("arch"):
         first = mine.sort_values("P_min").iloc[0]
         assert f"auto runs {first['runs']} at {first['P_min']:,} ≤ P" in text, arch
@@ -727,18 +728,18 @@ def test_report_of_the_committed_runs(tmp_path):
 def test_regrets_are_auto_over_the_fastest_exact_strategy_that_is_no_peer(inputs, tmp_path):
     """auto planted as torch_func's ok rows at 1.5x its time, first call 4x; a peer planted
     fastest everywhere must not count; one case where auto is wrong has no regret."""
-    df, _ = results.load(inputs[:1])
+    df, _ = tidy.load(inputs[:1])
     base = df[(df["strategy"] == "torch_func") & (df["status"] == OK)]
     assert len(base) >= 2
     auto = base.assign(strategy="auto", min=base["min"] * 1.5, first_call_s=base["min"] * 4)
     auto.loc[auto.index[-1], "status"] = WRONG
     peer = base.assign(strategy="planted_peer", min=base["min"] / 100, peer=True)
     planted = pd.concat([df, auto, peer], ignore_index=True)
-    table = results.regrets(planted)
+    table = rule.regrets(planted)
     assert len(table) == len(base)
     for case, row in table.set_index("case").iterrows():
         exact = df[(df["case"] == case) & (df["status"] == OK) & ~df["peer"].astype(bool)]
-        exact = exact[~exact["strategy"].isin(results.DISPATCHERS)]
+        exact = exact[~exact["strategy"].isin(rule.DISPATCHERS)]
         fastest = exact.loc[exact["min"].idxmin()]
         assert row["fastest"] == fastest["strategy"] != "planted_peer"
         assert row["fastest_s"] == fastest["min"]
@@ -748,25 +749,23 @@ def test_regrets_are_auto_over_the_fastest_exact_strategy_that_is_no_peer(inputs
         else:
             assert row["regret"] == pytest.approx(1.5 * mine["min"] / fastest["min"])
             assert row["first_call_regret"] == pytest.approx(4 * mine["min"] / fastest["min"])
-    page = report.render_html("T", planted, [], {}, results.recommend(planted))
+    page = report.render_html("T", planted, [], {}, rule.recommend(planted))
     assert 'id="regrets"' in page and "Largest regret" in page
-    assert results.regrets(df).empty  # no auto in the fixture itself
-    assert "was not timed in these runs" in report.render_html(
-        "T", df, [], {}, results.recommend(df)
-    )
+    assert rule.regrets(df).empty  # no auto in the fixture itself
+    assert "was not timed in these runs" in report.render_html("T", df, [], {}, rule.recommend(df))
 
 
 def test_compare_lists_cells_changed_by_10_percent_and_significantly(tmp_path, capsys):
     old = _run_json(tmp_path / "old.json", 1.0, MIN_ROUNDS, "2026-01-01")
     slower = _run_json(tmp_path / "slower.json", 1.5, MIN_ROUNDS, "2026-01-02")
     same = _run_json(tmp_path / "same.json", 1.05, MIN_ROUNDS, "2026-01-02")
-    table = results.changes(results.load([old])[0], results.load([slower])[0])
+    table = rule.changes(tidy.load([old])[0], tidy.load([slower])[0])
     assert table[["strategy", "change"]].values.tolist() == [["kron", "slower"]]
     assert table["new_over_old"].iloc[0] == pytest.approx(1.5)
-    assert results.changes(results.load([slower])[0], results.load([old])[0])[
-        "change"
-    ].tolist() == ["faster"]
-    assert results.changes(results.load([old])[0], results.load([same])[0]).empty
+    assert rule.changes(tidy.load([slower])[0], tidy.load([old])[0])["change"].tolist() == [
+        "faster"
+    ]
+    assert rule.changes(tidy.load([old])[0], tidy.load([same])[0]).empty
     assert report.main(["--compare", str(old), str(slower)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("1 cells changed") and "slower" in out and "kron on w8-d1" in out
@@ -790,9 +789,9 @@ def test_the_committed_runs_give_one_table_whatever_their_order():
     sources = [str(root / name) for name in committed["sources"]]
     built = []
     for order in (sources, sources[::-1], sources[1:] + sources[:1]):
-        df, audits = results.load(order)
+        df, audits = tidy.load(order)
         table = auto_table.build(df, audits, committed["sources"], committed["command"])
-        built.append((table, results.recommendation_records(results.recommend(df))))
+        built.append((table, rule.recommendation_records(rule.recommend(df))))
     assert built[0][0] == committed  # the committed table is this merged dataset's
     assert all(b == built[0] for b in built[1:])
 
@@ -824,16 +823,16 @@ def test_the_decision_box_of_the_committed_runs_is_auto_table_and_the_planner(tm
         box,
     )
     rankings = {r["P_min"]: r["ranking"] for r in committed["regimes"] if r["device"] == "cpu"}
-    df, _ = results.load(inputs)
+    df, _ = tidy.load(inputs)
     df = df[df["device"] == "cpu"].assign(arch=df["arch"].fillna("mlp"))
-    assert len(shown) == len(df.groupby(["arch", df["P"].map(lambda p: results.size_range(p))]))
+    assert len(shown) == len(df.groupby(["arch", df["P"].map(lambda p: rule.size_range(p))]))
     summary = _summary(page)
     named = 0
     for arch, lo, hi, name, none in shown:
         P_min, P_max = int(lo.replace(",", "")), int(hi.replace(",", ""))
         cells = df[(df["P"] >= P_min) & (df["P"] < P_max) & (df["arch"] == arch)]
         if P_min in rankings:
-            ok = results.ranked(cells)
+            ok = rule.ranked(cells)
             everywhere = [
                 s
                 for s in rankings[P_min]
@@ -855,28 +854,28 @@ def test_the_decision_box_of_the_committed_runs_is_auto_table_and_the_planner(tm
 
 
 def test_case_cells_give_each_ranked_cell_its_multiples(inputs):
-    df, _ = results.load(inputs)
-    cells = results.case_cells(df)
-    ranked = results.ranked(df)
+    df, _ = tidy.load(inputs)
+    cells = numbers.case_cells(df)
+    ranked = rule.ranked(df)
     assert len(cells) == len(ranked)
     for _, case in cells.groupby(["machine", "device", "case"]):
         assert case["rank"].tolist() == list(range(1, len(case) + 1))
         assert case["median"].is_monotonic_increasing
-        eligible = case[~case["strategy"].isin(results.DISPATCHERS)]
+        eligible = case[~case["strategy"].isin(rule.DISPATCHERS)]
         assert eligible["times_fastest"].min() == pytest.approx(1.0)
     row = cells.iloc[0]
     grad_s = ranked.set_index(["machine", "case", "strategy"]).loc[
         (row["machine"], row["case"], row["strategy"]), "grad_s"
     ]
     assert row["times_grad"] == pytest.approx(row["median"] / grad_s)
-    table = results.multiples(df)
+    table = numbers.multiples(df)
     assert set(table["strategy"]) == set(cells["strategy"])
     assert (table["times_fastest_lo"] <= table["times_fastest"] + 1e-12).all()
 
 
 def test_accuracy_of_the_timed_cells_is_counted(inputs):
-    df, _ = results.load(inputs)
-    accuracy = results.accuracy_of_timed(df)
+    df, _ = tidy.load(inputs)
+    accuracy = numbers.accuracy_of_timed(df)
     timed = df[df["status"].isin(TIMED)]
     assert accuracy["cells"] == len(timed) and accuracy["wrong"] == (timed["status"] == WRONG).sum()
     assert accuracy["worst"] == pytest.approx(timed["max_rel_err"].max())
@@ -896,7 +895,7 @@ def test_not_timed_cells_fold_into_counts_by_reason():
             "tolerance": np.nan,
         }
     )
-    [row] = results.not_timed_counts(df).to_dict("records")
+    [row] = numbers.not_timed_counts(df).to_dict("records")
     assert row["reason"] == "predicted N s per call > --time-budget N s"
     assert (row["cells"], row["cases"], row["strategies"]) == (3, 3, 2)
 
@@ -916,7 +915,7 @@ def test_report_states_accuracy_shows_cases_and_prints_each_bug_once(inputs, tmp
 
 
 def test_figures_fit_the_page_with_contenders_in_colour_and_untimed_cells_as_markers(compiled):
-    df, _ = results.load(compiled)
+    df, _ = tidy.load(compiled)
     styles = plots.strategy_styles(df["strategy"])
     drawn = [draw(df, styles) for draw in (plots.time_vs_p, plots.memory_vs_p, plots.cost_ratios)]
     bars = plots.speedup(df, styles)
@@ -924,8 +923,8 @@ def test_figures_fit_the_page_with_contenders_in_colour_and_untimed_cells_as_mar
         assert fig.get_figwidth() <= plots.PAGE_WIDTH  # shown at full size at 1400 px
     ax = drawn[0].axes[0]
     arch = ax.get_title().split(":")[0]
-    cells = results.case_cells(df[(df["arch"] == arch) & (df["device"] == "cpu")])
-    contenders = set(results.recommend(df[df["arch"] == arch])["fastest"].dropna())
+    cells = numbers.case_cells(df[(df["arch"] == arch) & (df["device"] == "cpu")])
+    contenders = set(rule.recommend(df[df["arch"] == arch])["fastest"].dropna())
     contenders |= set(cells.loc[cells["rank"] <= plots.CONTENDER_RANK, "strategy"])
     coloured = {
         name
@@ -958,19 +957,19 @@ def test_two_cells_are_compared_by_their_interleaved_rounds_where_both_have_them
         "w8-d1": {"strategies": ["kron", "torch_func"], "rounds_s": rounds}
     }
     path.write_text(json.dumps(raw))
-    df, _ = results.load([path])
+    df, _ = tidy.load([path])
     cells = df.set_index("strategy")
     assert cells.loc["kron", "interleaved_s"] == same
-    a, b = results.compared_rounds(cells.loc["kron"], cells.loc["torch_func"])
-    assert (a, b) == (same, rounds["torch_func"]) and results.versus(a, b) == 0
+    a, b = rule.compared_rounds(cells.loc["kron"], cells.loc["torch_func"])
+    assert (a, b) == (same, rounds["torch_func"]) and rule.versus(a, b) == 0
     alone = cells.loc["torch_func"].copy()
     alone["interleaved_s"] = None
-    a, b = results.compared_rounds(cells.loc["kron"], alone)
-    assert results.versus(a, b) == 1  # each one's own rounds: 1.5x apart
-    [row] = results.decision(df).to_dict("records")
+    a, b = rule.compared_rounds(cells.loc["kron"], alone)
+    assert rule.versus(a, b) == 1  # each one's own rounds: 1.5x apart
+    [row] = rule.decision(df).to_dict("records")
     assert row["runs"] == "kron" and row["runner_up"] == "torch_func"
     assert row["tie"] and row["wins"] == 0
     # another run's interleaved rounds are not compared with this one's
     other = cells.loc["torch_func"].copy()
     other["source"] = "another.json"
-    assert results.compared_rounds(cells.loc["kron"], other)[0] == kron["stats"]["data"]
+    assert rule.compared_rounds(cells.loc["kron"], other)[0] == kron["stats"]["data"]

@@ -16,6 +16,7 @@ __all__ = [
     "CustomMLP",
     "LayerNormMLP",
     "custom_mse",
+    "small_conv",
     "Model",
     "ConvNet",
     "PoissonPINN",
@@ -64,6 +65,12 @@ class LayerNormMLP(nn.Module):
         for fc, norm in zip(self.fcs[:-1], self.norms):
             x = self.act(norm(fc(x)))
         return self.fcs[-1](x)
+
+
+def small_conv() -> nn.Sequential:
+    """A 3x3 convolution of a 1 x 5 x 5 image, tanh, then a Linear head of 3 classes: the
+    audit's ``conv`` model (``bench.problems.zoo``) and the tests' conv net."""
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
 
 
 class Model(nn.Module):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.problems.models import LayerNormMLP
+from bench.problems.models import LayerNormMLP, small_conv
 from strategies import kinds_of
 
 __all__ = ["ZooModel", "ZOO", "names", "get", "build", "kinds_of"]
@@ -141,9 +141,7 @@ def _conv_instancenorm() -> Built:
 
 
 def _conv() -> Built:
-    net = nn.Sequential(
-        nn.Conv2d(1, 2, kernel_size=3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3)
-    ).double()
+    net = small_conv().double()
     return net, (torch.randn(4, 1, 5, 5).double(), torch.randint(0, 3, (4,))), F.cross_entropy
 
 

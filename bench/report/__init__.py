@@ -12,7 +12,7 @@ self-contained HTML report go to the plots directory.
 The page opens with a summary in plain words, every number in it computed from the inputs:
 whether the symmetric-half loop beats the full loop and by how much, what to use for each way
 of writing the net, what to avoid and why, and what was not measured. The analysis (loading,
-statuses, the recommendation rule) is ``bench.results``; the figures are ``bench.report.plots``. ``recommendations.json`` is a list of ``results.RECOMMENDATION_FIELDS``
+statuses, the recommendation rule) is ``bench.analysis``; the figures are ``bench.report.plots``. ``recommendations.json`` is a list of ``rule.RECOMMENDATION_FIELDS``
 records; ``fastest`` and ``leanest`` are null where no strategy qualified (docs/DESIGN.md,
 "recommendations.json").
 """
@@ -30,7 +30,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench import cli, results
+from bench import cli
+from bench.analysis import audit_tables, numbers, rule, tidy
 from bench.problems.grid import ARCHS, USER_ARCHS
 from bench.report import plots
 from bench.vocabulary import BASELINE, TIMED, WRONG
@@ -168,8 +169,8 @@ def _status_counts(df: pd.DataFrame, strategy: str) -> str:
 
 def _loop_sentences(df: pd.DataFrame, groups: list[tuple[str, str]]) -> list[str]:
     """Whether the symmetric-half loop beats the full loop, and by how much, per group."""
-    half, full = _code(results.HALF_LOOP), _code(results.FULL_LOOP)
-    ratios = results.speedups(df, results.HALF_LOOP, results.FULL_LOOP)
+    half, full = _code(numbers.HALF_LOOP), _code(numbers.FULL_LOOP)
+    ratios = numbers.speedups(df, numbers.HALF_LOOP, numbers.FULL_LOOP)
     sentences = []
     for machine, device in groups or [(None, None)]:
         mine = (df["machine"] == machine) & (df["device"] == device) if machine else df.index >= 0
@@ -177,8 +178,8 @@ def _loop_sentences(df: pd.DataFrame, groups: list[tuple[str, str]]) -> list[str
         if part.empty:
             answer = (
                 f"no case ran both {half} and {full} accurately, so this cannot say whether "
-                f"computing half the Hessian pays ({_status_counts(df[mine], results.HALF_LOOP)}"
-                f"; {_status_counts(df[mine], results.FULL_LOOP)})"
+                f"computing half the Hessian pays ({_status_counts(df[mine], numbers.HALF_LOOP)}"
+                f"; {_status_counts(df[mine], numbers.FULL_LOOP)})"
             )
             sentences.append(_capital(f"{_prefix(groups, machine, device)}{answer}."))
             continue
@@ -206,7 +207,7 @@ def _loop_sentences(df: pd.DataFrame, groups: list[tuple[str, str]]) -> list[str
 
 def _arch_sentence(arch: str, choices: pd.DataFrame, rows: pd.DataFrame, winners: set[str]) -> str:
     """What the planner runs on one way of writing the net, per size range: the decision
-    box's rows of that arch (``results.decision``), never another rule."""
+    box's rows of that arch (``rule.decision``), never another rule."""
     words = _ARCH_WORDS.get(arch, html.escape(str(arch)))
     parts = []
     for choice in choices.sort_values("P_min").to_dict("records"):
@@ -219,7 +220,7 @@ def _arch_sentence(arch: str, choices: pd.DataFrame, rows: pd.DataFrame, winners
             verdict = "slower than" if choice["beaten"] else "tied with"
             text += f" ({verdict} {_code(choice['runner_up'])})"
         parts.append(text)
-    text = f"for {words}, {_code(results.PLANNER)} runs {_listing(parts)}"
+    text = f"for {words}, {_code(rule.PLANNER)} runs {_listing(parts)}"
     # What the planner runs on another way of writing the net that does not run this one.
     for other in sorted(winners - set(choices["runs"].dropna())):
         refused = rows[(rows["strategy"] == other) & ~rows["status"].isin(TIMED)]
@@ -235,7 +236,7 @@ def _arch_sentence(arch: str, choices: pd.DataFrame, rows: pd.DataFrame, winners
 def _use_sentences(df: pd.DataFrame, groups: list[tuple[str, str]]) -> list[str]:
     """What the planner runs for each way of writing the net, per machine and device with
     timings: the decision box's rows, grouped by arch."""
-    choices = results.decision(df)
+    choices = rule.decision(df)
     if choices.empty:
         return ["Nothing was timed in these runs, so there is no choice."]
     cells = df.assign(arch=df["arch"].fillna("mlp")) if "arch" in df else df.assign(arch="mlp")
@@ -259,7 +260,7 @@ def _use_sentences(df: pd.DataFrame, groups: list[tuple[str, str]]) -> list[str]
 
 def _one_or_many_sentences(df: pd.DataFrame, recommendations: pd.DataFrame) -> list[str]:
     """Whether compiling changes the choice between one Hessian and many."""
-    if results.compiled_vs_eager(df).empty:
+    if numbers.compiled_vs_eager(df).empty:
         return [
             "No compiled variant ran beside its eager form, so the choice is the same for one "
             "Hessian or many (an eager strategy's first call is not recorded apart)."
@@ -293,10 +294,10 @@ def _audit_sentences(audits: list[dict]) -> list[str]:
             "no audit among these inputs, so correctness on nets beyond the benchmark's is "
             "unchecked (<code>python -m bench.audit</code>)"
         ]
-    findings = results.audit_findings(audits)
+    findings = audit_tables.audit_findings(audits)
     if findings.empty:
         return ["the audit found no strategy wrong or failing on any of its models"]
-    order = list(results.strategy_facts(findings["strategy"]).index)
+    order = list(tidy.strategy_facts(findings["strategy"]).index)
     findings = findings.sort_values("strategy", key=lambda names: names.map(order.index))
     sentences = []
     wrong = findings[findings["status"] == WRONG]
@@ -335,7 +336,7 @@ def _avoid_sentences(df: pd.DataFrame, audits: list[dict], groups: list) -> list
             + _listing(f"{_code(s)} beyond tolerance on {_cases(n)}" for s, n in counts.items())
             + " (see 'Cells not timed')"
         )
-    slow = results.much_slower(df)
+    slow = numbers.much_slower(df)
     for machine, device in groups:
         part = slow[(slow["machine"] == machine) & (slow["device"] == device)]
         if part.empty:
@@ -345,10 +346,10 @@ def _avoid_sentences(df: pd.DataFrame, audits: list[dict], groups: list) -> list
         )
         sentences.append(
             f"{_prefix(groups, machine, device)}much slower than the fastest on the same "
-            f"cases, at least {results.SLOW_FACTOR:g}× its time (geometric mean over the cases "
+            f"cases, at least {numbers.SLOW_FACTOR:g}× its time (geometric mean over the cases "
             f"each ran): {listed}"
         )
-    for _, row in results.compile_summary(df).iterrows():
+    for _, row in numbers.compile_summary(df).iterrows():
         name, eager = _code(row["strategy"]), _code(row["eager"])
         if row["faster"] == 0:
             sentences.append(
@@ -384,7 +385,7 @@ def _summary_html(df: pd.DataFrame, audits: list[dict], recommendations: pd.Data
             + " ".join(_capital(sentence) + "." for sentence in _audit_sentences(audits))
             + "</p></div>"
         )
-    timed = df[results.device_timed(df)]
+    timed = df[numbers.device_timed(df)]
     groups = sorted(set(zip(timed["machine"], timed["device"])))
     where = _listing(f"{html.escape(machine)} ({device})" for machine, device in groups)
     blocks = [
@@ -398,7 +399,7 @@ def _summary_html(df: pd.DataFrame, audits: list[dict], recommendations: pd.Data
         _block("One Hessian or many:", _one_or_many_sentences(df, recommendations)),
         _block("What to avoid:", _avoid_sentences(df, audits, groups)),
     ]
-    missing = results.untimed_devices(df)
+    missing = numbers.untimed_devices(df)
     if not missing.empty:
         lines = list(map(_not_run_line, missing.to_dict("records")))
         blocks.append(_block("Not measured:", [f"{'; '.join(lines)}."]))
@@ -410,7 +411,7 @@ def _summary_html(df: pd.DataFrame, audits: list[dict], recommendations: pd.Data
 
 def _recommendation_view(table: pd.DataFrame, audits: list[dict]) -> pd.DataFrame:
     """The recommendation table as HTML cells: the recommended strategy in bold."""
-    findings = results.audit_findings(audits)
+    findings = audit_tables.audit_findings(audits)
     notes = {
         strategy: "; ".join(
             f"{status} on {', '.join(kinds)}"
@@ -461,7 +462,7 @@ _LARGEST_CASES = 3
 
 def _compiled_html(df: pd.DataFrame) -> str:
     """Compiled variants beside their eager forms at the largest cases, with break-even."""
-    pairs = results.compiled_vs_eager(df)
+    pairs = numbers.compiled_vs_eager(df)
     if pairs.empty:
         return (
             "<p>No compiled variant (<code>torch.compile</code>) ran beside its eager form in "
@@ -510,11 +511,11 @@ pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
 
 def _decision_html(df: pd.DataFrame) -> str:
     """The decision box, first on the page: the default is the planner; what it runs per
-    device, arch and size, with the evidence and its regret (``results.decision``); devices
+    device, arch and size, with the evidence and its regret (``rule.decision``); devices
     not measured."""
-    planner = _code(results.PLANNER)
+    planner = _code(rule.PLANNER)
     rows = []
-    for r in results.decision(df).to_dict("records"):
+    for r in rule.decision(df).to_dict("records"):
         if r["runs"] is None:
             runs = "no ranked strategy ran every case"
             evidence = f"{_cases(r['cases'])}; {planner} falls back to its estimates"
@@ -546,7 +547,7 @@ def _decision_html(df: pd.DataFrame) -> str:
             f"<td>{arch}</td><td>{_range(r['P_min'], r['P_max'])}</td><td>{runs}</td>"
             f"<td>{evidence}</td><td>{regret}</td></tr>"
         )
-    measured = set(df.loc[results.device_timed(df), "device"]) if not df.empty else set()
+    measured = set(df.loc[numbers.device_timed(df), "device"]) if not df.empty else set()
     for device in sorted({"cpu", "cuda"} - measured):
         rows.append(
             f"<tr><td>{device}</td><td>any</td><td>any P</td><td>not measured</td>"
@@ -568,7 +569,7 @@ def _decision_html(df: pd.DataFrame) -> str:
         "that runs the net, and verifies the result; per way of writing the net (arch), that "
         "is the first of the ranking that ran every case of the arch. Evidence: the fastest "
         "other strategy on those cases (the runner-up), its min time over the choice's per "
-        f"case (below 1× where it was faster); a win is at least {results.FASTER_RATIO:g}× "
+        f"case (below 1× where it was faster); a win is at least {rule.FASTER_RATIO:g}× "
         f"and significant (Mann-Whitney U over rounds). Regret: {planner}'s own time over the "
         f"fastest strategy's on the same case.{note}</p>"
         "<table id='decision-table'><tr><th>device</th><th>arch</th><th>size</th>"
@@ -616,14 +617,14 @@ def _bugs_html(audits: list[dict]) -> str:
 def _not_timed_html(df: pd.DataFrame) -> str:
     """Devices where nothing ran, one line per reason; then every other untimed cell."""
     lines = "".join(
-        f"<li>{_not_run_line(row)}</li>" for row in results.untimed_devices(df).to_dict("records")
+        f"<li>{_not_run_line(row)}</li>" for row in numbers.untimed_devices(df).to_dict("records")
     )
-    timed_devices = df[results.device_timed(df)]
+    timed_devices = df[numbers.device_timed(df)]
     return (
         (f"<ul id='not-run'>{lines}</ul>" if lines else "")
-        + _table(results.not_timed_counts(timed_devices), "not-timed-counts")
+        + _table(numbers.not_timed_counts(timed_devices), "not-timed-counts")
         + "<details><summary>Every cell not timed, with its reason</summary>"
-        + _table(results.not_timed(timed_devices), "not-timed")
+        + _table(numbers.not_timed(timed_devices), "not-timed")
         + "</details>"
     )
 
@@ -635,7 +636,7 @@ CASE_TOP = 5
 def _case_html(df: pd.DataFrame) -> str:
     """Cases x their fastest ``CASE_TOP`` strategies, each cell its median [min–max], rounds,
     relative error; then every strategy as a multiple of one gradient and of the fastest."""
-    cells = results.case_cells(df)
+    cells = numbers.case_cells(df)
     rows = []
     for (machine, device, case), group in cells.groupby(["machine", "device", "case"], sort=False):
         entries = []
@@ -653,7 +654,7 @@ def _case_html(df: pd.DataFrame) -> str:
             f"<td>{int(group['P'].iloc[0]):,}</td>{''.join(entries)}</tr>"
         )
     head = "".join(f"<th>#{k}</th>" for k in range(1, CASE_TOP + 1))
-    accuracy = results.accuracy_of_timed(df)
+    accuracy = numbers.accuracy_of_timed(df)
     worst = (
         f"; the worst relative error {accuracy['worst']:.2g} ({_code(accuracy['strategy'])} on "
         f"{html.escape(str(accuracy['case']))})"
@@ -665,7 +666,7 @@ def _case_html(df: pd.DataFrame) -> str:
         f"<p id='timed-accuracy'>Accuracy of the timed cells: {accuracy['cells'] - wrong} of "
         f"{accuracy['cells']} within tolerance against the float64 reference{worst}.</p>"
     )
-    multiples = results.multiples(df).rename(
+    multiples = numbers.multiples(df).rename(
         columns={
             "times_grad": "× one gradient (median)",
             "times_fastest": "× the case's fastest (geo-mean)",
@@ -677,7 +678,7 @@ def _case_html(df: pd.DataFrame) -> str:
         stated
         + "<p>Per case, its five fastest ranked cells (not too slow to repeat) by median: median [min–max] of "
         "rounds, rounds, largest relative error; noisy where IQR / median > "
-        f"{results.NOISY_IQR:g}.</p>"
+        f"{tidy.NOISY_IQR:g}.</p>"
         + f"<table id='cases'><tr><th>device</th><th>case</th><th>P</th>{head}</tr>"
         + "".join(rows)
         + "</table><h3>Every strategy as a multiple of one gradient and of the fastest</h3>"
@@ -686,9 +687,9 @@ def _case_html(df: pd.DataFrame) -> str:
 
 
 def _regret_html(df: pd.DataFrame) -> str:
-    """The planner's regret per case (``results.regrets``), largest first, with its worst."""
-    table = results.regrets(df)
-    planner = _code(results.PLANNER)
+    """The planner's regret per case (``rule.regrets``), largest first, with its worst."""
+    table = rule.regrets(df)
+    planner = _code(rule.PLANNER)
     if table.empty:
         return f"<p>{planner} was not timed in these runs.</p>"
     intro = (
@@ -729,14 +730,14 @@ def render_html(
         "accurately on every case of the range (peers and dispatchers excluded), how many "
         "cases that rests on, the fastest for one Hessian when the first call (compile "
         "included) counts, and the leanest in peak memory. A tie means the fastest is not "
-        f"at least {results.FASTER_RATIO:g}x faster than the runner-up and significantly so "
+        f"at least {rule.FASTER_RATIO:g}x faster than the runner-up and significantly so "
         "(Mann-Whitney U over rounds) on most of the range's cases. Size ranges have edges at 1 and 3 times "
         "powers of ten.</p>",
         _table(_recommendation_view(recommendations, audits), "recommendations", escape=False),
     ]
     if not df.empty:
         sections += ["<h2>Cases</h2>", _case_html(df)]
-        sections += [f"<h2>{_code(results.PLANNER)}'s regret</h2>", _regret_html(df)]
+        sections += [f"<h2>{_code(rule.PLANNER)}'s regret</h2>", _regret_html(df)]
         sections += ["<h2>Compiled vs eager</h2>", _compiled_html(df)]
     sections += [_img(drawn) for name, drawn in figures.items() if name != "accuracy"]
     if not df.empty:
@@ -744,22 +745,24 @@ def render_html(
             "<h2>Cells not timed</h2>",
             _not_timed_html(df),
             "<h2>Growth exponents (log-log fit of min time)</h2>",
-            _table(results.growth_exponents(df), "growth"),
+            _table(numbers.growth_exponents(df), "growth"),
             "<h2>First call (compile or plan) vs steady state</h2>",
-            _table(results.first_calls(df), "first-call"),
+            _table(numbers.first_calls(df), "first-call"),
         ]
     if audits:
-        records = results.audit_frame(audits)
+        records = audit_tables.audit_frame(audits)
         sections += [
             "<h2>Accuracy audit (strategy × model)</h2>",
             _img(audit_figure) if audit_figure else "",
             "<details><summary>The same as a table</summary>",
-            _matrix_html(results.accuracy_matrix(records), results.accuracy_statuses(records)),
+            _matrix_html(
+                audit_tables.accuracy_matrix(records), audit_tables.accuracy_statuses(records)
+            ),
             "</details>",
             "<h2>Known upstream bugs</h2>",
             _bugs_html(audits),
         ]
-    sections += ["<h2>Runs</h2>", _table(results.runs(df, audits), "runs")]
+    sections += ["<h2>Runs</h2>", _table(tidy.runs(df, audits), "runs")]
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
@@ -795,7 +798,7 @@ def _csv_paths(runs: dict[str, pd.DataFrame], audits: list[dict]) -> dict[str, P
     an audit JSON.
 
     Raises:
-        results.InputFileError: two inputs would write one CSV, or a CSV would be an input.
+        tidy.InputFileError: two inputs would write one CSV, or a CSV would be an input.
     """
     paths = {source: Path(source).with_suffix(".csv") for source in runs}
     for source in (Path(a["source"]) for a in audits):
@@ -803,7 +806,7 @@ def _csv_paths(runs: dict[str, pd.DataFrame], audits: list[dict]) -> dict[str, P
     taken = {Path(source): source for source in paths}
     for source, path in paths.items():
         if path in taken and taken[path] != source:
-            raise results.InputFileError(f"{taken[path]} and {source} would both be {path}")
+            raise tidy.InputFileError(f"{taken[path]} and {source} would both be {path}")
         taken[path] = source
     return paths
 
@@ -812,28 +815,28 @@ def _write_csvs(runs: dict[str, pd.DataFrame], audits: list[dict]) -> None:
     """Each input's own CSV, with all of its cells; a file already holding it is not rewritten.
 
     One CSV per input, never the merged frame: two runs of one machine share cells, and the
-    merged frame keeps one of them (`results.merge`).
+    merged frame keeps one of them (`tidy.merge`).
     """
     paths = _csv_paths(runs, audits)
     for source, frame in runs.items():
         _write_if_changed(
             paths[source],
-            frame.drop(columns=["source", *results.NOT_IN_CSV]).to_csv(index=False),
+            frame.drop(columns=["source", *tidy.NOT_IN_CSV]).to_csv(index=False),
         )
-    for source, rows in results.audit_frame(audits).groupby("source"):
-        _write_if_changed(paths[source], results.accuracy_matrix(rows).to_csv())
+    for source, rows in audit_tables.audit_frame(audits).groupby("source"):
+        _write_if_changed(paths[source], audit_tables.accuracy_matrix(rows).to_csv())
 
 
 def _compare(prog: str, old: Path, new: Path) -> int:
-    """Print the cells that changed from ``old`` to ``new`` (``results.changes``); 0, or 2."""
+    """Print the cells that changed from ``old`` to ``new`` (``rule.changes``); 0, or 2."""
     try:
-        frames = [results.load([path])[0] for path in (old, new)]
-    except results.InputFileError as exc:
+        frames = [tidy.load([path])[0] for path in (old, new)]
+    except tidy.InputFileError as exc:
         return cli.fail(prog, str(exc))
-    table = results.changes(*frames)
+    table = rule.changes(*frames)
     print(
-        f"{len(table)} cells changed by {results.FASTER_RATIO - 1:.0%} or more, significantly "
-        f"(Mann-Whitney U over rounds, p < {results.ALPHA:g}), from {old} to {new}:"
+        f"{len(table)} cells changed by {rule.FASTER_RATIO - 1:.0%} or more, significantly "
+        f"(Mann-Whitney U over rounds, p < {rule.ALPHA:g}), from {old} to {new}:"
     )
     for row in table.itertuples():
         print(
@@ -856,20 +859,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.files:
         return cli.fail(prog, "no input files (benchmark and audit JSON, or --compare OLD NEW)")
     try:
-        runs, audits = results.load_runs(args.files)
-        df = results.merge(runs.values())
+        runs, audits = tidy.load_runs(args.files)
+        df = tidy.merge(runs.values())
         _write_csvs(runs, audits)
-        recommendations = results.recommend(df)
+        recommendations = rule.recommend(df)
         args.plots_dir.mkdir(parents=True, exist_ok=True)
         if runs:
             # beside the figures, not the inputs: `results/*.json` must stay inputs only
             out = args.plots_dir / "recommendations.json"
-            out.write_text(json.dumps(results.recommendation_records(recommendations), indent=1))
+            out.write_text(json.dumps(rule.recommendation_records(recommendations), indent=1))
         figures = plots.write_figures(df, args.plots_dir, audits)
         html_path = args.html or args.plots_dir / "report.html"
         html_path.parent.mkdir(parents=True, exist_ok=True)
         html_path.write_text(render_html(args.title, df, audits, figures, recommendations))
-    except results.InputFileError as exc:
+    except tidy.InputFileError as exc:
         return cli.fail(prog, str(exc))
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""

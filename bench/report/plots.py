@@ -1,9 +1,9 @@
-"""Figures of the benchmark report, drawn from the tidy frame of ``bench.results.load``.
+"""Figures of the benchmark report, drawn from the tidy frame of ``bench.analysis.tidy.load``.
 
-Strategies are drawn by family (``bench.results.strategy_facts``): one hue per family, a shade
-and a marker per strategy within it; a compiled variant takes its eager form's colour and
-marker with a dashed line, a peer a dash-dot line; the recommended strategy (the fastest in
-some size range of the panel) is drawn thicker.
+Strategies are drawn by family (``bench.analysis.tidy.strategy_facts``): one hue per family,
+a shade and a marker per strategy within it; a compiled variant takes its eager form's colour
+and marker with a dashed line, a peer a dash-dot line; the recommended strategy (the fastest
+in some size range of the panel) is drawn thicker.
 """
 
 from __future__ import annotations
@@ -22,16 +22,15 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from bench.results import (
+from bench.analysis.audit_tables import (
     NOT_RUN,
     accuracy_matrix,
     accuracy_statuses,
     audit_frame,
-    case_cells,
-    family,
-    recommend,
-    strategy_facts,
 )
+from bench.analysis.numbers import case_cells
+from bench.analysis.rule import recommend
+from bench.analysis.tidy import family, strategy_facts
 from bench.vocabulary import BASELINE, ERROR, OK, TIMED, UNSUPPORTED, WRONG
 
 __all__ = [

@@ -3,10 +3,17 @@
 Each cell is timed on its own, minutes apart from the others; on a shared machine the load
 drifts in between, and two strategies within 1.1x of each other can swap places from one
 run to the next. After the grid's cells, for each case whose two fastest contenders are
-tied by ``results.versus``, the top :data:`TOP` are timed again in turn, round after round
-(``bench.interleave.interleaved_rounds``), each result first checked against the case's
-float64 reference as the benchmark checks a cell. ``results.compared_rounds`` then compares
-two cells by these rounds where both have them (docs/DESIGN.md, "Close calls").
+tied by ``bench.analysis.rule.versus``, the top :data:`TOP` are timed again in turn, round
+after round (``bench.interleave.interleaved_rounds``), each result first checked against the
+case's float64 reference as the benchmark checks a cell. ``bench.analysis.rule.compared_rounds``
+then compares two cells by these rounds where both have them (docs/DESIGN.md, "Close calls").
+
+``bench.analysis.rule`` is imported inside the functions that use it (:func:`contenders`,
+:func:`verdict`), the run's one deferred import of the analysis: it imports pandas, which nothing else
+the plugin loads at start-up needs. Measured with ``python -X importtime``, pandas would add
+0.15-0.3 s to the plugin's 1.6-2.4 s (torch the rest), for every ``pytest bench``,
+``--help`` and ``--collect-only`` included; a run that settles close calls or prints its
+summary pays it at its end.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from bench.run import policy
 from bench.run.cell import hessian_call
 from bench.run.session import Run, Timed
 
-__all__ = ["TOP", "CASE_SECONDS", "TOTAL_SECONDS", "contenders", "close", "settle"]
+__all__ = ["TOP", "CASE_SECONDS", "TOTAL_SECONDS", "contenders", "verdict", "close", "settle"]
 
 #: how many of a close case's contenders are timed interleaved
 TOP = 3
@@ -39,28 +46,41 @@ TOTAL_SECONDS = 60.0
 
 def contenders(run: Run, case_id: str) -> tuple[dict[str, Timed], list[str]]:
     """The case's accurate cells (no peer, no dispatcher), and those repeated (not too slow
-    to repeat), least median first: the report's rule (``results.ranked``)."""
-    from bench import results
+    to repeat), least median first: the report's rule (``rule.ranked``)."""
+    from bench.analysis import rule
 
     accurate = {
         s: t
         for (c, s), t in run.timed.items()
-        if c == case_id and t.accurate and not t.peer and s not in results.DISPATCHERS
+        if c == case_id and t.accurate and not t.peer and s not in rule.DISPATCHERS
     }
     ranked = [s for s, t in accurate.items() if not t.too_slow]
     return accurate, sorted(ranked, key=lambda s: accurate[s].median)
 
 
+def verdict(run: Run, case_id: str, a: str, b: str) -> int:
+    """``rule.versus`` of two of the case's timed cells, ``a`` against ``b`` (1: ``a`` is
+    faster, -1: slower, 0: tied), over the rounds ``rule.compared_rounds`` chooses for them:
+    their interleaved rounds where the case's close call was settled, else each one's own
+    (its min alone where it kept none). The close calls and the end-of-run summary
+    (``bench.run.finish``) compare by it."""
+    from bench.analysis import rule
+
+    interleaved = run.interleaved.get(case_id, {}).get("rounds_s", {})
+    cells = [
+        {"rounds_s": t.rounds, "min": t.seconds, "interleaved_s": interleaved.get(s)}
+        for s, t in ((s, run.timed[(case_id, s)]) for s in (a, b))
+    ]
+    return rule.versus(*rule.compared_rounds(*cells))
+
+
 def close(run: Run, case_id: str) -> list[str]:
     """The case's top :data:`TOP` contenders where its two fastest are tied by
-    ``results.versus`` (within 1.1x, or not significantly apart), else none."""
-    from bench import results
-
-    accurate, order = contenders(run, case_id)
+    :func:`verdict` (within 1.1x, or not significantly apart), else none."""
+    _, order = contenders(run, case_id)
     if len(order) < 2:
         return []
-    best, second = accurate[order[0]], accurate[order[1]]
-    if results.versus(best.rounds or (best.seconds,), second.rounds or (second.seconds,)):
+    if verdict(run, case_id, order[0], order[1]):
         return []
     return order[:TOP]
 

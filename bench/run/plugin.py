@@ -2,6 +2,8 @@
 
 Run as ``pytest bench --benchmark-json results/<run>.json [--grid smoke|default|full]``.
 The session's state is ``bench.run.session.Run``; what happens in one cell is ``bench.run.policy``.
+The plugin's own state is ``bench.run.state``; ``<json>.partial`` is written by
+``bench.run.partial``; the summary, audit and report at the end are ``bench.run.finish``.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import math
 import os
 import re
 import shlex
-import traceback
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -23,7 +23,6 @@ from bench import device, measure
 from bench.cli import (
     check_names,
     default_strategies,
-    kept_partial_path,
     lock_output,
     output_file,
     partial_path,
@@ -33,13 +32,13 @@ from bench.cli import (
 )
 from bench.problems.grid import DEVICES, GRIDS, cases
 from bench.run import close_calls
+from bench.run.finish import audit_and_report, summary_lines
+from bench.run.partial import PartialWriter, output_json, write_partial
 from bench.run.session import Run
+from bench.run.state import STATE, State
 from bench.run.worker import Worker
-from bench.vocabulary import BASELINE
 
 __all__ = [
-    "State",
-    "STATE",
     "pytest_addoption",
     "PYTEST_BENCHMARK",
     "check_pytest_benchmark",
@@ -53,22 +52,6 @@ __all__ = [
     "pytest_sessionfinish",
     "pytest_unconfigure",
 ]
-
-
-@dataclass
-class State:
-    """What the plugin keeps for one pytest run, in one place: ``config.stash[STATE]``."""
-
-    run: Run | None = None  # the session's benchmark state; None where --grid is not ours
-    locked: str | None = None  # the --benchmark-json this run holds the lock of
-    machine_info: dict | None = None  # gathered once per run (cpuinfo, git)
-    commit_info: dict | None = None
-    notes: list[str] = field(default_factory=list)  # lines for the terminal summary
-    partial_written: bool = False  # this run has written its own ``<json>.partial``
-
-
-#: the plugin's state on ``config.stash``
-STATE = pytest.StashKey[State]()
 
 
 def _state(config: pytest.Config) -> State:
@@ -206,7 +189,7 @@ def pytest_configure(config: pytest.Config) -> None:
     device.prepare_process()  # before anything computes or imports JAX; the worker inherits it
     state = config.stash[STATE] = State()
     _benchmark_json(config, state)
-    config.pluginmanager.register(_PartialWriter(config), "hessbench-partial")
+    config.pluginmanager.register(PartialWriter(config), "hessbench-partial")
     grid = config.getoption("--grid")
     state.run = Run(
         grid=grid,
@@ -263,107 +246,6 @@ def pytest_benchmark_update_json(
         }
 
 
-def _output_json(config: pytest.Config) -> dict:
-    """The benchmark JSON of everything measured so far, made by pytest-benchmark's own hooks."""
-    session = config._benchmarksession
-    state = config.stash[STATE]
-    if state.machine_info is None:  # slow to gather (cpuinfo, git): once per run
-        state.machine_info = session.get_machine_info()
-        commit_info = config.hook.pytest_benchmark_generate_commit_info(config=config)
-        config.hook.pytest_benchmark_update_commit_info(config=config, commit_info=commit_info)
-        state.commit_info = commit_info
-    output = config.hook.pytest_benchmark_generate_json(
-        config=config,
-        benchmarks=session.benchmarks,
-        include_data=True,
-        machine_info=state.machine_info,
-        commit_info=state.commit_info,
-    )
-    config.hook.pytest_benchmark_update_json(
-        config=config, benchmarks=session.benchmarks, output_json=output
-    )
-    return output
-
-
-class _PartialWriter:
-    """The hook that keeps ``<json>.partial``, registered by ``pytest_configure`` with the
-    config it needs (``pytest_runtest_logfinish`` is called without one)."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-
-    def pytest_runtest_logfinish(self, nodeid: str, location: tuple) -> None:
-        _write_partial(self.config)
-
-
-def _write_partial(config: pytest.Config) -> None:
-    """After every cell, rewrite ``<json>.partial`` with everything measured so far.
-
-    pytest-benchmark writes its JSON once, at the end; a run the host kills (out of memory,
-    a wall-clock limit) would lose every cell. The partial file is the same JSON, made by
-    pytest-benchmark's own hooks, so ``python -m bench.report results/<run>.json.partial``
-    reads it. An earlier run's ``<json>.partial`` (a run that never reached its end) is
-    moved to ``kept_partial_path`` before this run first writes its own, never overwritten.
-    """
-    state = config.stash[STATE]
-    path = config.getoption("benchmark_json", default=None)
-    run = state.run
-    session = getattr(config, "_benchmarksession", None)
-    if path is None or run is None or session is None:
-        return
-    if not (session.benchmarks or run.outcomes):
-        return
-    target = partial_path(path)
-    if not state.partial_written and os.path.exists(target):
-        kept = kept_partial_path(path)
-        os.rename(target, kept)
-        state.notes.append(f"an earlier run left {target} unfinished: kept as {kept}")
-    write_json(_output_json(config), target)
-    state.partial_written = True
-
-
-def _summary_lines(run: Run) -> list[str]:
-    """Per case, the fastest by the report's rule: accurate, repeated (not too slow to
-    repeat), no peer, no dispatcher; the least median; faster than the runner-up only by
-    ``results.versus`` (over their interleaved rounds where the case's close call was
-    settled: ``results.compared_rounds``), else tied with it."""
-    from bench import results
-
-    lines = []
-    for case_id in run.cases:
-        rows = {s: timed for (c, s), timed in run.timed.items() if c == case_id}
-        accurate, order = close_calls.contenders(run, case_id)
-        if not order:
-            if accurate:
-                lines.append(
-                    f"{case_id}: no accurate strategy repeated ({len(accurate)} too slow to "
-                    "repeat, left out of every ranking)"
-                )
-            elif rows:
-                lines.append(f"{case_id}: no accurate strategy timed")
-            continue
-
-        best = order[0]
-        seconds, peak = accurate[best].median, accurate[best].peak_bytes
-        speedup = (
-            f"{rows[BASELINE].median / seconds:.2f}x vs {BASELINE}"
-            if BASELINE in rows
-            else f"{BASELINE} not timed"
-        )
-        memory = "peak not measured" if peak is None else f"peak {peak / 2**20:.3g} MiB"
-        verdict = ""
-        if len(order) > 1:
-            interleaved = run.interleaved.get(case_id, {}).get("rounds_s", {})
-            pair = [
-                {"rounds_s": t.rounds, "min": t.seconds, "interleaved_s": interleaved.get(s)}
-                for s, t in ((s, accurate[s]) for s in order[:2])
-            ]
-            faster = results.versus(*results.compared_rounds(*pair))
-            verdict = f", {'faster than' if faster == 1 else 'tied with'} {order[1]}"
-        lines.append(f"{case_id}: {best} {seconds:.4g} s median{verdict}, {memory}, {speedup}")
-    return lines
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtestloop(session: pytest.Session) -> Any:
     """After the grid's cells, the close calls settled (``bench.run.close_calls``): here,
@@ -376,9 +258,9 @@ def pytest_runtestloop(session: pytest.Session) -> Any:
         return result
     try:
         for _ in close_calls.settle(run):
-            _write_partial(config)
+            write_partial(config)
     except KeyboardInterrupt:
-        _write_partial(config)  # the case stopped says "interrupted"; the cells are all there
+        write_partial(config)  # the case stopped says "interrupted"; the cells are all there
         raise
     settled = [e for e in run.interleaved.values() if "rounds_s" in e]
     if run.interleaved:
@@ -397,19 +279,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if not run.timed:
         return
     terminalreporter.section("hessbench: fastest accurate strategy per case")
-    for line in _summary_lines(run):
+    for line in summary_lines(run):
         terminalreporter.write_line(line)
-
-
-def _run_audit(benchmark_json: str) -> str:
-    """Run the audit beside the timings; its JSON goes next to the benchmark's, named after it."""
-    from bench import audit
-
-    root, _ = os.path.splitext(benchmark_json)
-    audit_json = f"{root}-audit.json"
-    if audit.main(["--json", audit_json]) != 0:
-        raise RuntimeError("the audit's two references disagree: its matrix cannot be trusted")
-    return audit_json
 
 
 @pytest.hookimpl(trylast=True)
@@ -427,24 +298,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             print(f"\nhessbench: no cell ran; {path} not written, no report")
             return
         # pytest-benchmark writes no JSON where nothing was timed: the outcomes would be lost
-        write_json(_output_json(config), path)
+        write_json(output_json(config), path)
     if _state(config).partial_written and os.path.exists(partial_path(path)):
         os.remove(partial_path(path))  # this run's own: it reached its end, the JSON holds it all
-    inputs = [str(path)]
-    try:
-        if config.getoption("--audit"):
-            inputs.append(_run_audit(str(path)))
-        status = 0
-        if not config.getoption("--no-report"):
-            from bench import report
-
-            report_dir = config.getoption("--report-dir")
-            html_path = os.path.join(report_dir, "report.html")
-            status = report.main([*inputs, "--plots-dir", report_dir, "--html", html_path])
-    except Exception:
-        print(f"\nhessbench: the audit or report failed on {path} (the JSON is intact):")
-        traceback.print_exc()
-        status = 1
+    status = audit_and_report(config, path)
     if status:
         print(f"\nhessbench: the audit or report exited with {status}")
         session.exitstatus = (
