@@ -50,7 +50,8 @@ row comes from Hessian-vector products of the loss itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -84,6 +85,10 @@ _SHARED_CHUNK_BYTES = 1 << 27
 _CACHE_BYTES = 1 << 21
 #: rows per direction from which one GEMM per direction beats batched small GEMMs
 _WIDE_ROWS = 32
+#: bytes of an unfolded operand, and of the products of a chunk of directions
+_UNFOLD_BYTES = 1 << 24
+#: an unfolded block has at least this many times B tile pairs ``(i, p)``
+_UNFOLD_RATIO = 4
 #: rows of a block transposed at a time when mirroring
 _MIRROR_BAND = 64
 #: a tangent pass (forward over reverse) costs about this many forwards
@@ -536,6 +541,7 @@ def _kron_blocks(
     itemsize = H.element_size()
     budget = max(int(H.numel() * itemsize * _CHUNK_FRACTION), _MIN_CHUNK_BYTES)
     widths = sum(s.T * (s.d_out + s.d_in) for s in sites)
+    unfolded: set[tuple[int, int]] = set()  # site pairs whose weight blocks are mirrored
     if all(s.T == 1 for s in sites):
         chunk = max(1, budget // max(1, 4 * B * widths * itemsize))
         for r0 in range(0, starts[-1], chunk):
@@ -548,7 +554,14 @@ def _kron_blocks(
                 rows, local = slice(lo - r0, hi - r0), slice(lo - starts[k], hi - starts[k])
                 for m in range(k, len(sites)):
                     u, v = d_dots[m][rows, :, 0], a_dots[m][rows, :, 0]
-                    _gemms(H, site, sites[m], offsets, local, u, v, m == k)
+                    unfold = _unfolds(site, sites[m], itemsize)
+                    if not unfold:
+                        _gemms(H, site, sites[m], offsets, local, u, v, m == k)
+                        continue
+                    unfolded.add((k, m))
+                    _unfolded_gemms(H, site, sites[m], offsets, local.start, u, v, m == k)
+                    with _one_thread(H):  # the bias rows and columns: small GEMMs
+                        _gemms(H, site, sites[m], offsets, local, u, v, m == k, weights=False)
     else:
         widest = max(s.d_out * (s.d_in + 1) for s in sites)
         for k, site in enumerate(sites):
@@ -572,7 +585,7 @@ def _kron_blocks(
                 for m in range(k, len(sites)):
                     _shared_gemms(H, site, sites[m], offsets, i0, i1, d_dots[m - k],
                                   a_dots[m - k], m == k)  # fmt: skip
-    _mirror_sites(H, sites, offsets)
+    _mirror_sites(H, sites, offsets, unfolded)
 
 
 def _untranspose(H: Tensor, sites: list[Site], offsets: dict[str, int]) -> None:
@@ -651,8 +664,10 @@ def _gemms(
     u: Tensor,
     v: Tensor,
     diagonal: bool,
+    weights: bool = True,
 ) -> None:
-    """Rows of ``row``'s directions ``directions`` against the columns of ``col``'s tensors.
+    """Rows of ``row``'s directions ``directions`` against the columns of ``col``'s tensors
+    (without the weight rows against the weight columns where ``weights`` is False).
 
     Weight row ``(i, j)`` has the row feature ``r = a_k[:, j]`` (bias rows ``r = 1``); against
     col's weight columns ``(p, q)`` it is, for all i at once, ``U_iᵀ (r ⊙ a_l) + (r ⊙ δ_l)ᵀ V_i``
@@ -672,7 +687,7 @@ def _gemms(
     i0 = directions.start
     wide = row_w is not None and d_in >= _WIDE_ROWS
     if col_w is not None:
-        if wide:
+        if wide and weights:
             _wide_rows(
                 H,
                 u,
@@ -684,7 +699,7 @@ def _gemms(
                 i0=i0,
                 diagonal=diagonal,
             )
-        features = [] if row_w is None or wide else [
+        features = [] if row_w is None or wide or not weights else [
             (row_w + i0 * d_in + j, d_in, a_t[j]) for j in range(d_in)
         ]  # fmt: skip
         if row_b is not None and not diagonal:
@@ -755,14 +770,105 @@ def _wide_rows(
         torch.matmul(a_t, mw.view(s1 - s0, B, -1), out=out.view(s1 - s0, d_in, -1))
 
 
+@contextlib.contextmanager
+def _one_thread(like: Tensor) -> Iterator[None]:
+    """Torch ops on the CPU in one thread: many small copies in a row, each a parallel
+    region of its own, stall at every region's barrier when the cores are shared."""
+    threads = torch.get_num_threads()
+    if like.device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _unfolds(row: Site, col: Site, itemsize: int) -> bool:
+    """Whether the weight block of ``row`` against ``col`` is assembled from the unfolded
+    operands: both have weights, the operands ``a_k ⊗ a_l`` (``B x d_in·d_in_l``) and
+    ``a_k ⊗ δ_l`` are small, and the block has many more entries per sample than an operand."""
+    if not (row.weight and col.weight) or row.embedding or col.embedding:
+        return False
+    B = row.batch
+    operand = B * row.d_in * max(col.d_in, col.d_out) * itemsize
+    return operand <= _UNFOLD_BYTES and _UNFOLD_RATIO * B <= row.d_out * col.d_out
+
+
+def _unfolded_gemms(
+    H: Tensor, row: Site, col: Site, offsets: dict[str, int], i0: int, u: Tensor,
+    v: Tensor, diagonal: bool,
+) -> None:  # fmt: skip
+    """The weight rows of ``row``'s directions ``i0 : i0 + c`` against ``col``'s weight
+    columns, and their mirror, for sites with one position, without a ``B x P_l`` product
+    per direction. Ordered as ``(i, p) x (j, q)``, the first term is one GEMM
+
+        Y[(i,p), (j,q)] = Σ_b U[i,b,p] (a_k[b,j] a_l[b,q])
+
+    over the unfolded operand ``a_k ⊗ a_l``, and the second (off the diagonal) another,
+
+        Z[(j,p), (i,q)] = Σ_b (a_k[b,j] δ_l[b,p]) V[i,b,q];
+
+    ``H[(i,j), (p,q)] = Y[i,p,j,q] + Z[j,p,i,q]`` is a permutation whose innermost index q
+    stays contiguous. On the site's own block (``V = 0``) only the pairs ``p >= i`` are
+    formed; there each ``d_in x d_in`` tile ``Y[i,p]`` is symmetric (``a_k ⊗ a_k`` is), so
+    it is also the tile at ``(p, i)``, a copy without a transpose.
+    ``u``, ``v``: ``(c, B, d_l)``, ``(c, B, d_in_l)`` as for ``_gemms``."""
+    c, B, d_l = u.shape
+    d_in, d_in_l = row.d_in, col.d_in
+    rw, cw = offsets[row.weight], offsets[col.weight]
+    n = d_l * d_in_l
+    a_k = row.flat_inputs
+    X = (a_k[:, :, None] * col.flat_inputs[:, None, :]).reshape(B, d_in * d_in_l)
+    step = max(1, _UNFOLD_BYTES // (n * d_in * H.element_size()))
+    ut = u.transpose(1, 2).contiguous()  # c, d_l, B
+    if diagonal:
+        for s0 in range(0, c, step):
+            s1 = min(s0 + step, c)
+            firsts = [i0 + s for s in range(s0, s1)]
+            pairs = torch.cat([ut[s, p0:] for s, p0 in zip(range(s0, s1), firsts)])
+            Y = torch.mm(pairs, X).view(-1, d_in, d_in)
+            t = 0
+            with _one_thread(H):
+                for p0 in firsts:
+                    m = d_l - p0
+                    tiles = Y[t : t + m]
+                    t += m
+                    rows = slice(rw + p0 * d_in, rw + (p0 + 1) * d_in)
+                    out = H[rows, cw + p0 * d_in : cw + n]
+                    out.view(d_in, m, d_in).copy_(tiles.transpose(0, 1))
+                    if m > 1:  # the tiles are symmetric: their mirror is a plain copy
+                        out = H[rw + (p0 + 1) * d_in : rw + d_l * d_in, rows]
+                        out.view(m - 1, d_in, d_in).copy_(tiles[1:])
+        return
+    X2 = (a_k[:, :, None] * col.flat_delta[:, None, :]).reshape(B, d_in * d_l)
+    vb = v.transpose(0, 1).reshape(B, c * d_in_l)  # b, (i, q)
+    for s0 in range(0, c, step):
+        s1 = min(s0 + step, c)
+        e = s1 - s0
+        Y = torch.mm(ut[s0:s1].view(e * d_l, B), X).view(e, d_l, d_in, d_in_l)
+        Z = torch.mm(X2.T, vb[:, s0 * d_in_l : s1 * d_in_l])
+        S = torch.empty(e, d_in, d_l, d_in_l, dtype=H.dtype, device=H.device)
+        torch.add(Y.transpose(1, 2), Z.view(d_in, d_l, e, d_in_l).permute(2, 0, 1, 3), out=S)
+        S = S.view(e * d_in, n)
+        r0, r1 = rw + (i0 + s0) * d_in, rw + (i0 + s1) * d_in
+        H[r0:r1, cw : cw + n] = S
+        # a blocked transpose into a contiguous temporary, then a copy of whole rows
+        H[cw : cw + n, r0:r1] = S.T.contiguous()
+
+
 def _transpose_into(dst: Tensor, src: Tensor) -> None:
     """``dst[:] = src.T`` in bands of rows: a strided transpose of a whole block is slower."""
     for r0 in range(0, src.shape[0], _MIRROR_BAND):
         dst[:, r0 : r0 + _MIRROR_BAND] = src[r0 : r0 + _MIRROR_BAND].T
 
 
-def _mirror_sites(H: Tensor, sites: list[Site], offsets: dict[str, int]) -> None:
-    """Fill the Kronecker blocks that were not computed from those that were."""
+def _mirror_sites(
+    H: Tensor, sites: list[Site], offsets: dict[str, int], unfolded: set[tuple[int, int]]
+) -> None:
+    """Fill the Kronecker blocks that were not computed from those that were; the weight
+    blocks of the site pairs in ``unfolded`` were written with their mirror."""
     span = []  # (site index, kind, offset, numel) of every Kronecker tensor
     for k, s in enumerate(sites):
         for kind, name in (("weight", s.weight), ("bias", s.bias)):
@@ -770,9 +876,11 @@ def _mirror_sites(H: Tensor, sites: list[Site], offsets: dict[str, int]) -> None
                 span.append((k, kind, offsets[name], s.d_out * (s.d_in if kind == "weight" else 1)))
     for k, kind_k, rk, nk in span:
         for m, kind_m, rm, nm in span:
+            if kind_k == kind_m == "weight" and (k, m) in unfolded:
+                continue
             if m > k or (m == k and kind_k == "weight" and kind_m == "bias"):
                 _transpose_into(H[rm : rm + nm, rk : rk + nk], H[rk : rk + nk, rm : rm + nm])
-        if kind_k == "weight":
+        if kind_k == "weight" and (k, k) not in unfolded:
             # inside the weight's own block, the columns p < i of direction i's rows
             d_out, d_in = sites[k].d_out, sites[k].d_in
             for i in range(d_out - 1):
