@@ -89,6 +89,8 @@ _WIDE_ROWS = 32
 _UNFOLD_BYTES = 1 << 24
 #: an unfolded block has at least this many times B tile pairs ``(i, p)``
 _UNFOLD_RATIO = 4
+#: rows of an unfolded block's chunk transposed at a time when mirroring it
+_MIRROR_ROWS = 16
 #: rows of a block transposed at a time when mirroring
 _MIRROR_BAND = 64
 #: a tangent pass (forward over reverse) costs about this many forwards
@@ -560,8 +562,7 @@ def _kron_blocks(
                         continue
                     unfolded.add((k, m))
                     _unfolded_gemms(H, site, sites[m], offsets, local.start, u, v, m == k)
-                    with _one_thread(H):  # the bias rows and columns: small GEMMs
-                        _gemms(H, site, sites[m], offsets, local, u, v, m == k, weights=False)
+                    _unfolded_biases(H, site, sites[m], offsets, local.start, u, v, m == k)
     else:
         widest = max(s.d_out * (s.d_in + 1) for s in sites)
         for k, site in enumerate(sites):
@@ -664,10 +665,8 @@ def _gemms(
     u: Tensor,
     v: Tensor,
     diagonal: bool,
-    weights: bool = True,
 ) -> None:
-    """Rows of ``row``'s directions ``directions`` against the columns of ``col``'s tensors
-    (without the weight rows against the weight columns where ``weights`` is False).
+    """Rows of ``row``'s directions ``directions`` against the columns of ``col``'s tensors.
 
     Weight row ``(i, j)`` has the row feature ``r = a_k[:, j]`` (bias rows ``r = 1``); against
     col's weight columns ``(p, q)`` it is, for all i at once, ``U_iᵀ (r ⊙ a_l) + (r ⊙ δ_l)ᵀ V_i``
@@ -687,7 +686,7 @@ def _gemms(
     i0 = directions.start
     wide = row_w is not None and d_in >= _WIDE_ROWS
     if col_w is not None:
-        if wide and weights:
+        if wide:
             _wide_rows(
                 H,
                 u,
@@ -699,7 +698,7 @@ def _gemms(
                 i0=i0,
                 diagonal=diagonal,
             )
-        features = [] if row_w is None or wide or not weights else [
+        features = [] if row_w is None or wide else [
             (row_w + i0 * d_in + j, d_in, a_t[j]) for j in range(d_in)
         ]  # fmt: skip
         if row_b is not None and not diagonal:
@@ -849,19 +848,50 @@ def _unfolded_gemms(
         e = s1 - s0
         Y = torch.mm(ut[s0:s1].view(e * d_l, B), X).view(e, d_l, d_in, d_in_l)
         Z = torch.mm(X2.T, vb[:, s0 * d_in_l : s1 * d_in_l])
-        S = torch.empty(e, d_in, d_l, d_in_l, dtype=H.dtype, device=H.device)
-        torch.add(Y.transpose(1, 2), Z.view(d_in, d_l, e, d_in_l).permute(2, 0, 1, 3), out=S)
-        S = S.view(e * d_in, n)
         r0, r1 = rw + (i0 + s0) * d_in, rw + (i0 + s1) * d_in
-        H[r0:r1, cw : cw + n] = S
-        # a blocked transpose into a contiguous temporary, then a copy of whole rows
-        H[cw : cw + n, r0:r1] = S.T.contiguous()
+        out = H[r0:r1, cw : cw + n]
+        Zp = Z.view(d_in, d_l, e, d_in_l).permute(2, 0, 1, 3)
+        torch.add(Y.transpose(1, 2), Zp, out=out.view(e, d_in, d_l, d_in_l))
+        _transpose_into(H[cw : cw + n, r0:r1], out, _MIRROR_ROWS)
 
 
-def _transpose_into(dst: Tensor, src: Tensor) -> None:
-    """``dst[:] = src.T`` in bands of rows: a strided transpose of a whole block is slower."""
-    for r0 in range(0, src.shape[0], _MIRROR_BAND):
-        dst[:, r0 : r0 + _MIRROR_BAND] = src[r0 : r0 + _MIRROR_BAND].T
+def _unfolded_biases(
+    H: Tensor, row: Site, col: Site, offsets: dict[str, int], i0: int, u: Tensor,
+    v: Tensor, diagonal: bool,
+) -> None:  # fmt: skip
+    """The bias rows and columns of ``row``'s directions ``i0 : i0 + c`` against ``col``,
+    where ``_unfolded_gemms`` wrote the weight block: one GEMM each, for all directions.
+    On the site's own block the bias rows against the weight columns are left to the
+    mirror, as in ``_gemms``."""
+    c, B, d_l = u.shape
+    d_in, d_in_l = row.d_in, col.d_in
+    row_b = offsets[row.bias] if row.bias else None
+    col_b = offsets[col.bias] if col.bias else None
+    if col_b is not None:
+        # weight rows (i, j) against bias columns p: Σ_b a_k[b,j] U[i,b,p]
+        ub = u.transpose(0, 1).reshape(B, c * d_l)
+        rows = H[offsets[row.weight] + i0 * d_in : offsets[row.weight] + (i0 + c) * d_in]
+        out = rows[:, col_b : col_b + d_l].view(c, d_in, d_l)
+        out.copy_(torch.mm(row.flat_inputs.T, ub).view(d_in, c, d_l).transpose(0, 1))
+        if row_b is not None:
+            H[row_b + i0 : row_b + i0 + c, col_b : col_b + d_l] = u.sum(1)
+    if row_b is not None and not diagonal:
+        # bias rows i against weight columns (p, q): Σ_b U[i,b,p] a_l[b,q] + δ_l[b,p] V[i,b,q]
+        n, cw = d_l * d_in_l, offsets[col.weight]
+        block = torch.mm(u.transpose(1, 2).reshape(c * d_l, B), col.flat_inputs)
+        vb = v.transpose(0, 1).reshape(B, c * d_in_l)
+        second = torch.mm(col.flat_delta.T, vb).view(d_l, c, d_in_l).transpose(0, 1)
+        block = block.view(c, d_l, d_in_l).add_(second)
+        H[row_b + i0 : row_b + i0 + c, cw : cw + n] = block.view(c, n)
+
+
+def _transpose_into(dst: Tensor, src: Tensor, band: int = 0) -> None:
+    """``dst[:] = src.T`` in bands of ``band`` rows of ``src`` (default ``_MIRROR_BAND``),
+    in one thread: a strided transpose of a whole block is slower."""
+    band = band or _MIRROR_BAND
+    with _one_thread(dst):
+        for r0 in range(0, src.shape[0], band):
+            dst[:, r0 : r0 + band] = src[r0 : r0 + band].T
 
 
 def _mirror_sites(
