@@ -15,9 +15,12 @@ its input, and for the sites l run at or after k
                                                   + δ_l[b,s,p] V^{(i,t)}[b,s,q])
 
 a GEMM of inner dimension ``B·T_k`` per output unit i (bias rows and columns: ``a = 1``).
-With one position (``(B, d_in)`` inputs) it is one GEMM of inner dimension B per direction
-written straight into H. Blocks of sites run earlier are transposes; inside a site's own
-block the columns ``p < i`` are mirrored. A per-site cost model takes directions only where
+With one position (``(B, d_in)`` inputs) the weight block of a pair of sites is two GEMMs of
+inner dimension B over the unfolded operands, ``Y[(i,p),(j,q)] = Σ_b U[i,b,p] a_k[b,j]
+a_l[b,q]`` and ``Z[(j,p),(i,q)] = Σ_b a_k[b,j] δ_l[b,p] V[i,b,q]``, permuted into H and
+written with its transpose (on a site's own block only ``p >= i``, whose symmetric tiles are
+their own mirror). Blocks of sites run earlier are transposes; inside a site's own block the
+columns ``p < i`` are mirrored. A per-site cost model takes directions only where
 ``d_out · T`` passes and the assembly cost less than the site's own Hessian-vector rows (few
 positions against d_in). Every other chosen parameter (LayerNorm affine, grouped
 convolutions, a linear map used twice) gets its full rows from Hessian-vector products,
