@@ -790,8 +790,13 @@ def _one_thread(like: Tensor) -> Iterator[None]:
 def _unfolds(row: Site, col: Site, itemsize: int) -> bool:
     """Whether the weight block of ``row`` against ``col`` is assembled from the unfolded
     operands: both have weights, the operands ``a_k ⊗ a_l`` (``B x d_in·d_in_l``) and
-    ``a_k ⊗ δ_l`` are small, and the block has many more entries per sample than an operand."""
+    ``a_k ⊗ δ_l`` are small, and the block has many more entries per sample than an operand.
+    Off the diagonal the unfolded form takes two GEMMs where one GEMM per direction against
+    its ``B x P_l`` product does with one; that one is as fast per flop in a single thread
+    (its product stays in cache), so there the blocks off the diagonal keep it."""
     if not (row.weight and col.weight) or row.embedding or col.embedding:
+        return False
+    if row is not col and row.inputs.device.type == "cpu" and torch.get_num_threads() == 1:
         return False
     B = row.batch
     operand = B * row.d_in * max(col.d_in, col.d_out) * itemsize
