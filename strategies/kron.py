@@ -19,11 +19,12 @@ With one position (``(B, d_in)`` inputs) it is one GEMM of inner dimension B per
 written straight into H, except a site's own weight block: one GEMM over the unfolded
 operand, ``Y[(i,p),(j,q)] = Σ_b U[i,b,p] a[b,j] a[b,q]`` for ``p >= i``, permuted into H,
 its symmetric tiles their own mirror. Blocks of sites run earlier are transposes; inside a
-site's own block the columns ``p < i`` are mirrored. A per-site cost model takes directions only where
-``d_out · T`` passes and the assembly cost less than the site's own Hessian-vector rows (few
-positions against d_in). Every other chosen parameter (LayerNorm affine, grouped
-convolutions, a linear map used twice) gets its full rows from Hessian-vector products,
-and its cross blocks come with those rows; a net with no linear map is all HVP rows.
+site's own block the columns ``p < i`` are mirrored. A per-site cost model takes directions
+only where ``d_out · T`` passes and the assembly cost less than the site's own
+Hessian-vector rows (few positions against d_in). Every other chosen parameter (LayerNorm
+affine, grouped convolutions, a linear map used twice) gets its full rows from
+Hessian-vector products, and its cross blocks come with those rows; a net with no linear
+map is all HVP rows.
 
 Nothing is assumed about the forward: the sites, their inputs and signals are found by a
 torch function mode (``_kron_sites``) that adds a perturbation ``e_k`` to the output of the
