@@ -381,3 +381,40 @@ def test_either_choice_of_the_cost_model_is_exact(case: str, directions: bool, m
     net, params, batch, loss = _build_shared(case)
     H = strategies.compute("kron", net, params, batch, loss_fn=loss)
     torch.testing.assert_close(H, loop_hessian(net, params, batch, loss), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize(
+    "unfold_bytes, chunk_bytes",
+    [(None, None), (10_000, None), (None, 1024)],
+    ids=["whole_blocks", "one_direction_per_gemm", "one_direction_per_pass"],
+)
+@pytest.mark.parametrize("subset", [False, True], ids=["all", "subset"])
+def test_unfolded_weight_blocks_are_exact(unfold_bytes, chunk_bytes, subset, monkeypatch) -> None:
+    """A site's own weight block from one GEMM over the unfolded operand ``a ⊗ a``, its
+    mirror written with it: whole, a direction per GEMM, and a direction per tangent pass
+    (the pass's share of the block starts mid-site); a bias, a weight alone, a bias alone."""
+    from strategies import kron
+
+    calls = []
+    unfolded = kron._unfolded_gemms
+
+    def spy(*args):
+        calls.append(args[1].d_out)
+        return unfolded(*args)
+
+    monkeypatch.setattr(kron, "_unfolded_gemms", spy)
+    if unfold_bytes:
+        monkeypatch.setattr(kron, "_UNFOLD_BYTES", unfold_bytes)
+    if chunk_bytes:
+        monkeypatch.setattr(kron, "_MIN_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(kron, "_CHUNK_FRACTION", 1e-12)
+    torch.manual_seed(2)
+    net = seq(3, 12, 10, 2).double()
+    params = dict(net.named_parameters())
+    if subset:
+        params = {n: params[n] for n in ("0.bias", "2.weight", "4.weight", "4.bias")}
+    batch = (torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64))
+    H = strategies.compute("kron", net, params, batch)
+    assert 10 in calls and (subset or 12 in calls)
+    torch.testing.assert_close(H, loop_hessian(net, params, batch, None), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(H, H.T, rtol=0, atol=1e-12)
