@@ -13,6 +13,7 @@ __all__ = [
     "ERROR",
     "OOM",
     "UNSUPPORTED",
+    "REFUSALS",
     "SKIPPED",
     "OVER_BUDGET",
     "OVER_MEMORY",
@@ -36,7 +37,8 @@ WRONG = "wrong"
 ERROR = "error"
 #: ran out of device or host memory (benchmark)
 OOM = "oom"
-#: the strategy's ``supports(net, loss_fn)`` refused the net or loss
+#: the strategy's ``supports(net, loss_fn)`` refused the net or loss; in the benchmark also a
+#: refusal at run time (one of :data:`REFUSALS`, raised where only running the net shows why)
 UNSUPPORTED = "unsupported"
 #: not run: the device is absent here, or the run was interrupted (benchmark)
 SKIPPED = "skipped"
@@ -49,6 +51,9 @@ OVER_MEMORY = "over_memory"
 CRASHED = "crashed"
 
 STATUSES = (OK, WRONG, ERROR, OOM, UNSUPPORTED, SKIPPED, OVER_BUDGET, OVER_MEMORY, CRASHED)
+#: exceptions by which a strategy refuses a problem it does not handle (the strategy
+#: contract: bad input raises ValueError or TypeError naming the problem), not a failure
+REFUSALS = frozenset({"ValueError", "TypeError"})
 #: benchmark cells that were timed (pytest-benchmark statistics exist); only OK is trusted
 TIMED = (OK, WRONG)
 

@@ -15,7 +15,17 @@ import torch
 from bench import conftest, report
 from bench.analysis import numbers, rule, tidy
 from bench.run import policy
-from bench.vocabulary import BASELINE, CRASHED, ERROR, OK, OOM, OVER_BUDGET, SKIPPED, WRONG
+from bench.vocabulary import (
+    BASELINE,
+    CRASHED,
+    ERROR,
+    OK,
+    OOM,
+    OVER_BUDGET,
+    SKIPPED,
+    UNSUPPORTED,
+    WRONG,
+)
 
 pytest_plugins = ["pytester"]
 
@@ -174,12 +184,15 @@ def test_oom_error_and_interrupt_are_recorded_and_keep_what_was_measured(
         if {interrupted_in == "worker"} or not IN_WORKER:
             raise KeyboardInterrupt
         return strategies.compute("torch_func", net, params, batch, loss_fn)
+    def refuses(net, params, batch, loss_fn=None):
+        raise ValueError("the forward does what this strategy cannot differentiate")
     strategies.register("fake_error", broken, "test-only: raises")
+    strategies.register("fake_refusal", refuses, "test-only: refuses at run time")
     strategies.register("fake_interrupt", interrupted, "test-only: Ctrl-C")
     """
     result, data = _run(
         pytester, monkeypatch, setup, "--grid", "smoke", "--devices", "cpu",
-        "--strategies", "torch_func,fake_oom,fake_error,fake_interrupt",
+        "--strategies", "torch_func,fake_oom,fake_error,fake_refusal,fake_interrupt",
     )  # fmt: skip
     # The run stops at the first case's fake_interrupt: what came before reaches the JSON.
     assert result.ret == pytest.ExitCode.INTERRUPTED
@@ -188,8 +201,10 @@ def test_oom_error_and_interrupt_are_recorded_and_keep_what_was_measured(
     assert {s: o["status"] for s, o in outcomes.items()} == {
         "fake_oom": OOM,
         "fake_error": ERROR,
+        "fake_refusal": UNSUPPORTED,
         "fake_interrupt": SKIPPED,
     }
+    assert outcomes["fake_refusal"]["reason"].startswith("refused at run time: ValueError: the")
     assert "out of memory" in outcomes["fake_oom"]["reason"]
     assert "shapes do not match" in outcomes["fake_error"]["reason"]
     df, _ = tidy.load([pytester.path / "run.json"])

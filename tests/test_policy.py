@@ -10,7 +10,7 @@ from bench.problems.grid import Case
 from bench.run import policy
 from bench.run.session import History
 from bench.run.worker import Crashed, Reply, Request
-from bench.vocabulary import CRASHED, ERROR, MIN_ROUNDS, OOM, SKIPPED
+from bench.vocabulary import CRASHED, ERROR, MIN_ROUNDS, OOM, SKIPPED, UNSUPPORTED
 from strategies import Strategy
 
 CASE = Case(3, 4, 1, 1, "tanh", "mse", 5, "float32", "cpu")
@@ -84,7 +84,11 @@ def test_rounds_come_from_the_fastest_call_without_a_compile(first_call_s, warm_
         (Crashed("the worker was killed by SIGSEGV"), CRASHED),
         (KeyboardInterrupt(), SKIPPED),
         (MemoryError(), OOM),
-        (ValueError("no"), ERROR),
+        (RuntimeError("shapes do not match"), ERROR),
+        # a refusal, as the audit counts it (vocabulary.REFUSALS), subclasses included
+        (ValueError("the forward calls torch.autograd.grad itself"), UNSUPPORTED),
+        (TypeError("params must be a dict"), UNSUPPORTED),
+        (type("ContractError", (ValueError,), {})("no"), UNSUPPORTED),
     ],
 )
 def test_failures_are_recorded_by_kind(exc, status):

@@ -11,14 +11,13 @@ from typing import Any
 
 import pandas as pd
 
-from bench.vocabulary import ERROR, UNSUPPORTED, WRONG
+from bench.vocabulary import ERROR, REFUSALS, UNSUPPORTED, WRONG
 
 __all__ = [
     "audit_frame",
     "NOT_RUN",
     "accuracy_statuses",
     "accuracy_matrix",
-    "REFUSALS",
     "counts_against",
     "audit_findings",
     "wrong_kinds",
@@ -82,11 +81,6 @@ def accuracy_matrix(records: pd.DataFrame) -> pd.DataFrame:
     if records.empty:
         return pd.DataFrame()
     return _audit_pivot(records, records.apply(_cell_text, axis=1))
-
-
-#: exceptions by which a strategy refuses a net it does not handle (the strategy contract:
-#: bad input raises ValueError or TypeError naming the problem), not a failure
-REFUSALS = frozenset({"ValueError", "TypeError"})
 
 
 def counts_against(status: str, exception: Any = None) -> bool:

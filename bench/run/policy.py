@@ -28,6 +28,7 @@ from bench.vocabulary import (
     OOM,
     OVER_BUDGET,
     OVER_MEMORY,
+    REFUSALS,
     SKIPPED,
     TOO_SLOW,
     UNSUPPORTED,
@@ -286,17 +287,25 @@ def rounds(warm_s: float) -> Rounds:
 
 
 def failure(exc: BaseException) -> Outcome:
-    """What a cell whose measurement raised is recorded as: skipped, crashed, oom or error.
+    """What a cell whose measurement raised is recorded as: skipped, crashed, oom,
+    unsupported or error.
 
     An interrupt (Ctrl-C) is "skipped"; the worker dying or hanging in the isolated pass is
     "crashed" (its reason says how, with the worker's last stderr lines); running out of
-    memory is "oom" (the run goes on); any other exception is "error".
+    memory is "oom" (the run goes on); a refusal (``vocabulary.REFUSALS``: the strategy's
+    ValueError or TypeError naming what it cannot handle, found only by running the net, as a
+    PINN's ``autograd.grad`` in the forward) is "unsupported", as the audit counts it; any
+    other exception is "error".
     """
     if isinstance(exc, KeyboardInterrupt):
         return Outcome(SKIPPED, "interrupted (KeyboardInterrupt)")
     if isinstance(exc, Crashed):
         return Outcome(CRASHED, str(exc))
-    return Outcome(OOM if measure.is_oom(exc) else ERROR, f"{type(exc).__name__}: {exc}")
+    if measure.is_oom(exc):
+        return Outcome(OOM, f"{type(exc).__name__}: {exc}")
+    if any(kind.__name__ in REFUSALS for kind in type(exc).__mro__):
+        return Outcome(UNSUPPORTED, f"refused at run time: {type(exc).__name__}: {exc}")
+    return Outcome(ERROR, f"{type(exc).__name__}: {exc}")
 
 
 def reference_kind(reference: torch.Tensor | ProbeReference) -> str:
