@@ -31,8 +31,7 @@ def test_hessian(benchmark, hessbench: Run, case: str, strategy: str) -> None:
         try:
             isolated = policy.isolated_pass(hessbench.worker, chosen, grid_case, history)
             first_call_s = policy.first_call(call, chosen) if isolated.first_call_here else None
-            memory = policy.memory_pass(isolated, first_call_s)
-            timing = policy.rounds(memory.warm_s)
+            memory, timing = policy.timing(isolated, first_call_s, call, chosen)
             H = benchmark.pedantic(
                 call, rounds=timing.count, warmup_rounds=timing.warmup, iterations=1
             )

@@ -79,6 +79,31 @@ def test_rounds_come_from_the_fastest_call_without_a_compile(first_call_s, warm_
 
 
 @pytest.mark.parametrize(
+    "warm_s, first_call_s, here_s, calls, too_slow",
+    [
+        (2.0, None, 0.01, 1, False),  # the worker's estimate over the limit, a call here under
+        (2.0, None, 2.0, 1, True),  # confirmed here: too slow
+        (4.0, None, 0.01, 0, True),  # beyond CONFIRM_TOO_SLOW x the limit: no call
+        (2.0, 1.8, 0.01, 0, True),  # a first call here already read it
+        (0.1, None, 0.01, 0, False),  # not too slow: no call
+    ],
+)
+def test_too_slow_to_repeat_is_confirmed_by_a_call_here(
+    monkeypatch, warm_s, first_call_s, here_s, calls, too_slow
+):
+    """The worker's memory pass carries the profiler's overhead: a cell it puts just over the
+    limit makes one call here, and the smaller of the two readings decides."""
+    made = []
+    monkeypatch.setattr(policy, "first_call", lambda call, strategy=None: made.append(1) or here_s)
+    isolated = policy.Isolated(None, "why", warm_s, first_call_here=first_call_s is not None)
+    memory, rounds = policy.timing(isolated, first_call_s, lambda: None)
+    assert len(made) == calls and rounds.too_slow is too_slow
+    assert memory.warm_s == min(x for x in (warm_s, first_call_s, here_s if calls else None) if x)
+    if not too_slow:
+        assert rounds.count >= MIN_ROUNDS
+
+
+@pytest.mark.parametrize(
     "exc, status",
     [
         (Crashed("the worker was killed by SIGSEGV"), CRASHED),
