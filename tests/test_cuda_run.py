@@ -82,12 +82,15 @@ def test_every_timed_call_on_cuda_is_between_two_waits(monkeypatch):
     batch = (torch.randn(4, 2).double(), torch.randn(4, 1).double())
     events = []
     monkeypatch.setattr(measure, "sync", lambda d: events.append(("sync", torch.device(d).type)))
+    monkeypatch.setattr(measure, "warm_up", lambda d: events.append(("warm", torch.device(d).type)))
     # a stand-in with the registry's call: the waits are the call's, whatever the strategy
     strategy = SimpleNamespace(
         compute=lambda *a, **k: events.append(("compute", None)) or torch.zeros(13, 13)
     )
-    hessian_call(strategy, CaseData(case, net, batch, None))()
-    assert events == [("sync", "cuda"), ("compute", None), ("sync", "cuda")]
+    call = hessian_call(strategy, CaseData(case, net, batch, None))
+    assert events == [("warm", "cuda")]  # the process warmed up on the device, outside the call
+    call()
+    assert events[1:] == [("sync", "cuda"), ("compute", None), ("sync", "cuda")]
 
 
 def test_cuda_peak_is_the_allocator_peak_above_what_was_held(monkeypatch):
