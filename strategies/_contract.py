@@ -383,11 +383,7 @@ def prepare(
     net (``plain_weight_norm``); the net's buffers are as they were afterwards.
     """
     shared = _SHARED.get()
-    key = (
-        once_per_scope("identity", _identity, net, params, batch, loss_fn)
-        if shared is not None
-        else None
-    )
+    key = _scope_identity(net, params, batch, loss_fn)
     problem = shared.get(key) if key is not None else None
     if problem is None:
         with autograd_enabled(), buffers_kept(net):
@@ -456,6 +452,14 @@ def once_per_scope(
     return value
 
 
+def _scope_identity(net: Any, params: Any, batch: Any, loss_fn: Any) -> tuple | None:
+    """``_identity`` of the arguments, once per ``sharing_problems`` scope; None outside one
+    (nothing is shared there) or where they cannot be identified."""
+    if _SHARED.get() is None:
+        return None
+    return once_per_scope("identity", _identity, net, params, batch, loss_fn)
+
+
 def check_inputs_once(
     net: nn.Module, params: Mapping[str, Tensor], batch: tuple[Any, Any], loss_fn: Any = None
 ) -> LossFn:
@@ -463,11 +467,7 @@ def check_inputs_once(
     objects, unmodified when the scope first saw them: ``_identity``), however many strategies
     and checks they pass."""
     shared = _SHARED.get()
-    key = (
-        once_per_scope("identity", _identity, net, params, batch, loss_fn)
-        if shared is not None
-        else None
-    )
+    key = _scope_identity(net, params, batch, loss_fn)
     if key is None:
         return check_inputs(net, params, batch, loss_fn)
     key = ("checked", *key)
