@@ -307,8 +307,8 @@ def timing(
     """
     memory = memory_pass(isolated, first_call_s)
     chosen = rounds(memory.warm_s)
-    limit = MAX_CELL_SECONDS / MIN_ROUNDS
-    if chosen.too_slow and first_call_s is None and memory.warm_s <= CONFIRM_TOO_SLOW * limit:
+    near = not rounds(memory.warm_s / CONFIRM_TOO_SLOW).too_slow  # within the factor
+    if chosen.too_slow and first_call_s is None and near:
         memory = memory_pass(isolated, first_call(call, strategy))
         chosen = rounds(memory.warm_s)
     return memory, chosen
