@@ -7,9 +7,10 @@ Usage::
         [--out strategies/auto_table.json]
 
 Per machine, device, dtype and size range of P (the report's ranges), the ranking holds the
-non-peer strategies that ran accurately on every case of the range, fastest first by the
-geometric mean of their min times (the report's rule), ``cost_vs_grad`` the geometric mean
-of min time over P gradients (what ``auto``'s estimate scales to another net), and
+non-peer strategies that ran accurately on every case of the range they support, fastest
+first (the report's rule, ``bench.analysis.rule.ranking``), ``cost_vs_grad`` their cost in
+gradients per Hessian row in the same order (``rule.summaries``: what ``auto``'s estimate
+scales to another net), and
 ``peak_ratio`` each one's
 largest peak memory over the Hessian's own size. ``wrong_on`` lists, per strategy, the
 model kinds on which the audit found it wrong or failing.

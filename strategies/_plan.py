@@ -202,8 +202,8 @@ class Estimate:
         time_s: predicted seconds per Hessian; ``inf`` where it is predicted not to run.
         peak_bytes: predicted peak memory, the Hessian included.
         basis: how the prediction was made, in words.
-        in_range: the strategy ran accurately on every measured case of the size range of
-            P nearest to this problem's (the report's candidates there); the others'
+        in_range: the strategy ran accurately on every measured case it supports of the
+            size range of P nearest to this problem's (the report's candidates there); the others'
             costs are interpolated from other ranges, and they are ranked after these.
     """
 

@@ -340,6 +340,58 @@ def test_recommend_when_nothing_ran_every_case():
     assert row["fastest"] is None and row["leanest"] is None
 
 
+def test_a_refusal_keeps_a_strategy_ranked_on_the_cases_it_ran():
+    """A strategy that refuses a net (a PINN's ``autograd.grad`` in the forward) is ranked on
+    the nets it takes; one that fails where it does not refuse is not a candidate; a case
+    that only strategies too slow to repeat ran leaves the others ranked."""
+    df = _cells(
+        ("narrow", "mlp", 1.0, 0.01, OK, 100, False),
+        ("narrow", "pinn", np.nan, np.nan, UNSUPPORTED, np.nan, False),
+        ("narrow", "ln", np.nan, np.nan, UNSUPPORTED, np.nan, False),
+        ("broad", "mlp", 1.5, 0.01, OK, 100, False),
+        ("broad", "pinn", np.nan, np.nan, UNSUPPORTED, np.nan, False),
+        ("broad", "ln", 3.0, 0.01, OK, 100, False),
+        ("crashy", "mlp", 0.5, 0.01, OK, 100, False),
+        ("crashy", "pinn", np.nan, np.nan, UNSUPPORTED, np.nan, False),
+        ("crashy", "ln", np.nan, np.nan, ERROR, np.nan, False),
+        ("loop", "mlp", 40.0, 0.0, OK, 100, False),
+        ("loop", "pinn", 60.0, 0.0, OK, 100, False),
+        ("loop", "ln", 50.0, 0.0, OK, 100, False),
+    )
+    df["too_slow"] = df["strategy"] == "loop"
+    grad_s = {"mlp": 1e-3, "pinn": 2e-3, "ln": 4e-3}
+    df["cost_vs_grad"] = df["min"] / (df["P"] * df["case"].map(grad_s))
+    row = _only_row(df)
+    assert (row["fastest"], row["runner_up"], row["tie"]) == ("narrow", "broad", False)
+    assert (row["cases"], row["fastest_cases"]) == (3, 1)
+    summary = rule.ranking(df)
+    assert list(summary.index) == ["narrow", "broad"]
+    assert summary["cases"].tolist() == [1, 2]
+    # the fastest on "mlp" (1.5x narrow) and on "ln" (no other candidate ran it)
+    assert summary.loc["broad", "vs_fastest"] == pytest.approx(1.5**0.5)
+    # the planner's cost keeps the ranking's order; on a strategy that ran every case it
+    # can run, against cases where it was the fastest, it is its own geometric mean
+    assert summary["cost_vs_grad"].is_monotonic_increasing
+    assert rule.times_over(df, "broad", "narrow") == pytest.approx(1.5)
+    assert np.isnan(rule.times_over(df, "narrow", "loop"))
+
+
+def test_the_ranking_is_the_geometric_mean_where_every_candidate_ran_every_case():
+    df = _cells(
+        ("a", "c1", 1.0, 0.01, OK, 100, False),
+        ("a", "c2", 4.0, 0.01, OK, 100, False),
+        ("b", "c1", 1.5, 0.01, OK, 100, False),
+        ("b", "c2", 2.0, 0.01, OK, 100, False),
+        ("c", "c1", 0.9, 0.01, OK, 100, False),
+        ("c", "c2", 9.0, 0.01, OK, 100, False),
+    )
+    df["cost_vs_grad"] = df["min"] / df["P"]
+    summary = rule.ranking(df)
+    assert list(summary.index) == list(summary["time_s"].sort_values().index) == ["b", "a", "c"]
+    own = df.groupby("strategy")["cost_vs_grad"].agg(rule.geomean)
+    assert summary["cost_vs_grad"].to_dict() == pytest.approx(own.to_dict())
+
+
 def test_recommend_leaves_out_ranges_where_nothing_was_timed():
     df = _cells(("a", "c1", np.nan, np.nan, SKIPPED, np.nan, False))
     assert rule.recommend(df).empty
@@ -572,8 +624,8 @@ def test_recommendation_for_one_hessian_and_for_many(compiled, tmp_path):
         candidates = rule.summaries(rows, set(rows["case"]))
         candidates = candidates[~candidates["peer"].astype(bool)]
         # one Hessian: the first call where recorded, else the min time
-        assert row["fastest_single"] == candidates["single_s"].idxmin()
-        assert row["fastest"] == candidates["time_s"].idxmin()
+        assert row["fastest_single"] == candidates["single_vs_fastest"].idxmin()
+        assert row["fastest"] == candidates["vs_fastest"].idxmin()
     # in the fixture, a compiled variant is fastest for many Hessians but its compile makes
     # an eager strategy the choice for one
     differs = table[table["fastest"] != table["fastest_single"]]
@@ -624,8 +676,10 @@ def test_figures_leave_out_panels_with_nothing_timed(compiled, tmp_path):
 def test_recommended_strategy_is_drawn_thicker(compiled):
     df, _ = tidy.load(compiled)
     styles = plots.strategy_styles(df["strategy"])
-    recommended = set(rule.recommend(df)["fastest"])
     fig = plots.time_vs_p(df, styles)
+    # each panel (an arch) thickens what the rule recommends on its own cases
+    arch = fig.axes[0].get_title().split(":")[0]
+    recommended = set(rule.recommend(df[df["arch"] == arch])["fastest"])
     widths: dict[str, set] = {}
     for line in fig.axes[0].get_lines():
         for name, style in styles.items():
@@ -669,9 +723,10 @@ def test_summary_answers_with_numbers_from_the_run(compiled, tmp_path):
     for arch in ("mlp", "custom", "layernorm"):
         runs = choices.loc[choices["arch"] == arch].sort_values("P_min")["runs"]
         assert runs.notna().all() and f"auto runs {runs.iloc[0]} at " in text
-    # the range's ranking holds strategies that run every arch: mlp_kron, faster on the
-    # MLPs alone, is named as what beats the planner's choice there
-    assert "auto runs kron at 1,000 ≤ P < 3,000 (slower than mlp_kron)" in text
+    # mlp_kron, which refuses all but the plain MLPs and is the fastest there, is what the
+    # planner runs on them; kron runs the other archs, and the page says why
+    assert "auto runs mlp_kron at 1,000 ≤ P < 3,000 and torch_func_compiled" in text
+    assert "auto runs kron at 1,000 ≤ P < 3,000; mlp_kron does not run it (unsupported" in text
     assert "torch_func_compiled does not run it (unsupported: wrong Hessian upstream" in text
     # what to avoid: the audit's wrong strategy, the much slower loop, the costly compile
     assert "Avoid vmap_jvp on nets with layernorm layers" in text

@@ -139,7 +139,11 @@ def test_rendered_page_has_embedded_figures_and_recommendations(built):
     assert len(rows) == len(recommendations)
     for row, rec in zip(rows, recommendations):
         assert row[header.index("machine")] == rec["machine"]
-        assert row[header.index("cases")] == str(rec["cases"])
+        refused = rec["cases"] - (rec["fastest_cases"] or rec["cases"])
+        cases = (
+            f"{rec['cases']} ({rec['fastest']} refused {refused})" if refused else f"{rec['cases']}"
+        )
+        assert row[header.index("cases")] == cases
         assert row[fastest].removeprefix("tie: ").startswith(rec["fastest"] or "none ran")
         assert row[fastest].startswith("tie: ") == rec["tie"]
         assert row[single].startswith(rec["fastest_single"] or "none ran")

@@ -12,16 +12,21 @@ Recommendation rule, per machine, device, dtype and size range of P (docs/DESIGN
 - Size ranges have edges at 1 and 3 times powers of ten (..., 1,000, 3,000, 10,000, ...):
   a row covers ``P_min <= P < P_max``. Only ranges holding a case appear.
 - A strategy is a candidate only if it ran accurately (status "ok") on every case of the
-  range, is not a peer and is not a dispatcher: wrong, out-of-memory, skipped or failing
-  cells rule it out.
-- Its time is the geometric mean over the range's cases of its min time; its memory is the
-  largest ``peak_bytes`` over those cases.
+  range that it supports, is not a peer and is not a dispatcher: wrong, out-of-memory,
+  skipped or failing cells rule it out; a refusal ("unsupported": the strategy says it
+  cannot take that net) does not, as ``auto`` moves on to the next strategy there.
+- Candidates are ranked by their time relative to each case's fastest candidate
+  (``vs_fastest``: the geometric mean over the cases it ran of its min time over the
+  least min time of any candidate on that case). Where every candidate ran the same cases,
+  this is the order of the geometric means of their min times. Its time is that geometric
+  mean over the cases it ran; its memory the largest ``peak_bytes`` over them.
 - Ranges where nothing at all was timed (e.g. CUDA cases on a machine without CUDA) are
   left out; their cells are listed by ``bench.analysis.numbers.not_timed``.
 - A cell too slow to repeat (``too_slow``: one round) is left out, as if it had not run.
-- The fastest is called faster than the runner-up only where ``runner_up_s / fastest_s``
-  is at least ``FASTER_RATIO`` (1.1) and, case by case (:func:`versus`), it is faster on
-  more than half of the range's cases and slower on none; otherwise the two tie. On one
+- The fastest is called faster than the runner-up only where the runner-up's time over the
+  fastest's, over the cases both ran, is at least ``FASTER_RATIO`` (1.1) and, case by case
+  (:func:`versus`), it is faster on more than half of those cases and slower on none;
+  otherwise the two tie. On one
   case, a strategy is faster where its median is at least 1.1x smaller and a two-sided
   Mann-Whitney U test over the two cells' rounds gives p < ``ALPHA`` (0.05); where the
   rounds are too few for the test ever to reach that, only a ratio of at least
@@ -41,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from bench.analysis.tidy import CELL_COLUMNS, with_case_defaults
-from bench.vocabulary import BASELINE, OK, TIMED
+from bench.vocabulary import BASELINE, OK, TIMED, UNSUPPORTED
 
 __all__ = [
     "FASTER_RATIO",
@@ -65,6 +70,7 @@ __all__ = [
     "decision",
     "changes",
     "geomean",
+    "times_over",
 ]
 
 #: one strategy is faster than another only by at least this ratio (as asv's default)...
@@ -101,6 +107,7 @@ RECOMMENDATION_FIELDS = (
     "fastest_single",
     "fastest_single_s",
     "cases",
+    "fastest_cases",
 )
 
 
@@ -198,57 +205,111 @@ def ranked(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[(rows["status"] == OK) & ~slow]
 
 
-def _faster_on_range(rows: pd.DataFrame, fast: str, slow: str) -> bool:
-    """Whether ``fast`` beats ``slow`` case by case: faster on more than half, slower on none."""
+def _shared(rows: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, list[str]]:
+    """The ranked cells (:func:`ranked`) indexed by case and strategy, and the cases where
+    both ``a`` and ``b`` have one, sorted."""
     cells = ranked(rows).set_index(["case", "strategy"])
+    ran = cells.index.to_frame(index=False).groupby("strategy")["case"].agg(set)
+    both = ran.get(a, set()) & ran.get(b, set())
+    return cells, sorted(both)
+
+
+def times_over(rows: pd.DataFrame, a: str, b: str) -> float:
+    """``a``'s time over ``b``'s: the geometric mean of their min times' ratio over the cases
+    both ran (:func:`ranked`); NaN where they share none."""
+    cells, cases = _shared(rows, a, b)
+    if not cases:
+        return math.nan
+    return geomean(pd.Series([cells.loc[(c, a), "min"] / cells.loc[(c, b), "min"] for c in cases]))
+
+
+def _faster_on_range(rows: pd.DataFrame, fast: str, slow: str) -> bool:
+    """Whether ``fast`` beats ``slow`` case by case over the cases both ran: faster on more
+    than half, slower on none."""
+    cells, cases = _shared(rows, fast, slow)
     verdicts = [
-        versus(*compared_rounds(cells.loc[(case, fast)], cells.loc[(case, slow)]))
-        for case in sorted(set(rows["case"]))
+        versus(*compared_rounds(cells.loc[(case, fast)], cells.loc[(case, slow)])) for case in cases
     ]
-    return -1 not in verdicts and 2 * verdicts.count(1) > len(verdicts)
+    return bool(cases) and -1 not in verdicts and 2 * verdicts.count(1) > len(verdicts)
+
+
+_SUMMARY_COLUMNS = [
+    "time_s",
+    "vs_fastest",
+    "cost_vs_grad",
+    "single_s",
+    "single_vs_fastest",
+    "spread",
+    "peak_bytes",
+    "peer",
+    "cases",
+]
 
 
 def summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
-    """Per strategy that ran accurately on every case in ``cases``, each cell repeated (not
-    too slow to repeat, :func:`ranked`): time, spread, memory.
+    """Per strategy that ran accurately on every case in ``cases`` that it supports (a
+    refusal, "unsupported", is not held against it), each cell repeated (not too slow to
+    repeat, :func:`ranked`): time, spread, memory. Dispatchers are left out (recommending
+    one is circular).
 
-    ``time_s`` is the geometric mean of the min times, ``cost_vs_grad`` that of min time over
-    P gradients (the same ranking, as every candidate ran the same cases: what ``auto``
-    scales to another net by its own P and gradient time), ``spread`` the largest
-    stddev / min, ``peak_bytes`` the largest peak; dispatchers are left out (recommending one
-    is circular).
+    ``vs_fastest`` is the geometric mean, over the cases the strategy ran, of its min time
+    over the least min time of a non-peer strategy here on that case: what the rule ranks by.
+    ``time_s`` is the geometric mean of its min times, ``cases`` how many it ran.
+    ``cost_vs_grad`` is ``vs_fastest`` times the geometric mean over all the cases of the
+    fastest's min time over P gradients: on a strategy that ran every case, the geometric
+    mean of its own min time over P gradients, and in every case in the order of
+    ``vs_fastest`` (what ``auto`` scales to another net by its own P and gradient time).
+    ``spread`` is the largest stddev / min, ``peak_bytes`` the largest peak.
     ``single_s`` is the geometric mean of the time of one Hessian of a new structure: the
-    first call where it was recorded (strategies that compile), else the min time.
+    first call where it was recorded (strategies that compile), else the min time;
+    ``single_vs_fastest`` ranks it as ``vs_fastest`` ranks ``time_s``.
     """
     ok = ranked(rows)
-    ok = ok[~ok["strategy"].isin(DISPATCHERS)]
+    ok = ok[~ok["strategy"].isin(DISPATCHERS) & ok["case"].isin(cases)]
     if ok.empty:
-        return pd.DataFrame(
-            columns=["time_s", "cost_vs_grad", "single_s", "spread", "peak_bytes", "peer"]
-        )
-    complete = ok.groupby("strategy")["case"].agg(lambda c: set(c) == cases)
-    ok = ok[ok["strategy"].map(complete)]
+        return pd.DataFrame(columns=_SUMMARY_COLUMNS)
+    refused = rows[(rows["status"] == UNSUPPORTED) & rows["case"].isin(cases)]
+    refused = refused.groupby("strategy")["case"].agg(set)
+    ran = ok.groupby("strategy")["case"].agg(set)
+    complete = {s for s, c in ran.items() if c | refused.get(s, set()) >= cases}
+    ok = ok[ok["strategy"].isin(complete)]
     ok = ok.assign(
         rel_spread=ok["stddev"] / ok["min"],
         single=pd.to_numeric(ok.get("first_call_s", pd.Series(np.nan, ok.index))).fillna(ok["min"]),
         # frames made by hand (and rows of older runs) may lack it: NaN, not a KeyError
         cost=pd.to_numeric(ok.get("cost_vs_grad", pd.Series(np.nan, ok.index))),
     )
-    return ok.groupby("strategy").agg(
+    own = ok[~ok["peer"].astype(bool)]
+    best = own.loc[own.groupby("case")["min"].idxmin()].set_index("case")
+    best_single = own.groupby("case")["single"].min()
+    ok = ok.assign(
+        vs_fastest=ok["min"] / ok["case"].map(best["min"]),
+        single_vs=ok["single"] / ok["case"].map(best_single),
+    )
+    reference_cost = geomean(best["cost"]) if len(best) else math.nan
+    summary = ok.groupby("strategy").agg(
         time_s=("min", geomean),
-        cost_vs_grad=("cost", geomean),
+        vs_fastest=("vs_fastest", lambda v: geomean(v.dropna()) if v.notna().any() else math.nan),
         single_s=("single", geomean),
+        single_vs_fastest=(
+            "single_vs",
+            lambda v: geomean(v.dropna()) if v.notna().any() else math.nan,
+        ),
         spread=("rel_spread", "max"),
         peak_bytes=("peak_bytes", "max"),
         peer=("peer", "any"),
+        cases=("case", "nunique"),
     )
+    summary["cost_vs_grad"] = summary["vs_fastest"] * reference_cost
+    return summary[_SUMMARY_COLUMNS]
 
 
 def ranking(rows: pd.DataFrame) -> pd.DataFrame:
     """The candidates of a size range, fastest first: :func:`summaries` over all its cases,
-    peers left out (what the recommendation ranks and the planner's table keeps)."""
+    peers left out, by ``vs_fastest`` (what the recommendation ranks and the planner's table
+    keeps)."""
     summary = summaries(rows, set(rows["case"]))
-    return summary[~summary["peer"].astype(bool)].sort_values("time_s")
+    return summary[~summary["peer"].astype(bool)].sort_values(["vs_fastest", "time_s"])
 
 
 def peak_ratios(rows: pd.DataFrame) -> pd.Series:
@@ -263,7 +324,7 @@ def _recommendation(regime: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any
     peer = summary["peer"].astype(bool)
     candidates = ranking(rows)
     lean = summary.loc[~peer].sort_values("peak_bytes")
-    base = summary.loc[BASELINE] if BASELINE in summary.index else None
+    has_base = BASELINE in summary.index
     record = {
         **dict.fromkeys(RECOMMENDATION_FIELDS),
         **regime,
@@ -275,29 +336,28 @@ def _recommendation(regime: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any
         best = candidates.iloc[0]
         record["fastest"] = candidates.index[0]
         record["fastest_s"] = float(best["time_s"])
-        if base is not None:
-            record[f"fastest_vs_{BASELINE}"] = float(base["time_s"] / best["time_s"])
+        record["fastest_cases"] = int(best["cases"])
+        if has_base:
+            record[f"fastest_vs_{BASELINE}"] = times_over(rows, BASELINE, candidates.index[0])
         if len(candidates) > 1:
-            second = candidates.iloc[1]
             record["runner_up"] = candidates.index[1]
-            ratio = second["time_s"] / best["time_s"]
+            ratio = times_over(rows, candidates.index[1], candidates.index[0])
             record["tie"] = not (
                 ratio >= FASTER_RATIO
                 and _faster_on_range(rows, candidates.index[0], candidates.index[1])
             )
         record["peers"] = {
-            name: float(row["time_s"] / best["time_s"])
-            for name, row in summary.loc[peer].iterrows()
+            name: times_over(rows, name, candidates.index[0]) for name in summary.index[peer]
         }
-        single = candidates["single_s"].astype(float)
-        record["fastest_single"] = single.idxmin()
-        record["fastest_single_s"] = float(single.min())
+        single = candidates.sort_values(["single_vs_fastest", "single_s"]).iloc[0]
+        record["fastest_single"] = single.name
+        record["fastest_single_s"] = float(single["single_s"])
     if not lean.empty and lean["peak_bytes"].notna().any():
         record["leanest"] = lean.index[0]
         record["leanest_peak_bytes"] = int(lean["peak_bytes"].iloc[0])
-        if base is not None and lean["peak_bytes"].iloc[0] > 0:
+        if has_base and lean["peak_bytes"].iloc[0] > 0:
             record[f"leanest_vs_{BASELINE}"] = float(
-                base["peak_bytes"] / lean["peak_bytes"].iloc[0]
+                summary.loc[BASELINE, "peak_bytes"] / lean["peak_bytes"].iloc[0]
             )
     return record
 
@@ -305,7 +365,8 @@ def _recommendation(regime: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any
 def recommend(df: pd.DataFrame) -> pd.DataFrame:
     """The recommendation table: a row per machine, device, dtype and size range of P.
 
-    See the module docstring for the rule. ``cases`` is the number of cases the row rests on;
+    See the module docstring for the rule. ``cases`` is the number of cases the row rests on,
+    ``fastest_cases`` how many of them the fastest ran (it refused the others);
     ``fastest_single`` is the fastest for one Hessian of a structure (first call included),
     ``fastest`` the fastest for many. ``fastest_vs_torch_func`` is the baseline's time
     over the fastest's (a speedup); ``leanest_vs_torch_func`` is the baseline's peak memory
@@ -322,7 +383,7 @@ def recommend(df: pd.DataFrame) -> pd.DataFrame:
 
 def recommendation_records(table: pd.DataFrame) -> list[dict]:
     """The table as ``recommendations.json`` records: null for missing, ints for sizes."""
-    integral = {"P_min", "P_max", "leanest_peak_bytes", "cases"}
+    integral = {"P_min", "P_max", "leanest_peak_bytes", "cases", "fastest_cases"}
     records = []
     for row in table[list(RECOMMENDATION_FIELDS)].astype(object).to_dict("records"):
         plain = {k: None if v is None or pd.isna(v) else v for k, v in row.items()}
@@ -435,8 +496,9 @@ def decision(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
     The planner ranks by its table (``bench.auto_table``: :func:`ranking` per size range, the
     nearest ranked range where its own has no ranking, ``ranked_in``) and runs the first
     strategy that runs the net: per arch, ``runs`` is the first of that ranking that ran
-    accurately and repeated (:func:`ranked`) on every case of the arch in the range.
-    ``runner_up`` is the fastest other strategy that did (geometric mean of min times);
+    accurately and repeated (:func:`ranked`) on every case of the arch in the range that it
+    supports (:func:`summaries`). ``runner_up`` is the fastest other strategy that did (by
+    ``vs_fastest``); ``wins`` and the ratios are over the cases both ran;
     ``tie`` unless ``runs`` beats it by the recommendation rule (:func:`_faster_on_range`),
     ``beaten`` where the runner-up beats ``runs`` by that rule (another arch's cases made
     the range's ranking);
@@ -472,7 +534,7 @@ def decision(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
                 continue
             cases = set(mine["case"])
             summary = summaries(mine, cases)
-            summary = summary[~summary["peer"].astype(bool)].sort_values("time_s")
+            summary = summary[~summary["peer"].astype(bool)].sort_values(["vs_fastest", "time_s"])
             runs = next((name for name in order if name in summary.index), None)
             record = {**dict.fromkeys(columns), **regime, "arch": arch, "runs": runs}
             record.update(ranked_in=(near["P_min"], near["P_max"]), tie=False, beaten=False)
@@ -480,15 +542,14 @@ def decision(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
             others = [name for name in summary.index if name != runs]
             if runs is not None and others:
                 runner_up = others[0]
-                cells = ranked(mine).set_index(["case", "strategy"])
-                fast = [_rounds_of(cells.loc[(c, runs)]) for c in sorted(cases)]
-                slow = [_rounds_of(cells.loc[(c, runner_up)]) for c in sorted(cases)]
-                ratios = [min(b) / min(a) for a, b in zip(fast, slow)]
+                cells, shared = _shared(mine, runs, runner_up)
+                fast = [_rounds_of(cells.loc[(c, runs)]) for c in shared]
+                slow = [_rounds_of(cells.loc[(c, runner_up)]) for c in shared]
+                ratios = [min(b) / min(a) for a, b in zip(fast, slow)] or [math.nan]
                 pairs = [
-                    compared_rounds(cells.loc[(c, runs)], cells.loc[(c, runner_up)])
-                    for c in sorted(cases)
+                    compared_rounds(cells.loc[(c, runs)], cells.loc[(c, runner_up)]) for c in shared
                 ]
-                ratio = summary.loc[runner_up, "time_s"] / summary.loc[runs, "time_s"]
+                ratio = times_over(mine, runner_up, runs)
                 record.update(
                     runner_up=runner_up,
                     beaten=bool(

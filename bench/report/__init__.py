@@ -422,7 +422,7 @@ def _recommendation_view(table: pd.DataFrame, audits: list[dict]) -> pd.DataFram
 
     def name(strategy: str | None, bold: bool = False) -> str:
         if strategy is None or pd.isna(strategy):
-            return "none ran every case"
+            return "none ran every case it supports"
         text = f"<b>{html.escape(strategy)}</b>" if bold else html.escape(strategy)
         if strategy in notes:
             return f"{text} (audit: {html.escape(notes[strategy])})"
@@ -434,7 +434,10 @@ def _recommendation_view(table: pd.DataFrame, audits: list[dict]) -> pd.DataFram
             "device": table["device"],
             "dtype": table["dtype"],
             "P range": [_range(lo, hi) for lo, hi in zip(table["P_min"], table["P_max"])],
-            "cases": table["cases"],
+            "cases": [
+                f"{n} ({html.escape(f)} refused {n - k})" if k == k and k < n else f"{n}"
+                for n, k, f in zip(table["cases"], table["fastest_cases"], table["fastest"])
+            ],
             "fastest (many Hessians)": [
                 f"tie: {name(f, True)} ≈ {name(r)}" if tie else name(f, True)
                 for f, r, tie in zip(table["fastest"], table["runner_up"], table["tie"])
@@ -726,9 +729,10 @@ def render_html(
         "<h2>Summary</h2>",
         _summary_html(df, audits, recommendations),
         "<h2>Recommendation</h2>",
-        "<p>Per machine, device, dtype and range of P: the fastest strategy that ran "
-        "accurately on every case of the range (peers and dispatchers excluded), how many "
-        "cases that rests on, the fastest for one Hessian when the first call (compile "
+        "<p>Per machine, device, dtype and range of P: the fastest strategy among those "
+        "that ran accurately on every case of the range they support (peers and dispatchers "
+        "excluded; ranked by their time over each case's fastest, over the cases they ran), "
+        "how many cases that rests on and how many the fastest refused, the fastest for one Hessian when the first call (compile "
         "included) counts, and the leanest in peak memory. A tie means the fastest is not "
         f"at least {rule.FASTER_RATIO:g}x faster than the runner-up and significantly so "
         "(Mann-Whitney U over rounds) on most of the range's cases. Size ranges have edges at 1 and 3 times "
