@@ -28,6 +28,7 @@ __all__ = [
     "is_oom",
     "errors",
     "grad_seconds",
+    "grad_events",
     "gemm_seconds",
     "predict_seconds",
     "extrapolate",
@@ -162,15 +163,14 @@ def errors(H: Tensor, reference: Tensor | ProbeReference, rows: int = 1024) -> t
     return max_abs, (max_abs / scale if scale > 0 else max_abs)
 
 
-def grad_seconds(
+def _gradient(
     net: nn.Module,
     batch: tuple[Tensor, Tensor],
-    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-    repeats: int = 5,
-    params: Sequence[Tensor] | None = None,
-) -> float:
-    """Minimum time of one gradient of the loss w.r.t. ``params`` (default: all of ``net``'s
-    parameters that require grad)."""
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+    params: Sequence[Tensor] | None,
+) -> Callable[[], tuple[Tensor, ...]]:
+    """One gradient of the loss w.r.t. ``params`` (default: all of ``net``'s parameters that
+    require grad), as a call."""
     inputs, targets = batch
     loss_fn = mse_loss if loss_fn is None else loss_fn
     if params is None:
@@ -181,7 +181,33 @@ def grad_seconds(
             # allow_unused: a parameter the loss does not use (a PINN's output bias) has none
             return torch.autograd.grad(loss_fn(net(inputs), targets), params, allow_unused=True)
 
-    return min_seconds(gradient, inputs.device, repeats)
+    return gradient
+
+
+def grad_seconds(
+    net: nn.Module,
+    batch: tuple[Tensor, Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    repeats: int = 5,
+    params: Sequence[Tensor] | None = None,
+) -> float:
+    """Minimum time of one gradient of the loss w.r.t. ``params`` (default: all of ``net``'s
+    parameters that require grad)."""
+    gradient = _gradient(net, batch, loss_fn, params)
+    return min_seconds(gradient, batch[0].device, repeats)
+
+
+def grad_events(
+    net: nn.Module,
+    batch: tuple[Tensor, Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    params: Sequence[Tensor] | None = None,
+) -> int:
+    """The profiler events of one gradient of the loss (``peak_and_events``; 0 on CUDA): what
+    one Hessian row of a reverse-mode loop records, give or take a small factor."""
+    gradient = _gradient(net, batch, loss_fn, params)
+    gradient()  # first-call allocations and lazy initialisation stay out of the count
+    return peak_and_events(gradient, batch[0].device)[2]
 
 
 def gemm_seconds(

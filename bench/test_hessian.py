@@ -29,7 +29,9 @@ def test_hessian(benchmark, hessbench: Run, case: str, strategy: str) -> None:
     written = False
     try:
         try:
-            isolated = policy.isolated_pass(hessbench.worker, chosen, grid_case, history)
+            isolated = policy.isolated_pass(
+                hessbench.worker, chosen, grid_case, history, data.grad_events
+            )
             first_call_s = policy.first_call(call, chosen) if isolated.first_call_here else None
             memory, timing = policy.timing(isolated, first_call_s, call, chosen)
             H = benchmark.pedantic(

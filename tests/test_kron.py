@@ -134,7 +134,10 @@ def test_outputs_must_be_batched() -> None:
             return self.fc(x).sum()
 
     net = Pooled()
-    with pytest.raises(ValueError, match=r"outputs to be a tensor of shape \(batch, \.\.\.\) with batch 5, got \(\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"outputs to be a tensor of shape \(batch, \.\.\.\) with batch 5, got \(\)",
+    ):
         strategies.compute(
             "kron", net, dict(net.named_parameters()), (torch.randn(5, 3), torch.tensor(1.0)),
             loss_fn=lambda out, y: (out - y) ** 2,
@@ -375,7 +378,11 @@ def test_either_choice_of_the_cost_model_is_exact(case: str, directions: bool, m
     from strategies import kron
 
     def choose(problem, sites, flops):
-        return (sites, set()) if directions else ([], {n for s in sites for n in (s.weight, s.bias) if n})
+        return (
+            (sites, set())
+            if directions
+            else ([], {n for s in sites for n in (s.weight, s.bias) if n})
+        )
 
     monkeypatch.setattr(kron, "_choose", choose)
     net, params, batch, loss = _build_shared(case)

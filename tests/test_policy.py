@@ -71,6 +71,29 @@ def test_a_skipped_memory_pass_makes_the_workers_first_call_stand_in():
 
 
 @pytest.mark.parametrize(
+    "family, history, grad_events, skipped",
+    [
+        # the first case of its family: a loop's rows bounded by one gradient's events
+        ("loops", [], measure.MAX_PROFILED_EVENTS // CASE.P, True),
+        ("loops", [], measure.MAX_PROFILED_EVENTS // CASE.P // 8, False),
+        ("loops", [], None, False),
+        # a vectorised strategy's events do not grow with rows x a gradient's
+        ("transforms", [], measure.MAX_PROFILED_EVENTS // CASE.P, False),
+        # where the family has history, it is extrapolated, whatever a gradient records
+        ("loops", [(CASE.P // 2, 10)], measure.MAX_PROFILED_EVENTS, False),
+    ],
+)
+def test_a_loops_first_case_of_a_family_is_bounded_by_a_gradients_events(
+    family, history, grad_events, skipped
+):
+    strategy = Strategy("planted", "test only", _compute, family=family)
+    note = policy.memory_note(strategy, CASE, History(events=history), grad_events)
+    assert (note is not None) is skipped
+    if skipped:
+        assert note.startswith("memory pass skipped")
+
+
+@pytest.mark.parametrize(
     "first_call_s, warm_s, expected", [(0.2, 0.3, 0.2), (None, 0.5, 0.5), (0.7, None, 0.7)]
 )
 def test_rounds_come_from_the_fastest_call_without_a_compile(first_call_s, warm_s, expected):

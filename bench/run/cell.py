@@ -32,6 +32,8 @@ class CaseData:
     loss_fn: Any
     reference: torch.Tensor | ProbeReference | None = None
     grad_s: float | None = None
+    #: profiler events of one gradient (``measure.grad_events``)
+    grad_events: int | None = None
     gemm_s: float | None = None
 
     @classmethod

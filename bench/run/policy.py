@@ -55,6 +55,7 @@ __all__ = [
     "memory_pass",
     "rounds",
     "CONFIRM_TOO_SLOW",
+    "LOOP_EVENTS_PER_ROW",
     "timing",
     "failure",
     "reference_kind",
@@ -172,17 +173,29 @@ def record(run: Run, case: Case, strategy: str, outcome: Outcome) -> None:
     run.outcomes.append({**_cell_fields(case, strategy, outcome.status), "reason": outcome.reason})
 
 
-def memory_note(strategy: Strategy, case: Case, history: History) -> str | None:
+#: a reverse-mode loop records at most this many times one gradient's profiler events per
+#: Hessian row (``full_autograd`` 3.1x, ``symmetric_half`` 1.1x on the default grid's
+#: transformer, P = 1,444: 3.2 million events and 6.3 GB for the first)
+LOOP_EVENTS_PER_ROW = 4
+
+
+def memory_note(
+    strategy: Strategy, case: Case, history: History, grad_events: int | None = None
+) -> str | None:
     """Why the cell's memory pass does not run (None: it runs).
 
     Not for a peer: another framework's allocations never pass through torch's allocator or
     profiler. Not on CPU where the profiler's records are predicted to outgrow host memory
     (a call with millions of small ops): their number is extrapolated log-log in P, like
-    time.
+    time; on the first case of its family a reverse-mode loop has nothing to extrapolate
+    from, and its rows are bounded by ``LOOP_EVENTS_PER_ROW`` x P x ``grad_events`` (one
+    gradient's events, ``measure.grad_events``).
     """
     if strategy.peer:
         return "not measured: the peer allocates outside torch's allocator"
     events_expected = measure.extrapolate(history.events, case.P)
+    if events_expected is None and strategy.family == "loops" and grad_events:
+        events_expected = LOOP_EVENTS_PER_ROW * case.P * grad_events
     if case.device == "cuda" or (events_expected or 0) <= measure.MAX_PROFILED_EVENTS:
         return None
     return (
@@ -210,7 +223,13 @@ def plans(strategy: Strategy) -> bool:
     return callable(getattr(strategy.module, "forget_wisdom", None))
 
 
-def isolated_pass(worker: Worker, strategy: Strategy, case: Case, history: History) -> Isolated:
+def isolated_pass(
+    worker: Worker,
+    strategy: Strategy,
+    case: Case,
+    history: History,
+    grad_events: int | None = None,
+) -> Isolated:
     """Run the cell first in the worker, so that a crash there ends only this cell.
 
     The worker runs the memory pass where there is one (a first call's peak equals a warm
@@ -227,7 +246,7 @@ def isolated_pass(worker: Worker, strategy: Strategy, case: Case, history: Histo
         worker.Crashed: the worker died or hung (``failure`` records it as crashed).
         Exception: what the strategy raised in the worker.
     """
-    note = memory_note(strategy, case, history)
+    note = memory_note(strategy, case, history, grad_events)
     compiles = strategy.compiles or strategy.peer
     if case.device == "cuda":
         torch.cuda.empty_cache()  # this process's cached blocks would starve the worker

@@ -87,7 +87,7 @@ class Run:
         return self._current
 
     def baselines(self, data: CaseData) -> CaseData:
-        """Fill the float64 reference, grad_s and gemm_s of the case, once."""
+        """Fill the float64 reference, grad_s, grad_events and gemm_s of the case, once."""
         if data.reference is None:
             case = data.case
             chosen = chosen_params(case, data.net)
@@ -99,6 +99,9 @@ class Run:
             else:
                 reference = probe_reference(data.net, names, data.batch, data.loss_fn)
             data.grad_s = measure.grad_seconds(
+                data.net, data.batch, data.loss_fn, params=list(chosen.values())
+            )
+            data.grad_events = measure.grad_events(
                 data.net, data.batch, data.loss_fn, params=list(chosen.values())
             )
             data.gemm_s = measure.gemm_seconds(
