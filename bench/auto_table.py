@@ -11,8 +11,8 @@ non-peer strategies that ran accurately on every case of the range they support,
 first (the report's rule, ``bench.analysis.rule.ranking``), ``cost_vs_grad`` their cost in
 gradients per Hessian row in the same order (``rule.summaries``: what ``auto``'s estimate
 scales to another net), and
-``peak_ratio`` each one's
-largest peak memory over the Hessian's own size. ``wrong_on`` lists, per strategy, the
+``peak_ratio`` the largest peak memory over the Hessian's own size of every strategy
+measured accurately in the range, ranked or not. ``wrong_on`` lists, per strategy, the
 model kinds on which the audit found it wrong or failing.
 """
 
@@ -51,11 +51,14 @@ def build(df: pd.DataFrame, audits: list[dict], sources: Sequence[str], command:
                 "cost_vs_grad": {
                     k: float(v) for k, v in summary["cost_vs_grad"].items() if pd.notna(v)
                 },
-                # unmeasured peaks (memory pass skipped, peers) are left out
+                # every strategy whose peak was measured here, candidate or not: a
+                # strategy too slow on one case of the range still predicts its memory
+                # from here rather than from a range of far smaller nets; unmeasured
+                # peaks (memory pass skipped, peers) are left out
                 "peak_ratio": {
-                    k: round(float(ratio[k]), 4)
-                    for k in summary.index
-                    if k in ratio.index and pd.notna(ratio[k])
+                    k: round(float(v), 4)
+                    for k, v in ratio.items()
+                    if pd.notna(v) and k not in rule.DISPATCHERS
                 },
             }
         )
