@@ -236,32 +236,35 @@ def _probe(kind: str, P: int, generator: torch.Generator, device: torch.device) 
 @torch.no_grad()  # an H that requires grad is read, not differentiated
 def _scan(H: Tensor, V: Tensor, rounded: bool) -> tuple[Tensor, Tensor, float, float] | None:
     """``H V^T`` and, where ``rounded``, ``sqrt(H² (V²)^T)`` (k x P each; else zeros), ``max |H|``
-    and ``max |H - Hᵀ|``, in float64; None where ``H`` is not finite (``maximum`` and ``max``
+    and ``max |H - Hᵀ|``, in float64; None where ``H`` is not finite (``min`` and ``max``
     propagate NaN, and meet an infinity as one).
 
     One read of ``H``: a square tile above the diagonal and its mirror at a time
     (``_tile_pairs``), each copied into a float64 buffer (the mirror transposed), in which
     both products, the largest entry and the difference are taken while they are in cache.
-    The buffers, ``_tile(H.device)`` squared each, are reused: the check never holds a
-    float64 copy of ``H``. The products are accumulated in float64.
+    The buffers, at most ``_tile(H.device)`` squared each, are reused: the check never
+    holds a float64 copy of ``H``. The products are accumulated in float64.
     """
     P, k = H.shape[0], V.shape[0]
     side = max(1, min(_tile(H.device), P))
     HV = torch.zeros(k, P, dtype=torch.float64, device=V.device)
     rounding = torch.zeros_like(HV)
-    spare = torch.empty(3, side * side, dtype=torch.float64, device=H.device)
-    largest: list[Tensor] = []
-    asymmetry: list[Tensor] = []
-
     # the probes' columns of each tile, contiguous (as the products read them)
     pieces = {i: V[:, i : i + side].contiguous() for i in range(0, P, side)}
     squares = {i: piece * piece for i, piece in pieces.items()} if rounded else pieces
+    # per tile shape (at most three), the float64 tile, its mirror and their difference
+    spares: dict[tuple[int, int], tuple[Tensor, ...]] = {}
+    # the least and largest entry of each tile and of each difference
+    lows: list[Tensor] = []
+    highs: list[Tensor] = []
+    differences: list[Tensor] = []
 
     def take(tile: Tensor, rows: slice, cols: slice, transposed: bool) -> None:
-        # tile is H[rows, cols] in float64, or its transpose: its largest entry and its part
-        # of the products
+        # tile is H[rows, cols] in float64, or its transpose: its extremes and its part of
+        # the products
         low, high = torch.aminmax(tile)
-        largest.append(torch.maximum(high, -low))
+        lows.append(low)
+        highs.append(high)
         entries = tile.T if transposed else tile
         HV[:, rows].addmm_(pieces[cols.start], entries.T)
         if rounded:
@@ -269,23 +272,26 @@ def _scan(H: Tensor, V: Tensor, rounded: bool) -> tuple[Tensor, Tensor, float, f
 
     for rows, cols in _tile_pairs(P, side):
         shape = (rows.stop - rows.start, cols.stop - cols.start)
-        mine = spare[0, : shape[0] * shape[1]].view(shape).copy_(H[rows, cols])
+        if shape not in spares:
+            spares[shape] = torch.empty(3, *shape, dtype=torch.float64, device=H.device).unbind()
+        mine, mirror, difference = spares[shape]
+        mine.copy_(H[rows, cols])
         take(mine, rows, cols, transposed=False)
         if rows == cols:
-            mirror = spare[1, : mine.numel()].view(shape).copy_(mine.T)
+            mirror.copy_(mine.T)
         else:
             # H[cols, rows] copied transposed, its entries in the places of their mirrors in
             # mine: subtracting a transposed view instead reads with strides, 7 to 20 times slower
-            mirror = spare[1, : mine.numel()].view(shape).copy_(H[cols, rows].T)
+            mirror.copy_(H[cols, rows].T)
             take(mirror, cols, rows, transposed=True)
-        difference = spare[2, : mine.numel()].view(shape)
-        low, high = torch.aminmax(torch.sub(mine, mirror, out=difference))
-        asymmetry.append(torch.maximum(high, -low))
-    max_abs = float(torch.stack(largest).max()) if largest else 0.0
-    if not math.isfinite(max_abs):
+        differences.extend(torch.aminmax(torch.sub(mine, mirror, out=difference)))
+    if not P:
+        return HV, rounding, 0.0, 0.0
+    low, high = float(torch.stack(lows).min()), float(torch.stack(highs).max())
+    if not (math.isfinite(low) and math.isfinite(high)):
         return None
-    worst = float(torch.stack(asymmetry).max()) if asymmetry else 0.0
-    return HV, rounding.sqrt_(), max_abs, worst
+    worst = float(torch.stack(differences).abs().max())
+    return HV, rounding.sqrt_() if rounded else rounding, max(high, -low), worst
 
 
 #: the side of the square tiles ``_scan`` reads ``H`` in, by device type. On a CPU, three
