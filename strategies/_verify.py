@@ -241,9 +241,9 @@ def _scan(H: Tensor, V: Tensor, rounded: bool) -> tuple[Tensor, Tensor, float, f
 
     One read of ``H``: a square tile above the diagonal and its mirror at a time
     (``_tile_pairs``), each copied into a float64 buffer (the mirror transposed), in which
-    both products, the largest entry and the difference are taken while they are in cache.
-    The buffers, at most ``_tile(H.device)`` squared each, are reused: the check never
-    holds a float64 copy of ``H``. The products are accumulated in float64.
+    both products, the extremes and the difference are taken while they are in cache.
+    The three buffers, ``_tile(H.device)`` squared each, are reused: the check never holds
+    a float64 copy of ``H``. The products are accumulated in float64.
     """
     P, k = H.shape[0], V.shape[0]
     side = max(1, min(_tile(H.device), P))
@@ -252,7 +252,9 @@ def _scan(H: Tensor, V: Tensor, rounded: bool) -> tuple[Tensor, Tensor, float, f
     # the probes' columns of each tile, contiguous (as the products read them)
     pieces = {i: V[:, i : i + side].contiguous() for i in range(0, P, side)}
     squares = {i: piece * piece for i, piece in pieces.items()} if rounded else pieces
-    # per tile shape (at most three), the float64 tile, its mirror and their difference
+    # the float64 tile, its mirror and their difference, in one buffer; their views per tile
+    # shape (at most three)
+    spare = torch.empty(3, side, side, dtype=torch.float64, device=H.device)
     spares: dict[tuple[int, int], tuple[Tensor, ...]] = {}
     # the least and largest entry of each tile and of each difference
     lows: list[Tensor] = []
@@ -273,7 +275,11 @@ def _scan(H: Tensor, V: Tensor, rounded: bool) -> tuple[Tensor, Tensor, float, f
     for rows, cols in _tile_pairs(P, side):
         shape = (rows.stop - rows.start, cols.stop - cols.start)
         if shape not in spares:
-            spares[shape] = torch.empty(3, *shape, dtype=torch.float64, device=H.device).unbind()
+            spares[shape] = (
+                spare.unbind()
+                if shape == (side, side)
+                else tuple(b.view(-1)[: shape[0] * shape[1]].view(shape) for b in spare)
+            )
         mine, mirror, difference = spares[shape]
         mine.copy_(H[rows, cols])
         take(mine, rows, cols, transposed=False)
@@ -297,9 +303,10 @@ def _scan(H: Tensor, V: Tensor, rounded: bool) -> tuple[Tensor, Tensor, float, f
 #: the side of the square tiles ``_scan`` reads ``H`` in, by device type. On a CPU, three
 #: float64 tiles of 512 (6 MiB) stay in cache; the scan of a float32 ``H`` at P = 13,121
 #: measured 0.46 s with 512, 0.61 s with 384 or 640, 0.7 s with 256, 0.84 s with 1,024 (one
-#: thread). Elsewhere (a GPU) larger tiles: fewer launches.
+#: thread). Elsewhere (a GPU) larger tiles, for fewer launches: three of 1,024 (24 MiB),
+#: less than the 32 MiB of float64 rows the scan held before.
 _TILES = {"cpu": 512}
-_TILE_ELSEWHERE = 2048
+_TILE_ELSEWHERE = 1024
 
 
 def _tile(device: torch.device) -> int:
