@@ -30,16 +30,22 @@ float16 and bfloat16 ``H`` (80 of 80), and the zero Hessian of a loss independen
 chosen params (``H`` about 1e-32; tests/test_contract.py).
 
 Cost: the problem's tensors cast to float64 (the net is not copied), one gradient with its graph
-and three backward passes through it, and two passes over ``H`` (its rows, then its square
-tiles against their mirrors). Measured on one thread: at P = 49 (the forum net) the three
-float64 products take 0.4x ``vmap_vjp``'s whole time; at P = 641 the whole check takes 0.1x
-to 0.14x (a loaded machine). The default probes are drawn once per size and kept.
+and three backward passes through it, and one read of ``H``: a square tile and its mirror at
+a time, each copied to float64 in cache for the products, ``max |H|`` and the mirror's
+difference (``_scan``). Measured on one thread (medians of interleaved runs, float32 MLPs of
+the grid, ``H`` from ``kron``): at P = 49 (the forum net) the whole check takes 2.9 ms, of
+which the three float64 products 1.8 ms, ``prepare``'s checks of the inputs 0.7 ms and the
+scan of ``H`` 0.16 ms (the products take 0.4x ``vmap_vjp``'s whole time); at P = 641
+(w64-d1-b128-tanh-mse) 6 ms, of which the products 2.6 ms and the scan 2.1 ms; at P = 13,121
+(w64-d4-b128-tanh-mse) 0.49 s, all but 10 ms the scan, where reading ``H`` in rows and then
+its mirrors again took 1.1 s (``auto`` there costs ``kron``'s time + 0.52 s, was + 1.18 s).
+The default probes are drawn once per size and kept.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -54,8 +60,6 @@ from ._problem import LossFn, Problem, autograd_enabled
 
 __all__ = ["default_rtol", "verify"]
 
-#: elements of ``H`` read at a time, so that the check never holds a float64 copy of ``H``
-_BLOCK_ELEMENTS = 1 << 22
 #: the probe vectors: Gaussian ones see every error pattern with probability one; signs of
 #: equal size see an error in any single column at its full size
 _PROBES = ("gaussian", "gaussian", "signs")
@@ -229,52 +233,92 @@ def _probe(kind: str, P: int, generator: torch.Generator, device: torch.device) 
     return (2 * signs - 1).to(torch.float64)
 
 
+@torch.no_grad()  # an H that requires grad is read, not differentiated
 def _scan(H: Tensor, V: Tensor, rounded: bool) -> tuple[Tensor, Tensor, float, float] | None:
     """``H V^T`` and, where ``rounded``, ``sqrt(H² (V²)^T)`` (k x P each; else zeros), ``max |H|``
-    and ``max |H - Hᵀ|``, in float64, a block of rows at a time; None where ``H`` is not
-    finite (``max`` and ``min`` propagate NaN, and meet an infinity as one)."""
-    P = H.shape[0]
-    HV = torch.empty(V.shape[0], P, dtype=torch.float64, device=V.device)
+    and ``max |H - Hᵀ|``, in float64; None where ``H`` is not finite (``min`` and ``max``
+    propagate NaN, and meet an infinity as one).
+
+    One read of ``H``: a square tile above the diagonal and its mirror at a time
+    (``_tile_pairs``), each copied into a float64 buffer (the mirror transposed), in which
+    both products, the extremes and the difference are taken while they are in cache.
+    The three buffers, ``_tile(H.device)`` squared each, are reused: the check never holds
+    a float64 copy of ``H``. The products are accumulated in float64.
+    """
+    P, k = H.shape[0], V.shape[0]
+    side = max(1, min(_tile(H.device), P))
+    HV = torch.zeros(k, P, dtype=torch.float64, device=V.device)
     rounding = torch.zeros_like(HV)
-    V2 = V * V
-    max_abs, asymmetry = 0.0, 0.0
-    rows = max(1, _BLOCK_ELEMENTS // max(P, 1))
-    for start in range(0, P, rows):
-        stop = min(start + rows, P)
-        block = H[start:stop].to(torch.float64)
-        largest = max(float(block.max()), -float(block.min()))
-        if not math.isfinite(largest):
-            return None
-        max_abs = max(max_abs, largest)
-        HV[:, start:stop] = torch.mm(V, block.T)
+    # the probes' columns of each tile, contiguous (as the products read them)
+    pieces = {i: V[:, i : i + side].contiguous() for i in range(0, P, side)}
+    squares = {i: piece * piece for i, piece in pieces.items()} if rounded else pieces
+    # the float64 tile, its mirror and their difference, in one buffer; their views per tile
+    # shape (at most three)
+    spare = torch.empty(3, side, side, dtype=torch.float64, device=H.device)
+    spares: dict[tuple[int, int], tuple[Tensor, ...]] = {}
+    # the least and largest entry of each tile and of each difference
+    lows: list[Tensor] = []
+    highs: list[Tensor] = []
+    differences: list[Tensor] = []
+
+    def take(tile: Tensor, rows: slice, cols: slice, transposed: bool) -> None:
+        # tile is H[rows, cols] in float64, or its transpose: its extremes and its part of
+        # the products
+        low, high = torch.aminmax(tile)
+        lows.append(low)
+        highs.append(high)
+        entries = tile.T if transposed else tile
+        HV[:, rows].addmm_(pieces[cols.start], entries.T)
         if rounded:
-            rounding[:, start:stop] = torch.mm(V2, (block * block).T).sqrt()
-        asymmetry = max(asymmetry, _asymmetry(H, block, start))
-    return HV, rounding, max_abs, asymmetry
+            rounding[:, rows].addmm_(squares[cols.start], (entries * entries).T)
+
+    for rows, cols in _tile_pairs(P, side):
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        if shape not in spares:
+            spares[shape] = (
+                spare.unbind()
+                if shape == (side, side)
+                else tuple(b.view(-1)[: shape[0] * shape[1]].view(shape) for b in spare)
+            )
+        mine, mirror, difference = spares[shape]
+        mine.copy_(H[rows, cols])
+        take(mine, rows, cols, transposed=False)
+        if rows == cols:
+            mirror.copy_(mine.T)
+        else:
+            # H[cols, rows] copied transposed, its entries in the places of their mirrors in
+            # mine: subtracting a transposed view instead reads with strides, 7 to 20 times slower
+            mirror.copy_(H[cols, rows].T)
+            take(mirror, cols, rows, transposed=True)
+        differences.extend(torch.aminmax(torch.sub(mine, mirror, out=difference)))
+    if not P:
+        return HV, rounding, 0.0, 0.0
+    low, high = float(torch.stack(lows).min()), float(torch.stack(highs).max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    worst = float(torch.stack(differences).abs().max())
+    return HV, rounding.sqrt_() if rounded else rounding, max(high, -low), worst
 
 
-#: the side of the square tiles ``_asymmetry`` compares with their mirrors (a tile and its
-#: transpose stay in cache: three times faster than ``block - block.T`` at P = 1,444; the
-#: mirror is copied contiguous first)
-_TILE = 512
+#: the side of the square tiles ``_scan`` reads ``H`` in, by device type. On a CPU, three
+#: float64 tiles of 512 (6 MiB) stay in cache; the scan of a float32 ``H`` at P = 13,121
+#: measured 0.46 s with 512, 0.61 s with 384 or 640, 0.7 s with 256, 0.84 s with 1,024 (one
+#: thread). Elsewhere (a GPU) larger tiles, for fewer launches: three of 1,024 (24 MiB),
+#: less than the 32 MiB of float64 rows the scan held before.
+_TILES = {"cpu": 512}
+_TILE_ELSEWHERE = 1024
 
 
-_CONTIGUOUS = torch.contiguous_format
+def _tile(device: torch.device) -> int:
+    return _TILES.get(device.type, _TILE_ELSEWHERE)
 
 
-def _asymmetry(H: Tensor, block: Tensor, start: int) -> float:
-    """``max |H[r, c] - H[c, r]|`` over the rows ``r`` of ``block`` (``H[start:...]`` in
-    float64) and the columns ``c`` from their own tile on: over all blocks, every pair."""
-    P, worst = H.shape[0], 0.0
-    for i in range(0, block.shape[0], _TILE):
-        rows = slice(start + i, min(start + i + _TILE, start + block.shape[0]))
-        for j in range(start + i, P, _TILE):
-            mine = block[i : i + _TILE, j : j + _TILE]
-            # the transposed tile copied once, contiguous: subtracting a transposed view
-            # directly costs eight times the whole check at P = 641 (strided reads)
-            mirror = H[j : j + _TILE, rows].T.to(torch.float64, memory_format=_CONTIGUOUS)
-            worst = max(worst, float((mine - mirror).abs().max()))
-    return worst
+def _tile_pairs(P: int, side: int) -> Iterator[tuple[slice, slice]]:
+    """The tiles ``(rows, cols)`` of a ``P x P`` matrix on and above the diagonal, of ``side``
+    (the last ones smaller): with their mirrors ``(cols, rows)``, every entry once."""
+    for i in range(0, P, side):
+        for j in range(i, P, side):
+            yield slice(i, min(i + side, P)), slice(j, min(j + side, P))
 
 
 def _reference(problem: Problem, V: Tensor) -> tuple[Tensor, float, Problem, str]:
