@@ -370,6 +370,8 @@ def test_auto_agrees_with_the_reports_recommendation_on_the_committed_runs() -> 
             & (df["device"] == row.device)
             & (df["dtype"] == row.dtype)
         ]
+        if cases.empty:  # a range of the users' nets alone (the forum's P = 49)
+            continue
         smallest = cases.sort_values("P").iloc[0]
         case = Case(
             **{

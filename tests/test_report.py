@@ -776,6 +776,10 @@ def test_report_of_the_committed_runs(tmp_path):
     choices = rule.decision(df)
     for arch, mine in choices[choices["device"] == "cpu"].groupby("arch"):
         first = mine.sort_values("P_min").iloc[0]
+        if not isinstance(first["runs"], str):  # a PINN only the loops, too slow, ran
+            where = f"{first['P_min']:,} ≤ P"
+            assert f"auto runs what its estimates pick at {where}" in text, arch
+            continue
         assert f"auto runs {first['runs']} at {first['P_min']:,} ≤ P" in text, arch
     assert (tmp_path / "p" / "accuracy.png").exists()
 
@@ -888,14 +892,19 @@ def test_the_decision_box_of_the_committed_runs_is_auto_table_and_the_planner(tm
         cells = df[(df["P"] >= P_min) & (df["P"] < P_max) & (df["arch"] == arch)]
         if P_min in rankings:
             ok = rule.ranked(cells)
+            refused = cells[cells["status"] == UNSUPPORTED]
+            # the first of the range's ranking that ran every case of the arch it supports
             everywhere = [
                 s
                 for s in rankings[P_min]
-                if set(ok[ok["strategy"] == s]["case"]) == set(cells["case"])
+                if set(ok[ok["strategy"] == s]["case"])
+                and set(ok[ok["strategy"] == s]["case"])
+                | set(refused[refused["strategy"] == s]["case"])
+                >= set(cells["case"])
             ]
-            assert name == everywhere[0], (arch, P_min, name)
+            assert name == (everywhere[0] if everywhere else ""), (arch, P_min, name)
         if not name:
-            assert none == "no ranked strategy ran every case"
+            assert none == "no ranked strategy ran every case it supports"
             continue
         named += 1
         smallest = cells.sort_values("P").iloc[0]
@@ -904,7 +913,7 @@ def test_the_decision_box_of_the_committed_runs_is_auto_table_and_the_planner(tm
         net, batch, loss_fn = make_problem(case)
         assert auto.choose(net, dict(net.named_parameters()), batch, loss_fn) == name, (arch, P_min)
         assert f"{name} at {P_min:,} ≤ P < {P_max:,}" in summary, (arch, P_min)
-    assert named >= 3 and {a for a, *_ in shown} == {"mlp", "custom", "layernorm"}
+    assert named >= 3 and {"mlp", "custom", "layernorm"} <= {a for a, *_ in shown}
     assert "<td>cuda</td><td>any</td><td>any P</td><td>not measured</td>" in box
 
 

@@ -12,6 +12,7 @@ import torch
 
 from bench import measure
 from bench.problems.grid import Case
+from bench.run import worker as worker_module
 from bench.run.worker import ChildTraceback, Crashed, Request, Worker
 
 CASE = Case(3, 4, 1, 1, "tanh", "mse", 5, "float32", "cpu")
@@ -79,6 +80,21 @@ def test_answers_a_first_call_and_a_memory_pass(worker):
     reply = worker.run(_registered("full_autograd", memory=True))
     assert reply.first_call_s is None and reply.memory_s > 0
     assert reply.peak_bytes >= CASE.hessian_bytes and reply.events > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc")
+def test_a_worker_holding_too_much_memory_is_replaced_by_the_next_pass(worker, monkeypatch):
+    worker.run(_registered("full_autograd", memory=False))
+    kept = worker.pid
+    assert worker.rss_bytes() > 0
+    worker.run(_registered("full_autograd", memory=False))
+    assert worker.pid == kept  # a worker of a few hundred MB stays
+    monkeypatch.setattr(worker_module, "RECYCLE_FRACTION", 0.0)
+    monkeypatch.setattr(worker_module, "RECYCLE_MIN_BYTES", 0)
+    reply = worker.run(_registered("full_autograd", memory=True))
+    assert worker.pid is None  # stopped once it answered: the answer is kept
+    assert reply.peak_bytes >= CASE.hessian_bytes
+    assert worker.run(_registered("full_autograd", memory=False)).first_call_s > 0
 
 
 @pytest.mark.parametrize(

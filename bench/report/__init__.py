@@ -212,8 +212,11 @@ def _arch_sentence(arch: str, choices: pd.DataFrame, rows: pd.DataFrame, winners
     parts = []
     for choice in choices.sort_values("P_min").to_dict("records"):
         where = _range(choice["P_min"], choice["P_max"])
-        if choice["runs"] is None:
-            parts.append(f"no ranked strategy ran its {_cases(choice['cases'])} at {where}")
+        if not isinstance(choice["runs"], str):  # None, or NaN in a string column
+            parts.append(
+                f"what its estimates pick at {where} (no ranked strategy ran its "
+                f"{_cases(choice['cases'])})"
+            )
             continue
         text = f"<b>{_code(choice['runs'])}</b> at {where}"
         if isinstance(choice["runner_up"], str) and choice["tie"]:
@@ -519,8 +522,8 @@ def _decision_html(df: pd.DataFrame) -> str:
     planner = _code(rule.PLANNER)
     rows = []
     for r in rule.decision(df).to_dict("records"):
-        if r["runs"] is None:
-            runs = "no ranked strategy ran every case"
+        if not isinstance(r["runs"], str):  # None, or NaN in a string column
+            runs = "no ranked strategy ran every case it supports"
             evidence = f"{_cases(r['cases'])}; {planner} falls back to its estimates"
         elif isinstance(r["runner_up"], str):
             runs = _code(r["runs"])
@@ -533,7 +536,7 @@ def _decision_html(df: pd.DataFrame) -> str:
         else:
             runs = _code(r["runs"])
             evidence = f"the only strategy repeated on all {_cases(r['cases'])}"
-        if r["runs"] is not None and r["ranked_in"] != (r["P_min"], r["P_max"]):
+        if isinstance(r["runs"], str) and r["ranked_in"] != (r["P_min"], r["P_max"]):
             evidence += (
                 f"; no strategy repeated on every case of this range: the ranking of "
                 f"{_range(*r['ranked_in'])}"
@@ -570,7 +573,7 @@ def _decision_html(df: pd.DataFrame) -> str:
         f"<p>{planner} plans per net: it takes the ranking of the net's device and size range "
         "(the recommendation rule below, as its table keeps it), runs the first strategy there "
         "that runs the net, and verifies the result; per way of writing the net (arch), that "
-        "is the first of the ranking that ran every case of the arch. Evidence: the fastest "
+        "is the first of the ranking that ran every case of the arch it supports. Evidence: the fastest "
         "other strategy on those cases (the runner-up), its min time over the choice's per "
         f"case (below 1× where it was faster); a win is at least {rule.FASTER_RATIO:g}× "
         f"and significant (Mann-Whitney U over rounds). Regret: {planner}'s own time over the "

@@ -36,6 +36,8 @@ from strategies import Strategy
 __all__ = [
     "STDERR_LINES",
     "START_TIMEOUT_S",
+    "RECYCLE_FRACTION",
+    "RECYCLE_MIN_BYTES",
     "Request",
     "Reply",
     "Crashed",
@@ -49,6 +51,12 @@ STDERR_LINES = 20
 #: longest the worker may take to start (import torch and the strategies)
 START_TIMEOUT_S = 300.0
 _STDERR_CHARS = 4000
+#: a worker holding more than this share of the machine's memory after a pass (and at
+#: least ``RECYCLE_MIN_BYTES``) is stopped, and the next pass starts a fresh one: a
+#: default run's worker once held about 16 GiB that ``malloc_trim`` did not give back,
+#: and the pytest process's cells were predicted over memory until it died
+RECYCLE_FRACTION = 0.1
+RECYCLE_MIN_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -187,10 +195,37 @@ class Worker:
         self._conn.send(request)
         doing = f"in the isolated pass of {request.strategy} on {request.case.id}"
         kind, payload = self._wait(self.timeout_s, doing)
+        self._recycle()
         if kind == "raised":
             exc, text = payload
             raise exc from ChildTraceback(text)
         return payload
+
+    @property
+    def pid(self) -> int | None:
+        """The running worker's process id (None before the first pass or after a stop)."""
+        return None if self._process is None else self._process.pid
+
+    def rss_bytes(self) -> int | None:
+        """The worker's resident memory (Linux's ``/proc``), None where it cannot be read."""
+        if self._process is None:
+            return None
+        try:
+            with open(f"/proc/{self.pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _recycle(self) -> None:
+        """Stop the worker where it holds more than ``RECYCLE_FRACTION`` of the machine's
+        memory (at least ``RECYCLE_MIN_BYTES``); the next ``run`` starts a fresh one."""
+        held = self.rss_bytes()
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (OSError, ValueError):
+            return
+        if held is not None and held > max(RECYCLE_FRACTION * total, RECYCLE_MIN_BYTES):
+            self.close()
 
     def _tail(self) -> str:
         """The last ``STDERR_LINES`` lines the worker wrote since the current request began."""
