@@ -140,6 +140,12 @@ def geomean(values: pd.Series) -> float:
     return float(np.exp(np.log(values.astype(float)).mean()))
 
 
+def _geomean_known(values: pd.Series) -> float:
+    """:func:`geomean` of the values that are not NaN; NaN where none is."""
+    known = values.dropna()
+    return geomean(known) if len(known) else math.nan
+
+
 def testable(n: int, m: int) -> bool:
     """Whether a two-sided Mann-Whitney U test over ``n`` rounds against ``m`` can reach
     p < :data:`ALPHA` at all: its least p-value, ``2 / C(n + m, n)``, is below it."""
@@ -289,12 +295,9 @@ def summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
     reference_cost = geomean(best["cost"]) if len(best) else math.nan
     summary = ok.groupby("strategy").agg(
         time_s=("min", geomean),
-        vs_fastest=("vs_fastest", lambda v: geomean(v.dropna()) if v.notna().any() else math.nan),
+        vs_fastest=("vs_fastest", _geomean_known),
         single_s=("single", geomean),
-        single_vs_fastest=(
-            "single_vs",
-            lambda v: geomean(v.dropna()) if v.notna().any() else math.nan,
-        ),
+        single_vs_fastest=("single_vs", _geomean_known),
         spread=("rel_spread", "max"),
         peak_bytes=("peak_bytes", "max"),
         peer=("peer", "any"),
@@ -533,8 +536,7 @@ def decision(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
             if mine.empty:
                 continue
             cases = set(mine["case"])
-            summary = summaries(mine, cases)
-            summary = summary[~summary["peer"].astype(bool)].sort_values(["vs_fastest", "time_s"])
+            summary = ranking(mine)  # over the arch's cases, peers left out
             runs = next((name for name in order if name in summary.index), None)
             record = {**dict.fromkeys(columns), **regime, "arch": arch, "runs": runs}
             record.update(ranked_in=(near["P_min"], near["P_max"]), tie=False, beaten=False)
