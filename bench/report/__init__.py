@@ -438,7 +438,7 @@ def _recommendation_view(table: pd.DataFrame, audits: list[dict]) -> pd.DataFram
             "dtype": table["dtype"],
             "P range": [_range(lo, hi) for lo, hi in zip(table["P_min"], table["P_max"])],
             "cases": [
-                f"{n} ({html.escape(f)} refused {n - k})" if k == k and k < n else f"{n}"
+                f"{n} ({html.escape(f)} refused {n - k})" if pd.notna(k) and k < n else f"{n}"
                 for n, k, f in zip(table["cases"], table["fastest_cases"], table["fastest"])
             ],
             "fastest (many Hessians)": [
