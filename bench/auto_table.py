@@ -10,7 +10,9 @@ Per machine, device, dtype and size range of P (the report's ranges), the rankin
 non-peer strategies that ran accurately on every case of the range they support, fastest
 first (the report's rule, ``bench.analysis.rule.ranking``), ``cost_vs_grad`` their cost in
 gradients per Hessian row in the same order (``rule.summaries``: what ``auto``'s estimate
-scales to another net), and
+scales to another net),
+``kinds`` the same ranking and costs over the cases of each kinds signature of the range
+(``rule.kinds_rankings``: "layernorm", "conv", "attention+layernorm"), and
 ``peak_ratio`` the largest peak memory over the Hessian's own size of every strategy
 measured accurately in the range, ranked or not. ``wrong_on`` lists, per strategy, the
 model kinds on which the audit found it wrong or failing.
@@ -55,6 +57,18 @@ def build(df: pd.DataFrame, audits: list[dict], sources: Sequence[str], command:
                 # strategy too slow on one case of the range still predicts its memory
                 # from here rather than from a range of far smaller nets; unmeasured
                 # peaks (memory pass skipped, peers) are left out
+                # per kinds signature of the range's nets, the ranking and costs over its
+                # cases alone (rule.kinds_rankings): what the planner ranks a net of that
+                # signature by
+                "kinds": {
+                    signature: {
+                        "ranking": list(order.index),
+                        "cost_vs_grad": {
+                            k: float(v) for k, v in order["cost_vs_grad"].items() if pd.notna(v)
+                        },
+                    }
+                    for signature, order in rule.kinds_rankings(rows).items()
+                },
                 "peak_ratio": {
                     k: round(float(v), 4)
                     for k, v in ratio.items()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["kinds_of", "uses_batch_statistics"]
+__all__ = ["kinds_of", "kinds_signature", "uses_batch_statistics"]
 
 _MLP_LAYERS = (nn.Linear, nn.Identity, nn.Tanh, nn.Sigmoid, nn.ReLU, nn.GELU, nn.SiLU, nn.Softplus)
 
@@ -51,3 +51,11 @@ def kinds_of(net: nn.Module) -> set[str]:
     if isinstance(net, nn.Sequential) and all(isinstance(m, _MLP_LAYERS) for m in layers):
         tags.add("mlp")
     return tags
+
+
+def kinds_signature(kinds: set[str] | frozenset[str]) -> str:
+    """The kinds that set a net apart from a plain MLP, sorted and joined by "+": "" for a plain
+    net ("mlp" only says how it is written), "layernorm", "attention+layernorm", "conv".
+    ``auto``'s estimate takes a strategy's cost from the measured nets of the same signature
+    where the committed runs have them (``bench.auto_table``)."""
+    return "+".join(sorted(k for k in kinds if k != "mlp"))

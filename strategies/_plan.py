@@ -107,12 +107,27 @@ def measured(
     return float(min(having, key=lambda r: _log_distance(r, P))[key][name])
 
 
+def _kinds_costs(
+    table: Mapping[str, Any], device: str, dtype: str, P: int, kinds: str
+) -> Mapping[str, float]:
+    """The ``cost_vs_grad`` of the nets of signature ``kinds`` in the size range of P nearest
+    to P (``bench.auto_table``'s ``kinds``), or nothing where that range measured none."""
+    here = regime(table, device, dtype, P)
+    if not kinds or here is None:
+        return {}
+    return here.get("kinds", {}).get(kinds, {}).get("cost_vs_grad", {})
+
+
 def _cost_per_row(
-    table: Mapping[str, Any], name: str, device: str, dtype: str, P: int
+    table: Mapping[str, Any], name: str, device: str, dtype: str, P: int, kinds: str = ""
 ) -> float | None:
-    """``name``'s ``cost_vs_grad`` in the size range of P nearest to P where it was measured
-    there; else interpolated on a log-log scale between the ranges (by their geometric
-    centres) that measured it, the nearest end's value beyond them; None where none did."""
+    """``name``'s ``cost_vs_grad`` on the nets of signature ``kinds`` in the size range of P
+    nearest to P where it was ranked there; else in that range; else interpolated on a
+    log-log scale between the ranges (by their geometric centres) that measured it, the
+    nearest end's value beyond them; None where none did."""
+    own = _kinds_costs(table, device, dtype, P, kinds)
+    if name in own:
+        return float(own[name])
     here = regime(table, device, dtype, P)
     if here is not None and name in here.get("cost_vs_grad", {}):
         return float(here["cost_vs_grad"][name])
@@ -220,6 +235,7 @@ def estimate(
     family: str,
     probes: Probes,
     kron_rows: tuple[list[tuple[int, int]], int] | None = None,
+    kinds: str = "",
 ) -> Estimate:
     """``name``'s predicted time and peak on ``problem`` (see the module docstring).
 
@@ -227,6 +243,9 @@ def estimate(
         family: the strategy's family (``strategies.FAMILIES``).
         kron_rows: for ``kron``, ``kron.workload``: (rows, positions) of each site with
             Kronecker directions, and the number of Hessian-vector rows, on this net.
+        kinds: the net's ``strategies.kinds_signature``: where the size range measured nets
+            of that signature, the costs measured on them (and a strategy ranked there is in
+            range); the others' from the whole range, ranked after them.
     """
     table = load_table()
     device, dtype = problem.device.type, str(problem.dtype).removeprefix("torch.")
@@ -235,10 +254,14 @@ def estimate(
     peak = int(max(peak_ratio(name, problem.device, problem.dtype, P), 1.0) * hessian_bytes)
 
     here = regime(table, device, dtype, P)
-    in_range = here is not None and name in here.get("cost_vs_grad", {})
+    own = _kinds_costs(table, device, dtype, P, kinds)
+    if own:
+        in_range = name in own
+    else:
+        in_range = here is not None and name in here.get("cost_vs_grad", {})
 
     def cost(strategy: str) -> float | None:
-        return _cost_per_row(table, strategy, device, dtype, P)
+        return _cost_per_row(table, strategy, device, dtype, P, kinds)
 
     needs_forward = family in _FORWARD_FAMILIES
     if needs_forward and not probes.forward_mode:
@@ -248,12 +271,13 @@ def estimate(
     per_row = cost(name)
     if per_row is None:
         return Estimate(name, math.inf, peak, "never measured on this device")
+    measured_on = f", as measured on {kinds} nets" if name in own else ""
     if kron_rows is None:
         return Estimate(
             name,
             per_row * P * probes.grad_s,
             peak,
-            f"{per_row:.3g} gradients per row x {P:,} rows",
+            f"{per_row:.3g} gradients per row x {P:,} rows{measured_on}",
             in_range,
         )
     if not probes.transforms:
@@ -278,7 +302,7 @@ def estimate(
         seconds,
         peak,
         f"{rows:,} Kronecker rows ({shared:,} of them shared over positions) x {per_row:.3g} "
-        f"gradients, {other:,} Hessian-vector rows x {per_hvp:.3g} (as {hvp})",
+        f"gradients, {other:,} Hessian-vector rows x {per_hvp:.3g} (as {hvp}){measured_on}",
         in_range,
     )
 

@@ -52,7 +52,7 @@ from ._contract import (
     prepare,
     sharing_problems,
 )
-from ._kinds import kinds_of
+from ._kinds import kinds_of, kinds_signature
 from ._memory import available_bytes, check_positive
 from ._problem import LossFn
 from ._verify import verify
@@ -280,7 +280,9 @@ def _estimates(
             except Exception as error:  # its own compute would fail the same way
                 passed_over.append(f"{name}: {type(error).__name__}: {error}")
                 continue
-        guess = _plan.estimate(problem, name, strategy.family, probes, kron_rows)
+        guess = _plan.estimate(
+            problem, name, strategy.family, probes, kron_rows, kinds_signature(kinds)
+        )
         if guess.peak_bytes > budget:
             passed_over.append(
                 f"{name}: predicted peak {guess.peak_bytes:.3g} B over budget {budget:.3g} B"

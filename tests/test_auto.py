@@ -351,6 +351,37 @@ def test_a_strategy_predicted_over_memory_refuses_before_allocating(tmp_path) ->
 # --- one rule with the report ---
 
 
+class _NormedNet(nn.Module):
+    """A user's net of P = 1,291 in the 1,000-3,000 range: two hidden Linear layers, with or
+    without an affine LayerNorm after each (not the grid's LayerNorm MLP: other widths, its
+    own forward)."""
+
+    def __init__(self, normed: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 30), nn.Linear(30, 30), nn.Linear(30, 1)
+        self.na = nn.LayerNorm(30) if normed else nn.Identity()
+        self.nb = nn.LayerNorm(30) if normed else nn.Identity()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.nb(self.b(torch.tanh(self.na(self.a(x)))))))
+
+
+def test_a_net_with_layernorm_is_ranked_by_the_layernorm_nets_costs() -> None:
+    """Where the committed runs rank the LayerNorm nets of a size range on their own, ``auto``
+    ranks any net with a LayerNorm by that ranking (the decision box's choice for the arch);
+    the same net without the LayerNorms by the range's."""
+    table = _plan.load_table()
+    P_range = next(r for r in table["regimes"] if r["device"] == "cpu" and r["P_min"] == 1000)
+    normed = P_range["kinds"]["layernorm"]["ranking"]
+    assert normed[0] != P_range["ranking"][0]  # else this test shows nothing
+    for is_normed, first in ((True, normed[0]), (False, P_range["ranking"][0])):
+        net, params, batch = _problem(_NormedNet(is_normed), n_in=6, n=64)
+        assert 1000 <= sum(p.numel() for p in params.values()) < 3000
+        plan = auto.plan(net, params, batch)
+        assert plan.choice == first, (is_normed, str(plan))
+        assert ("as measured on layernorm nets" in plan.candidates[0].basis) == is_normed
+
+
 def test_auto_agrees_with_the_reports_recommendation_on_the_committed_runs() -> None:
     from bench.analysis import rule, tidy
     from bench.problems.grid import Case

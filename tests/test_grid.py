@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from bench.analysis.rule import size_range
-from bench.problems.grid import GRIDS, USER_ARCHS, Case, cases, expand
+from bench.problems.grid import ARCH_KINDS, ARCHS, GRIDS, USER_ARCHS, Case, cases, expand
 from bench.problems.models import chosen_params, make_problem
+from strategies import kinds_of, kinds_signature
 
 
 def _case(**changes) -> Case:
@@ -25,6 +26,18 @@ def _case(**changes) -> Case:
         device="cpu",
     )
     return Case(**{**fields, **changes})
+
+
+def test_arch_kinds_are_the_kinds_of_every_net_of_the_arch():
+    """ARCH_KINDS (what the analysis groups cases by, without building nets) is what
+    ``kinds_signature(kinds_of(net))`` finds in every case of every grid."""
+    seen = set()
+    for grid in GRIDS:
+        for case in cases(grid, ("cpu",)):
+            net, _, _ = make_problem(case)
+            assert kinds_signature(kinds_of(net)) == ARCH_KINDS.get(case.arch, ""), case.id
+            seen.add(case.arch)
+    assert seen == set(ARCHS)
 
 
 def test_design_cases_are_in_the_default_grid_with_their_P():

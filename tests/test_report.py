@@ -861,7 +861,7 @@ def test_the_decision_box_of_the_committed_runs_is_auto_table_and_the_planner(tm
     planner itself chooses on the arch's smallest case of the range; the "What to use"
     sentences name the same."""
     from bench import auto_table
-    from bench.problems.grid import Case
+    from bench.problems.grid import ARCH_KINDS, Case
     from bench.problems.models import make_problem
     from strategies import auto
 
@@ -882,6 +882,7 @@ def test_the_decision_box_of_the_committed_runs_is_auto_table_and_the_planner(tm
         box,
     )
     rankings = {r["P_min"]: r["ranking"] for r in committed["regimes"] if r["device"] == "cpu"}
+    kinds = {r["P_min"]: r["kinds"] for r in committed["regimes"] if r["device"] == "cpu"}
     df, _ = tidy.load(inputs)
     df = df[df["device"] == "cpu"].assign(arch=df["arch"].fillna("mlp"))
     assert len(shown) == len(df.groupby(["arch", df["P"].map(lambda p: rule.size_range(p))]))
@@ -893,10 +894,12 @@ def test_the_decision_box_of_the_committed_runs_is_auto_table_and_the_planner(tm
         if P_min in rankings:
             ok = rule.ranked(cells)
             refused = cells[cells["status"] == UNSUPPORTED]
-            # the first of the range's ranking that ran every case of the arch it supports
+            # the first of the planner's ranking for the arch (its kinds signature's, then the
+            # range's) that ran every case of the arch it supports
+            own = kinds[P_min].get(ARCH_KINDS.get(arch, ""), {}).get("ranking")
             everywhere = [
                 s
-                for s in rankings[P_min]
+                for s in rule.planner_order(rankings[P_min], own)
                 if set(ok[ok["strategy"] == s]["case"])
                 and set(ok[ok["strategy"] == s]["case"])
                 | set(refused[refused["strategy"] == s]["case"])
@@ -914,6 +917,8 @@ def test_the_decision_box_of_the_committed_runs_is_auto_table_and_the_planner(tm
         assert auto.choose(net, dict(net.named_parameters()), batch, loss_fn) == name, (arch, P_min)
         assert f"{name} at {P_min:,} ≤ P < {P_max:,}" in summary, (arch, P_min)
     assert named >= 3 and {"mlp", "custom", "layernorm"} <= {a for a, *_ in shown}
+    # the LayerNorm MLP of 1,000 to 3,000 is ranked by the LayerNorm nets' own costs
+    assert ("layernorm", "1,000", "3,000", "kron", "") in shown
     assert "<td>cuda</td><td>any</td><td>any P</td><td>not measured</td>" in box
 
 

@@ -31,6 +31,10 @@ Recommendation rule, per machine, device, dtype and size range of P (docs/DESIGN
   Mann-Whitney U test over the two cells' rounds gives p < ``ALPHA`` (0.05); where the
   rounds are too few for the test ever to reach that, only a ratio of at least
   ``HUGE_RATIO`` (2x) counts.
+- The planner ranks the same way over the cases of each kinds signature of the range
+  (:func:`kinds_rankings`: the LayerNorm nets, the transformer, the CNN), and a net of that
+  signature by that ranking first (:func:`planner_order`); the recommendation table names
+  the range's, and the decision box, per arch, what the planner runs.
 - The fastest for a single Hessian of one structure ranks the same candidates by the time of
   their first call where it was recorded (compile included, for strategies that compile),
   else by their min time; the fastest above is the choice for many Hessians.
@@ -46,6 +50,7 @@ import numpy as np
 import pandas as pd
 
 from bench.analysis.tidy import CELL_COLUMNS, with_case_defaults
+from bench.problems.grid import ARCH_KINDS
 from bench.vocabulary import BASELINE, OK, TIMED, UNSUPPORTED
 
 __all__ = [
@@ -64,6 +69,8 @@ __all__ = [
     "peak_ratios",
     "recommend",
     "ranking",
+    "kinds_rankings",
+    "planner_order",
     "recommendation_records",
     "PLANNER",
     "regrets",
@@ -315,6 +322,30 @@ def ranking(rows: pd.DataFrame) -> pd.DataFrame:
     return summary[~summary["peer"].astype(bool)].sort_values(["vs_fastest", "time_s"])
 
 
+def kinds_rankings(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """:func:`ranking` over the cases of each kinds signature of a size range that is not ""
+    (``ARCH_KINDS`` of their arch: "layernorm", "conv", "attention+layernorm"), where it
+    ranks any: what the planner ranks a net of that signature by, where a normalisation layer,
+    a convolution or attention changes the strategies' costs against a gradient (the
+    LayerNorm MLP at P = 1,505: ``kron`` 0.75x ``block_symmetric``, the range's first)."""
+    kinds = rows["arch"].map(lambda arch: ARCH_KINDS.get(arch, ""))
+    result = {}
+    for signature, mine in rows.groupby(kinds, sort=True):
+        if signature:
+            order = ranking(mine)
+            if not order.empty:
+                result[signature] = order
+    return result
+
+
+def planner_order(range_order: list[str], kinds_order: list[str] | None) -> list[str]:
+    """The order the planner's table ranks a net in: its kinds signature's ranking where the
+    range has one, then the rest of the range's ranking."""
+    if not kinds_order:
+        return list(range_order)
+    return list(kinds_order) + [name for name in range_order if name not in kinds_order]
+
+
 def peak_ratios(rows: pd.DataFrame) -> pd.Series:
     """Per strategy, its largest peak memory over the Hessian's own size on its "ok" cells."""
     ok = rows[rows["status"] == OK]
@@ -497,8 +528,9 @@ def decision(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
     of P and ``arch``, with the evidence.
 
     The planner ranks by its table (``bench.auto_table``: :func:`ranking` per size range, the
-    nearest ranked range where its own has no ranking, ``ranked_in``) and runs the first
-    strategy that runs the net: per arch, ``runs`` is the first of that ranking that ran
+    nearest ranked range where its own has no ranking, ``ranked_in``; for an arch of a kinds
+    signature the range ranks on its own, that ranking first, :func:`planner_order`) and
+    runs the first strategy that runs the net: per arch, ``runs`` is the first of that ranking that ran
     accurately and repeated (:func:`ranked`) on every case of the arch in the range that it
     supports (:func:`summaries`). ``runner_up`` is the fastest other strategy that did (by
     ``vs_fastest``); ``wins`` and the ratios are over the cases both ran;
@@ -518,19 +550,26 @@ def decision(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
     df = with_case_defaults(df)
     regret = regrets(df, planner) if not df.empty else pd.DataFrame(columns=["case", "regret"])
     groups = [(regime, rows) for regime, rows in regimes(df) if rows["status"].isin(TIMED).any()]
-    orders = {}
+    orders, kinds_orders = {}, {}
     for regime, rows in groups:
         order = list(ranking(rows).index)
         if order:
             orders[tuple(regime.values())] = order
+            kinds_orders[tuple(regime.values())] = {
+                signature: list(summary.index)
+                for signature, summary in kinds_rankings(rows).items()
+            }
     ranked_ranges = [r for r, _ in groups if tuple(r.values()) in orders]
     records = []
     for regime, rows in groups:
         near = _nearest(ranked_ranges, regime)
         if near is None:
             continue
-        order = orders[tuple(near.values())]
         for arch, mine in rows.groupby("arch", sort=True):
+            order = planner_order(
+                orders[tuple(near.values())],
+                kinds_orders[tuple(near.values())].get(ARCH_KINDS.get(arch, "")),
+            )
             ran = mine.loc[mine["status"] == OK, "case"].unique()
             mine = mine[mine["case"].isin(ran)]
             if mine.empty:

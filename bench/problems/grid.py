@@ -11,6 +11,7 @@ __all__ = [
     "GRIDS",
     "ARCHS",
     "USER_ARCHS",
+    "ARCH_KINDS",
     "SEQUENCE",
     "HEADS",
     "ACTIVATIONS",
@@ -56,6 +57,11 @@ ARCHS = (
 #: - ``weighted``: an ``nn.Sequential`` MLP with an MSE weighted per sample by a fixed tensor
 #:   in the loss closure.
 USER_ARCHS = ARCHS[3:]
+#: ``strategies.kinds_signature`` of each arch's nets where it is not "" (a plain net): the
+#: modules that set it apart. The planner's table ranks the strategies over the cases of each
+#: signature too (``bench.analysis.rule.kinds_rankings``); tests/test_grid.py checks this
+#: against the nets ``bench.problems.models`` builds
+ARCH_KINDS = {"layernorm": "layernorm", "cnn": "conv", "transformer": "attention+layernorm"}
 #: tokens per sequence of the ``transformer`` arch
 SEQUENCE = 8
 #: attention heads of the ``transformer`` arch

@@ -571,7 +571,9 @@ def _decision_html(df: pd.DataFrame) -> str:
     return (
         f"<div id='decision'><h2>Decision: the default is {planner}</h2>"
         f"<p>{planner} plans per net: it takes the ranking of the net's device and size range "
-        "(the recommendation rule below, as its table keeps it), runs the first strategy there "
+        "(the recommendation rule below, as its table keeps it; for a net with LayerNorm, "
+        "convolution or attention layers, first the ranking of the range's nets with the same "
+        "layers, where it has any), runs the first strategy there "
         "that runs the net, and verifies the result; per way of writing the net (arch), that "
         "is the first of the ranking that ran every case of the arch it supports. Evidence: the fastest "
         "other strategy on those cases (the runner-up), its min time over the choice's per "
