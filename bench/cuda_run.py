@@ -92,6 +92,11 @@ def run_step(
     JSON written), and SIGKILL ``grace_s`` later if it is still there.
     """
     start = time.monotonic()
+    # a run started in the background by a shell without job control (``nohup ... &`` in a
+    # script) has SIGINT ignored, and its steps would inherit that and sleep through their
+    # deadline until SIGKILL: they get the default instead (Python's KeyboardInterrupt)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     with open(log, "w") as sink:
         print(f"cuda_run: {name}: {shlex.join(command)}", flush=True)
         process = subprocess.Popen(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -204,7 +205,20 @@ def test_install_asks_pip_for_the_missing_only_and_offline(tmp_path, monkeypatch
 # --- the run's steps and summary -------------------------------------------------------------
 
 
-def test_a_step_past_its_deadline_gets_ctrl_c_and_keeps_what_it_wrote(tmp_path):
+@pytest.mark.parametrize("ignored", [False, True], ids=["sigint-as-is", "sigint-ignored"])
+def test_a_step_past_its_deadline_gets_ctrl_c_and_keeps_what_it_wrote(tmp_path, ignored):
+    """Also where the run itself was started with SIGINT ignored (``nohup ... &`` in a
+    script), which its steps would otherwise inherit."""
+    before = signal.getsignal(signal.SIGINT)
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _sleeper_stopped_at_its_deadline(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _sleeper_stopped_at_its_deadline(tmp_path):
     script = (
         "import sys, time\n"
         "print('started', flush=True)\n"
