@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.utils._pytree import tree_flatten
 
-from ._blocks import flatten
+from ._blocks import flatten, unflatten
 from ._contract import prepare
 from ._kinds import uses_batch_statistics
 from ._kron_sites import Site, discover, has_linear, run
@@ -891,43 +891,44 @@ def _hvp_rows(
     surrogate: Callable[[Tensor], Tensor],
     chunk_size: int | None,
 ) -> None:
-    """The rows of the non-Kronecker tensors by forward-over-reverse products of the
-    surrogate, and their columns by symmetry. Tensor k's rows take the columns of the
-    tensors from k on (in mapping order) and of the Kronecker tensors before it: the others
-    before it gave their block with k already. The gradient is taken w.r.t. those tensors
-    only, so the backward stops at the earliest of them."""
+    """The full rows of the non-Kronecker tensors by forward-over-reverse products of the
+    surrogate, and their columns in the Kronecker tensors' rows by symmetry.
+
+    The tensors' rows are taken together, one vmapped pass per chunk of rows over all of
+    them: each vmap call of a tangent pass costs a fixed overhead on the
+    transformer block, so one call per tensor (its LayerNorm and input projection tensors,
+    six) took 0.36 s of ``kron``'s 0.64 s at P = 5,188; together, 0.14 s. Between two such
+    tensors the later one's rows take the mirror of the earlier one's block, as every block
+    below the diagonal does."""
     point = problem.primal_dict()
     sizes = dict(zip(problem.names, problem.sizes))
-    rest = set(others)
-    step = problem_chunk(problem, sum(sizes[n] for n in others), chunk_size)
-    for name in others:
-        k = problem.names.index(name)
-        cols = [n for i, n in enumerate(problem.names) if i >= k or n not in rest]
+    shapes = tuple(point[n].shape for n in others)
+    # H's row of each entry of the others, concatenated in mapping order
+    where = torch.cat(
+        [torch.arange(offsets[n], offsets[n] + sizes[n], device=H.device) for n in others]
+    )
 
-        def row(v: Tensor, name: str = name, cols: list[str] = cols) -> Tensor:
-            def flat_grad(x: Tensor) -> Tensor:
-                def loss(q: dict[str, Tensor]) -> Tensor:
-                    out = functional_call(problem.module, {**point, **q}, (problem.inputs,))
-                    return surrogate(out)
+    def flat_grad(*moved: Tensor) -> Tensor:
+        def loss(q: dict[str, Tensor]) -> Tensor:
+            return surrogate(functional_call(problem.module, q, (problem.inputs,)))
 
-                g = grad(loss)({c: x if c == name else point[c] for c in cols})
-                return flatten([g[c] for c in cols])
+        g = grad(loss)({**point, **dict(zip(others, moved))})
+        return flatten([g[n] for n in problem.names])
 
-            return jvp(flat_grad, (point[name],), (v.view_as(point[name]),))[1]
+    def row(v: Tensor) -> Tensor:
+        return jvp(flat_grad, tuple(point[n] for n in others), unflatten(v, shapes))[1]
 
-        r0, n = offsets[name], sizes[name]
-        for start, stop, basis in unit_chunks(n, step, problem.dtype, problem.device):
-            rows = vmap(row)(basis)
-            c = 0
-            for col in cols:
-                H[r0 + start : r0 + stop, offsets[col] : offsets[col] + sizes[col]] = rows[
-                    :, c : c + sizes[col]
-                ]
-                c += sizes[col]
-        for col in cols:
-            if col != name:
-                c0, m = offsets[col], sizes[col]
-                _transpose_into(H[c0 : c0 + m, r0 : r0 + n], H[r0 : r0 + n, c0 : c0 + m])
+    n = int(where.numel())
+    step = problem_chunk(problem, n, chunk_size)
+    for start, stop, basis in unit_chunks(n, step, problem.dtype, problem.device):
+        H.index_copy_(0, where[start:stop], vmap(row)(basis))
+    for k, name in enumerate(others):
+        r0, m = offsets[name], sizes[name]
+        later = set(others[k + 1 :])
+        for col in problem.names:
+            if col in later or (col != name and col not in others):
+                c0, w = offsets[col], sizes[col]
+                _transpose_into(H[c0 : c0 + w, r0 : r0 + m], H[r0 : r0 + m, c0 : c0 + w])
 
 
 def _reverse_rows(H: Tensor, problem: Problem, surrogate: Callable[[Tensor], Tensor]) -> None:
