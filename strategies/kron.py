@@ -66,7 +66,7 @@ from ._blocks import flatten, unflatten
 from ._contract import prepare
 from ._kinds import uses_batch_statistics
 from ._kron_sites import Site, discover, has_linear, run
-from ._memory import check_positive, problem_chunk, unit_chunks
+from ._memory import check_positive, direction_bytes, problem_chunk, unit_chunks
 from ._problem import LossFn, Problem
 
 __all__ = ["NAME", "FAMILY", "DESCRIPTION", "supports", "compute", "has_linear", "workload"]
@@ -81,9 +81,13 @@ DESCRIPTION = (
 #: a temporary of one chunk of directions holds at most this fraction of the Hessian's bytes
 _CHUNK_FRACTION = 1 / 2
 _MIN_CHUNK_BYTES = 1 << 22
-#: a chunk of directions with positions may take this much: each vmap call of the tangent
-#: passes costs about 70 ms of overhead on the transformer block, a pass about 1 ms
-_SHARED_CHUNK_BYTES = 1 << 27
+#: a chunk of directions with positions, or of Hessian-vector rows, may take this much
+#: beyond the half of the Hessian that bounds the other chunks: each vmap call of the tangent
+#: passes costs about 70 ms of overhead on the transformer block, a pass about 1 ms; on a
+#: CNN of P = 3,510 (``convnet`` of the structured grid) its convolutions' 188 rows took 47
+#: calls of 4 rows under that half, and ``kron`` 1.04 s; 0.45 s with 128 MiB, 0.37 s with
+#: 256 MiB, 0.32 s with 512 MiB
+_SHARED_CHUNK_BYTES = 1 << 28
 #: bytes of a direction's B x P_l product kept in cache at a time
 _CACHE_BYTES = 1 << 21
 #: rows per direction from which one GEMM per direction beats batched small GEMMs
@@ -891,44 +895,81 @@ def _hvp_rows(
     surrogate: Callable[[Tensor], Tensor],
     chunk_size: int | None,
 ) -> None:
-    """The full rows of the non-Kronecker tensors by forward-over-reverse products of the
-    surrogate, and their columns in the Kronecker tensors' rows by symmetry.
+    """The rows of the non-Kronecker tensors by forward-over-reverse products of the
+    surrogate, and their columns by symmetry.
 
-    The tensors' rows are taken together, one vmapped pass per chunk of rows over all of
-    them: each vmap call of a tangent pass costs a fixed overhead on the
-    transformer block, so one call per tensor (its LayerNorm and input projection tensors,
-    six) took 0.36 s of ``kron``'s 0.64 s at P = 5,188; together, 0.14 s. Between two such
-    tensors the later one's rows take the mirror of the earlier one's block, as every block
-    below the diagonal does."""
+    The rows of a group of consecutive such tensors (in mapping order) take the columns of
+    the tensors from the group's first on and of the Kronecker tensors before it: the
+    gradient is taken w.r.t. those only, so the backward stops at the group's first tensor
+    (a convolution's input gradient is not taken). A group grows while its rows fit one
+    vmapped chunk: each vmap call has a fixed cost, so one call per tensor took 0.36 s of
+    ``kron``'s 0.64 s on a pre-LN block of width 24 (P = 5,188, its LayerNorm and input
+    projection tensors six), 0.14 s in groups. Between two such tensors the later one's
+    rows take the mirror of the earlier one's block, as every block below the diagonal
+    does."""
     point = problem.primal_dict()
     sizes = dict(zip(problem.names, problem.sizes))
-    shapes = tuple(point[n].shape for n in others)
-    # H's row of each entry of the others, concatenated in mapping order
+    rest = set(others)
+    total = sum(sizes[n] for n in others)
+    step = problem_chunk(problem, total, chunk_size)
+    if chunk_size is None:
+        step = max(step, min(total, _SHARED_CHUNK_BYTES // direction_bytes(problem)))
+    groups: list[list[str]] = []
+    for name in others:
+        if groups and sum(sizes[n] for n in groups[-1]) + sizes[name] <= step:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    for group in groups:
+        first = problem.names.index(group[0])
+        cols = [n for i, n in enumerate(problem.names) if i >= first or n not in rest]
+        _group_rows(H, problem, point, group, cols, offsets, surrogate, step)
+        for name in group:
+            r0, m = offsets[name], sizes[name]
+            for col in cols:
+                if col in rest and problem.names.index(col) <= problem.names.index(name):
+                    continue
+                c0, w = offsets[col], sizes[col]
+                _transpose_into(H[c0 : c0 + w, r0 : r0 + m], H[r0 : r0 + m, c0 : c0 + w])
+
+
+def _group_rows(
+    H: Tensor,
+    problem: Problem,
+    point: dict[str, Tensor],
+    group: list[str],
+    cols: list[str],
+    offsets: dict[str, int],
+    surrogate: Callable[[Tensor], Tensor],
+    step: int,
+) -> None:
+    """``H[rows of group, cols]`` by ``vmap(jvp(grad))``, ``step`` rows at a time: the tangents
+    in the group's tensors, the gradient w.r.t. ``cols``."""
+    shapes = tuple(point[n].shape for n in group)
     where = torch.cat(
-        [torch.arange(offsets[n], offsets[n] + sizes[n], device=H.device) for n in others]
+        [torch.arange(offsets[n], offsets[n] + point[n].numel(), device=H.device) for n in group]
     )
+    spans = [(offsets[c], offsets[c] + point[c].numel()) for c in cols]
 
     def flat_grad(*moved: Tensor) -> Tensor:
         def loss(q: dict[str, Tensor]) -> Tensor:
-            return surrogate(functional_call(problem.module, q, (problem.inputs,)))
+            out = functional_call(problem.module, {**point, **q}, (problem.inputs,))
+            return surrogate(out)
 
-        g = grad(loss)({**point, **dict(zip(others, moved))})
-        return flatten([g[n] for n in problem.names])
+        held = dict(zip(group, moved))
+        g = grad(loss)({c: held.get(c, point[c]) for c in cols})
+        return flatten([g[c] for c in cols])
 
     def row(v: Tensor) -> Tensor:
-        return jvp(flat_grad, tuple(point[n] for n in others), unflatten(v, shapes))[1]
+        return jvp(flat_grad, tuple(point[n] for n in group), unflatten(v, shapes))[1]
 
     n = int(where.numel())
-    step = problem_chunk(problem, n, chunk_size)
     for start, stop, basis in unit_chunks(n, step, problem.dtype, problem.device):
-        H.index_copy_(0, where[start:stop], vmap(row)(basis))
-    for k, name in enumerate(others):
-        r0, m = offsets[name], sizes[name]
-        later = set(others[k + 1 :])
-        for col in problem.names:
-            if col in later or (col != name and col not in others):
-                c0, w = offsets[col], sizes[col]
-                _transpose_into(H[c0 : c0 + w, r0 : r0 + m], H[r0 : r0 + m, c0 : c0 + w])
+        rows = vmap(row)(basis)
+        c = 0
+        for c0, c1 in spans:
+            H[where[start:stop], c0:c1] = rows[:, c : c + c1 - c0]
+            c += c1 - c0
 
 
 def _reverse_rows(H: Tensor, problem: Problem, surrogate: Callable[[Tensor], Tensor]) -> None:

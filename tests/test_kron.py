@@ -22,6 +22,18 @@ def test_matches_float64_reference(case: str) -> None:
     torch.testing.assert_close(H, H.T, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 5, None])
+def test_hessian_vector_rows_in_groups_match_float64_reference(chunk_size) -> None:
+    """The LayerNorms' rows, between the Linears' Kronecker ones: in one group over all of
+    them (None: the tiny net's rows fit one chunk), in groups split across chunks (5), one
+    row at a time (1)."""
+    net, params, batch, loss = build_user("layernorm_mlp")
+    H = strategies.compute("kron", net, params, batch, loss_fn=loss, chunk_size=chunk_size)
+    reference = loop_hessian(net, params, batch, loss)
+    torch.testing.assert_close(H, reference, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(H, H.T, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("case", ["thread_model", "residual_silu_gelu", "layernorm_mlp"])
 def test_float32_within_tolerance(case: str) -> None:
     net, params, batch, loss = build_user(case, torch.float32)
