@@ -10,6 +10,7 @@ __all__ = [
     "Case",
     "GRIDS",
     "ARCHS",
+    "MLP_ARCHS",
     "USER_ARCHS",
     "ARCH_KINDS",
     "SEQUENCE",
@@ -24,8 +25,8 @@ __all__ = [
 
 #: how the net is written: an ``nn.Sequential`` MLP; the same weights in a custom module whose
 #: forward ends in ``squeeze(-1)``, with a hand-written MSE lambda and ``(batch,)`` targets;
-#: a custom module with an affine LayerNorm after each hidden Linear; then the nets users
-#: bring (``USER_ARCHS``)
+#: a custom module with an affine LayerNorm after each hidden Linear (``MLP_ARCHS``); then the
+#: nets users bring (``USER_ARCHS``); then ``convnet``, the structured grid's CNN
 ARCHS = (
     "mlp",
     "custom",
@@ -36,6 +37,7 @@ ARCHS = (
     "pinn_hessian",
     "transformer",
     "weighted",
+    "convnet",
 )
 #: the ``users`` family, each net as its users write it (``bench.problems.models`` builds them), and
 #: what the case's fields mean for it where that is not an MLP's ``input -> width x depth ->
@@ -56,12 +58,23 @@ ARCHS = (
 #:   ``SEQUENCE`` tokens, per-token logits of ``output`` classes, cross-entropy;
 #: - ``weighted``: an ``nn.Sequential`` MLP with an MSE weighted per sample by a fixed tensor
 #:   in the loss closure.
-USER_ARCHS = ARCHS[3:]
+#:
+#: and ``convnet``, a CNN classifier with every parameter chosen: ``depth`` blocks of 3x3 conv
+#: (``width`` channels, padding 1), activation and 2x2 max pooling on 1 x input x input
+#: images, then a hidden Linear of ``4 x width`` units with the activation and a Linear to
+#: ``output`` classes, cross-entropy.
+MLP_ARCHS = ARCHS[:3]
+USER_ARCHS = ARCHS[3:9]
 #: ``strategies.kinds_signature`` of each arch's nets where it is not "" (a plain net): the
 #: modules that set it apart. The planner's table ranks the strategies over the cases of each
 #: signature too (``bench.analysis.rule.kinds_rankings``); tests/test_grid.py checks this
 #: against the nets ``bench.problems.models`` builds
-ARCH_KINDS = {"layernorm": "layernorm", "cnn": "conv", "transformer": "attention+layernorm"}
+ARCH_KINDS = {
+    "layernorm": "layernorm",
+    "cnn": "conv",
+    "transformer": "attention+layernorm",
+    "convnet": "conv",
+}
 #: tokens per sequence of the ``transformer`` arch
 SEQUENCE = 8
 #: attention heads of the ``transformer`` arch
@@ -120,6 +133,8 @@ class Case:
             ("forum", "depth 1", self.depth == 1),
             ("cnn", "loss 'ce', input divisible by 2**depth, depth >= 1",
              self.loss == "ce" and self.depth >= 1 and self.input % 2**self.depth == 0),
+            ("convnet", "loss 'ce', input divisible by 2**depth, depth >= 1",
+             self.loss == "ce" and self.depth >= 1 and self.input % 2**self.depth == 0),
             ("transformer", "loss 'ce', depth >= 1, width divisible by the heads",
              self.loss == "ce" and self.depth >= 1 and self.width % HEADS == 0),
         ):  # fmt: skip
@@ -145,6 +160,10 @@ class Case:
         if self.arch == "cnn":
             side = self.input // 2**self.depth
             return w * side * side * out + out
+        if self.arch == "convnet":
+            side, hidden = self.input // 2**self.depth, 4 * w
+            convs = (9 * w + w) + (self.depth - 1) * (9 * w * w + w)
+            return convs + (w * side * side * hidden + hidden) + (hidden * out + out)
         if self.arch == "transformer":
             block = (4 * w * w + 4 * w) + 2 * (2 * w) + (2 * w * w + 2 * w) + (2 * w * w + w)
             return (self.input * w + w) + self.depth * block + (w * out + out)
@@ -250,6 +269,21 @@ GRIDS: dict[str, list[dict]] = {
     ],
     # The nets users bring (``USER_ARCHS``), also part of the default grid.
     "users": _USERS,
+    # The structured nets of the transformer and CNN families, all their parameters chosen,
+    # P from about 900 to about 21,000: where ``kron`` takes Kronecker directions per
+    # position (attention's projections, convolutions on their unfolded patches) against
+    # the strategies that do not. Its own grid: with it the default run would take about
+    # twice its 25 minutes.
+    "structured": [
+        dict(_USER, width=16, depth=[1, 2], output=4, loss="ce", batch=8, activation="gelu",
+             arch="transformer"),  # P = 2,436 and 4,660
+        dict(_USER, width=32, depth=[1, 2], output=4, loss="ce", batch=8, activation="gelu",
+             arch="transformer"),  # P = 8,964 and 17,508
+        # from P = 940, so that the memory of the larger ones extrapolates: the unchunked
+        # vmapped strategies hold every direction's activations at once
+        dict(_USER, input=28, width=[2, 4, 6, 10], depth=2, output=10, loss="ce", batch=32,
+             activation="relu", arch="convnet"),  # P = 940, 3,510, 7,720 and 21,060
+    ],  # fmt: skip
     # The two larger DESIGN.md cases, for compiled against eager strategies
     # (``--strategies all``: compiled variants are not run unless named).
     "compile": [dict(_BASE, width=64, depth=[2, 4])],

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .grid import HEADS, SEQUENCE, USER_ARCHS, Case
+from .grid import HEADS, MLP_ARCHS, SEQUENCE, Case
 
 __all__ = [
     "ACTIVATION_MODULES",
@@ -87,9 +87,12 @@ class Model(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """A small image classifier: conv, activation and pooling blocks, then a Linear head ``fc``."""
+    """A small image classifier: conv, activation and pooling blocks, then (where ``hidden``)
+    a hidden Linear ``hidden`` with the activation, and a Linear head ``fc``."""
 
-    def __init__(self, side: int, channels: int, blocks: int, classes: int, activation: str):
+    def __init__(
+        self, side: int, channels: int, blocks: int, classes: int, activation: str, hidden: int = 0
+    ):
         super().__init__()
         convs = [
             nn.Conv2d(1 if k == 0 else channels, channels, 3, padding=1) for k in range(blocks)
@@ -97,12 +100,17 @@ class ConvNet(nn.Module):
         self.convs = nn.ModuleList(convs)
         self.act = ACTIVATION_MODULES[activation]()
         self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(channels * (side // 2**blocks) ** 2, classes)
+        features = channels * (side // 2**blocks) ** 2
+        self.hidden = nn.Linear(features, hidden) if hidden else None
+        self.fc = nn.Linear(hidden or features, classes)
 
     def forward(self, x: Tensor) -> Tensor:
         for conv in self.convs:
             x = self.pool(self.act(conv(x)))
-        return self.fc(torch.flatten(x, 1))
+        x = torch.flatten(x, 1)
+        if self.hidden is not None:
+            x = self.act(self.hidden(x))
+        return self.fc(x)
 
 
 class PoissonPINN(nn.Module):
@@ -209,14 +217,16 @@ def _seeded(net: nn.Module, generator: torch.Generator) -> nn.Module:
 
 
 def _user_problem(case: Case, generator: torch.Generator) -> tuple[nn.Module, Tensor, Tensor, Any]:
-    """A ``USER_ARCHS`` case's net (float32, cpu), inputs, targets and loss, as users write them."""
+    """A case's net (float32, cpu), inputs, targets and loss, as users write them: every arch
+    but ``MLP_ARCHS``."""
     B, act = case.batch, case.activation
     if case.arch == "forum":
         net: nn.Module = Model(case.input, case.width, case.output, act)
         inputs = torch.randn(B, case.input, generator=generator)
         return net, inputs, torch.randn(B, case.output, generator=generator), nn.MSELoss()
-    if case.arch == "cnn":
-        net = ConvNet(case.input, case.width, case.depth, case.output, act)
+    if case.arch in ("cnn", "convnet"):
+        hidden = 4 * case.width if case.arch == "convnet" else 0
+        net = ConvNet(case.input, case.width, case.depth, case.output, act, hidden)
         inputs = torch.randn(B, 1, case.input, case.input, generator=generator)
         targets = torch.randint(0, case.output, (B,), generator=generator)
         return net, inputs, targets, nn.CrossEntropyLoss()
@@ -252,14 +262,14 @@ def _user_problem(case: Case, generator: torch.Generator) -> tuple[nn.Module, Te
         targets = torch.randn(B, case.output, generator=generator)
         weights = torch.rand(B, generator=generator) + 0.5
         return net, inputs, targets, lambda out, y: (weights * ((out - y) ** 2).sum(-1)).mean()
-    raise ValueError(f"arch {case.arch!r} is not one of bench.problems.grid.USER_ARCHS")
+    raise ValueError(f"arch {case.arch!r} is an MLP form (bench.problems.grid.MLP_ARCHS)")
 
 
 def make_problem(case: Case, seed: int = 0) -> tuple[nn.Module, tuple[Tensor, Tensor], object]:
     """The case's net, ``(inputs, targets)`` batch and loss function, deterministic in ``seed``.
 
     The Linear weights are the same whatever MLP ``case.arch``: the ``custom`` form of a
-    case has the weights of its ``nn.Sequential`` form. A ``USER_ARCHS`` case is built as
+    case has the weights of its ``nn.Sequential`` form. Any other arch is built as
     its users write it (``bench.problems.grid.ARCHS`` says how), with its own loss.
 
     Returns:
@@ -269,7 +279,7 @@ def make_problem(case: Case, seed: int = 0) -> tuple[nn.Module, tuple[Tensor, Te
     """
     generator = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, case.dtype)
-    if case.arch in USER_ARCHS:
+    if case.arch not in MLP_ARCHS:
         net, inputs, targets, user_loss = _user_problem(case, generator)
         net = _seeded(net, generator).to(device=case.device, dtype=dtype)
         inputs = inputs.to(device=case.device, dtype=dtype)

@@ -32,7 +32,7 @@ import pandas as pd
 
 from bench import cli
 from bench.analysis import audit_tables, numbers, rule, tidy
-from bench.problems.grid import ARCHS, USER_ARCHS
+from bench.problems.grid import ARCHS, MLP_ARCHS
 from bench.report import plots
 from bench.vocabulary import BASELINE, TIMED, WRONG
 
@@ -83,6 +83,7 @@ _ARCH_WORDS = {
     "pinn_hessian": "a PINN whose forward calls <code>vmap(hessian)</code> in the inputs",
     "transformer": "a transformer block with per-token logits",
     "weighted": "a GELU MLP with a per-sample-weighted MSE",
+    "convnet": "a CNN (2 conv + 2 Linear) with all its weights",
 }
 
 
@@ -251,8 +252,8 @@ def _use_sentences(df: pd.DataFrame, groups: list[tuple[str, str]]) -> list[str]
         parts = []
         for arch in ARCHS:
             choice = mine[mine["arch"] == arch]
-            if choice.empty and arch in USER_ARCHS:
-                continue  # the users family is named only where these runs hold it
+            if choice.empty and arch not in MLP_ARCHS:
+                continue  # the users' and structured nets are named only where runs hold them
             if choice.empty:
                 parts.append(f"for {_ARCH_WORDS[arch]}, these runs hold no timed case")
             else:
