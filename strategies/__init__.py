@@ -36,6 +36,7 @@ from ._memory import (
     available_bytes,
     check_fits,
     check_positive,
+    checked_reading,
     reading_for_next_check,
 )
 from ._plan import peak_ratio
@@ -209,8 +210,9 @@ class Strategy:
             with reading_for_next_check(first.device) as reading:
                 check_fits(params, ratio, self.name, available=reading)
                 return self._run((net, params, batch, loss_fn), options)
-        check_fits(params, ratio, self.name)
-        return self._run((net, params, batch, loss_fn), options)
+        available = check_fits(params, ratio, self.name)
+        with checked_reading(first.device, available):
+            return self._run((net, params, batch, loss_fn), options)
 
     def _run(self, problem: tuple[Any, ...], options: dict[str, Any]) -> Tensor:
         """``compute_fn`` on the checked ``(net, params, batch, loss_fn)``, autograd on."""

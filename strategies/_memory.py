@@ -24,6 +24,9 @@ __all__ = [
     "check_positive",
     "reading_for_next_check",
     "direction_bytes",
+    "check_directions",
+    "checked_reading",
+    "DIRECTIONS_MARGIN",
     "choose_chunk",
     "problem_chunk",
     "unit_chunks",
@@ -147,8 +150,9 @@ def check_fits(
     peak_ratio: float = 1.0,
     strategy: str = "",
     available: int | None = None,
-) -> None:
-    """Raise MemoryError where a strategy's predicted peak does not fit in the params' device.
+) -> int:
+    """Raise MemoryError where a strategy's predicted peak does not fit in the params' device;
+    else return the bytes it compared against (for ``checked_reading``).
 
     The peak is predicted as ``peak_ratio`` times the dense Hessian's own size (at least the
     Hessian itself), against ``available`` bytes (default: read now, or the reading of
@@ -174,6 +178,23 @@ def check_fits(
             "choose fewer params (any subset of net.named_parameters()), a leaner strategy "
             "(auto picks one that fits) or a device with more memory"
         )
+    return available
+
+
+#: the reading of the free memory that the registry's check of the running strategy
+#: compared against, (device, bytes): its ``check_directions`` compares against the same
+#: (nothing is allocated between them), not a reading of its own
+_CHECKED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("_CHECKED", default=None)
+
+
+@contextlib.contextmanager
+def checked_reading(device: torch.device, available: int) -> Iterator[None]:
+    """Within, ``check_directions`` on ``device`` uses ``available`` (``check_fits``'s reading)."""
+    token = _CHECKED.set((torch.device(device), available))
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
 
 
 def direction_bytes(problem: Problem) -> int:
@@ -195,10 +216,55 @@ def direction_bytes(problem: Problem) -> int:
         saved += t.numel() * t.element_size()
         return t
 
-    with autograd_enabled(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        problem.loss(dict(zip(problem.names, leaves)))
+    try:
+        with autograd_enabled(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            problem.loss(dict(zip(problem.names, leaves)))
+    except RuntimeError:
+        # torch.func inside the forward refuses saved tensor hooks: only the parameter-sized
+        # vectors are counted
+        saved = 0
     itemsize = torch.empty((), dtype=problem.dtype).element_size()
     return 2 * saved + 3 * problem.P * itemsize
+
+
+#: allowance over ``directions x direction_bytes`` for the unchunked vmapped strategies: on
+#: the default grid's nets (P = 49 to 13,633, the reference run of c8c36be) their measured
+#: peaks were at most 1.25 x the Hessian plus that product (``block_symmetric`` at P = 49;
+#: ``vmap_jvp`` and the ``jacrev`` path 1.2), and below 1.1 x from P = 841 on; but for
+#: ``autograd_functional``, 2.26 x (its legacy vectorized Jacobians), which passes its own (3)
+DIRECTIONS_MARGIN = 1.5
+
+
+def check_directions(
+    problem: Problem, directions: int, strategy: str, margin: float = DIRECTIONS_MARGIN
+) -> None:
+    """Raise MemoryError where ``directions`` vmapped at once would not fit beside the Hessian.
+
+    Each direction holds tangents of the activations autograd saves (``direction_bytes``),
+    which do not scale with the Hessian: a CNN of P = 7,720 on 32 images of 28 x 28 holds
+    megabytes of them per direction, and ``vmap_vjp`` there was killed by the host rather
+    than refused by the registry's check, whose peaks were measured on MLPs. Called by the
+    strategies that vmap over every row (or every row of a tensor) at once, before they
+    allocate anything. Where torch.func runs inside the forward (a PINN's ``vmap(hessian)``
+    in the inputs), the activations cannot be counted, and the check is the registry's.
+    """
+    itemsize = torch.empty((), dtype=problem.dtype).element_size()
+    hessian = problem.P * problem.P * itemsize
+    needed = int(hessian + margin * directions * direction_bytes(problem))
+    checked = _CHECKED.get()
+    if checked is not None and checked[0] == problem.device:
+        available = checked[1]
+    else:
+        available = available_bytes(problem.device)
+    if needed > available:
+        raise MemoryError(
+            f"strategy {strategy!r} is predicted to peak at {needed / 2**30:,.1f} GiB (the "
+            f"{problem.P:,} x {problem.P:,} Hessian and {directions:,} directions at once, "
+            f"each with the tangents of the net's activations), but "
+            f"{available / 2**30:,.1f} GiB are available on {problem.device}: choose fewer "
+            "params, a chunked strategy (block_symmetric_chunked, vmap_jvp_chunked, kron; "
+            "auto picks one that fits) or a device with more memory"
+        )
 
 
 def choose_chunk(directions: int, per_direction: int, hessian_bytes: int, available: int) -> int:

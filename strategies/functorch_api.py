@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ._blocks import from_blocks
 from ._contract import prepare
 from ._hazards import JACREV_PATH, jacrev_path_supports, refuse_hazard
+from ._memory import check_directions
 from ._problem import LossFn
 
 __all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "supports", "compute"]
@@ -34,6 +35,7 @@ def compute(
     problem = prepare(net, params, batch, loss_fn)
     # the modules were checked by supports; functional calls (F.layer_norm ...) only show here
     refuse_hazard(problem, JACREV_PATH, NAME)
+    check_directions(problem, problem.P, NAME)
     point = problem.primal_dict()
     with warnings.catch_warnings():
         # Measuring the legacy API is the point; its deprecation notice is not news here.

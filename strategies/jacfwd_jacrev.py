@@ -9,6 +9,7 @@ from torch.func import jacfwd, jacrev
 
 from ._contract import prepare
 from ._hazards import JACREV_PATH, jacrev_path_supports, refuse_hazard
+from ._memory import check_directions
 from ._problem import LossFn
 
 __all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "supports", "compute"]
@@ -32,4 +33,5 @@ def compute(
     problem = prepare(net, params, batch, loss_fn)
     # the modules were checked by supports; functional calls (F.layer_norm ...) only show here
     refuse_hazard(problem, JACREV_PATH, NAME)
+    check_directions(problem, problem.P, NAME)
     return jacfwd(jacrev(problem.flat_loss))(problem.flat_primal())

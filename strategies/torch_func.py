@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ._blocks import from_blocks
 from ._contract import prepare
 from ._hazards import JACREV_PATH, jacrev_path_supports, refuse_hazard
+from ._memory import check_directions
 from ._problem import LossFn, Problem
 
 __all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "supports", "compute", "hessian"]
@@ -33,6 +34,7 @@ def compute(
     problem = prepare(net, params, batch, loss_fn)
     # the modules were checked by supports; functional calls (F.layer_norm ...) only show here
     refuse_hazard(problem, JACREV_PATH, NAME)
+    check_directions(problem, problem.P, NAME)
     return hessian(problem)
 
 

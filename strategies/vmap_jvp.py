@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from ._contract import prepare
+from ._memory import check_directions
 from ._problem import LossFn, Problem
 
 __all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "compute", "hessian", "hvp"]
@@ -25,7 +26,9 @@ def compute(
     batch: tuple[Tensor, Tensor],
     loss_fn: LossFn | None = None,
 ) -> Tensor:
-    return hessian(prepare(net, params, batch, loss_fn))
+    problem = prepare(net, params, batch, loss_fn)
+    check_directions(problem, problem.P, NAME)
+    return hessian(problem)
 
 
 def hessian(problem: Problem) -> Tensor:

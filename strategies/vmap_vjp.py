@@ -10,6 +10,7 @@ from torch.func import grad, vjp, vmap
 
 from ._contract import prepare
 from ._hazards import DOUBLE_BACKWARD, refuse_hazard
+from ._memory import check_directions
 from ._problem import LossFn
 
 __all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "compute"]
@@ -28,6 +29,7 @@ def compute(
 ) -> Tensor:
     problem = prepare(net, params, batch, loss_fn)
     refuse_hazard(problem, DOUBLE_BACKWARD, NAME)
+    check_directions(problem, problem.P, NAME)
     _, vjp_fn = vjp(grad(problem.flat_loss), problem.flat_primal())
     basis = torch.eye(problem.P, dtype=problem.dtype, device=problem.device)
     # Row i is e_i^T H; H is symmetric, so the rows are the Hessian as it stands.

@@ -639,6 +639,52 @@ def test_memory_check_comes_before_the_strategy(monkeypatch) -> None:
         strategies.compute("full_autograd", net, _params(net), batch)
 
 
+#: the strategies that vmap over every row (``block_symmetric``: every row of a tensor) at once
+_UNCHUNKED = (
+    "vmap_vjp",
+    "vmap_jvp",
+    "torch_func",
+    "jacfwd_jacrev",
+    "functorch",
+    "autograd_functional",
+    "block_symmetric",
+)
+
+
+def _wide_images() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A conv net on 16 images of 64 x 64: P = 554, a 1.2 MB Hessian, and megabytes of
+    activations whose tangents every vmapped direction holds."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.MaxPool2d(8), nn.Flatten(), nn.Linear(256, 2)
+    )
+    return net, (torch.randn(16, 1, 64, 64), torch.randint(0, 2, (16,)))
+
+
+@pytest.mark.parametrize("name", _UNCHUNKED)
+def test_directions_that_would_not_fit_are_refused_before_allocating(name, monkeypatch) -> None:
+    """200 MiB hold the Hessian many times over, but not 554 directions of activations."""
+    net, batch = _wide_images()
+    monkeypatch.setattr(strategies._memory, "available_bytes", lambda device: 200 * 2**20)
+    with pytest.raises(MemoryError, match="directions at once"):
+        strategies.compute(name, net, dict(net.named_parameters()), batch, F.cross_entropy)
+
+
+def test_auto_passes_over_the_directions_that_would_not_fit(monkeypatch) -> None:
+    from strategies import auto
+
+    net, batch = _wide_images()
+    params = dict(net.named_parameters())
+    auto.forget_wisdom()
+    monkeypatch.setattr(strategies._memory, "available_bytes", lambda device: 200 * 2**20)
+    H = strategies.compute("auto", net, params, batch, F.cross_entropy)
+    monkeypatch.undo()
+    (learned,) = auto.wisdom().values()
+    auto.forget_wisdom()
+    assert learned["strategy"] not in _UNCHUNKED
+    assert strategies.verify(H, net, params, batch, F.cross_entropy)[0]
+
+
 # --- normalisation ops called functionally (F.layer_norm ...) ---
 
 
