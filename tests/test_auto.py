@@ -96,6 +96,32 @@ def test_choice_follows_the_cost_per_row_and_is_visible_through_the_registry(tab
     assert "kron" in str(plan) and "predicted" in str(plan)
 
 
+def test_kron_workload_is_examined_only_where_kron_could_come_first(monkeypatch) -> None:
+    """Every row of kron costs at least the cheaper of a Kronecker direction (0.2 gradients
+    here) and a Hessian-vector row (vmap_jvp's 0.1): where vmap_vjp's 0.05 beats that, its
+    workload (a forward under the site mode) is not examined, and the bound is its estimate."""
+    kron = strategies.get("kron").module
+    examined = []
+    real = kron.workload
+    monkeypatch.setattr(kron, "workload", lambda problem: examined.append(1) or real(problem))
+    peaks = {"vmap_vjp": 2.0, "vmap_jvp": 2.0, "kron": 2.0}
+    costs = {"vmap_vjp": 0.05, "vmap_jvp": 0.1, "kron": 0.2}
+    table = {**TABLE, "regimes": [_regime(30, 100, costs, peaks)], "wrong_on": {}}
+    monkeypatch.setattr(_plan, "load_table", lambda: table)
+    net, params, batch = _small_mlp(8)  # P = 33
+    plan = auto.plan(net, params, batch)
+    times = {c.name: c for c in plan.candidates}
+    assert plan.choice == "vmap_vjp" and not examined
+    assert "not examined" in times["kron"].basis
+    assert times["kron"].predicted_s == pytest.approx(times["vmap_jvp"].predicted_s)
+    # where a Kronecker direction is the cheapest row, the workload sets the estimate
+    costs.update(kron=0.01)
+    table["regimes"] = [_regime(30, 100, costs, peaks)]
+    plan = auto.plan(net, params, batch)
+    assert plan.choice == "kron" and examined
+    assert "Kronecker rows" in next(c.basis for c in plan.candidates if c.name == "kron")
+
+
 def test_size_picks_the_regime(table) -> None:
     net, params, batch = _small_mlp(8)
     assert sum(p.numel() for p in params.values()) == 33
@@ -137,8 +163,13 @@ def test_unmeasured_dtype_uses_the_same_device(table) -> None:
     assert auto.choose(net, params, batch) == "kron"
 
 
-def test_a_net_without_kronecker_structure_is_not_given_to_kron() -> None:
-    """Every row of RawWeights is a Hessian-vector product for kron: something else wins."""
+def test_a_net_without_kronecker_structure_is_not_given_to_kron(monkeypatch) -> None:
+    """Every row of RawWeights is a Hessian-vector product for kron: something else wins.
+    Its workload is examined, as a Kronecker direction (0.05 gradients) would be the
+    cheapest row."""
+    costs = {"vmap_vjp": 0.08, "vmap_jvp": 0.1, "kron": 0.05}
+    regime = _regime(100, 1000, costs, dict.fromkeys(costs, 2.0))
+    monkeypatch.setattr(_plan, "load_table", lambda: {**TABLE, "regimes": [regime]})
     net, params, batch = _problem(RawWeights(), n_in=8, n=32)
     plan = auto.plan(net, params, batch)
     (kron,) = [c for c in plan.candidates if c.name == "kron"]  # kron takes any net
