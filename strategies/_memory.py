@@ -216,13 +216,8 @@ def direction_bytes(problem: Problem) -> int:
         saved += t.numel() * t.element_size()
         return t
 
-    try:
-        with autograd_enabled(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            problem.loss(dict(zip(problem.names, leaves)))
-    except RuntimeError:
-        # torch.func inside the forward refuses saved tensor hooks: only the parameter-sized
-        # vectors are counted
-        saved = 0
+    with autograd_enabled(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        problem.loss(dict(zip(problem.names, leaves)))
     itemsize = torch.empty((), dtype=problem.dtype).element_size()
     return 2 * saved + 3 * problem.P * itemsize
 
@@ -250,7 +245,11 @@ def check_directions(
     """
     itemsize = torch.empty((), dtype=problem.dtype).element_size()
     hessian = problem.P * problem.P * itemsize
-    needed = int(hessian + margin * directions * direction_bytes(problem))
+    try:
+        per_direction = direction_bytes(problem)
+    except RuntimeError:  # torch.func in the forward refuses saved tensor hooks
+        return
+    needed = int(hessian + margin * directions * per_direction)
     checked = _CHECKED.get()
     if checked is not None and checked[0] == problem.device:
         available = checked[1]
@@ -267,11 +266,17 @@ def check_directions(
         )
 
 
-def choose_chunk(directions: int, per_direction: int, hessian_bytes: int, available: int) -> int:
+def choose_chunk(
+    directions: int,
+    per_direction: int,
+    hessian_bytes: int,
+    available: int,
+    min_extra: int = MIN_EXTRA_BYTES,
+) -> int:
     """How many directions to push through at once, between 1 and ``directions``.
 
     The chunks may use ``(HEADROOM - 1) x hessian_bytes`` beyond the preallocated Hessian
-    (at least ``MIN_EXTRA_BYTES``), and never more than ``_FREE_SHARE`` of what is left of
+    (at least ``min_extra``), and never more than ``_FREE_SHARE`` of what is left of
     ``available`` once the Hessian itself is allocated.
 
     Raises:
@@ -284,7 +289,7 @@ def choose_chunk(directions: int, per_direction: int, hessian_bytes: int, availa
     ):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
-    extra = max((HEADROOM - 1) * hessian_bytes, MIN_EXTRA_BYTES)
+    extra = max((HEADROOM - 1) * hessian_bytes, min_extra)
     extra = min(extra, _FREE_SHARE * max(available - hessian_bytes, 0))
     return int(max(1, min(directions, extra // per_direction)))
 
@@ -308,6 +313,7 @@ def problem_chunk(
     directions: int,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    min_extra: int = MIN_EXTRA_BYTES,
 ) -> int:
     """``choose_chunk`` for ``problem``'s Hessian on its device, ``directions`` rows to compute;
     or ``chunk_size`` itself where the caller gives one.
@@ -315,6 +321,8 @@ def problem_chunk(
     Args:
         memory_budget: bytes the computation may use, Hessian included, in place of the
             memory available on the device now.
+        min_extra: working memory allowed beyond the Hessian however small it is (within
+            the free memory), as ``choose_chunk``.
 
     Raises:
         ValueError: ``chunk_size`` or ``memory_budget`` is given and not a positive integer,
@@ -330,7 +338,7 @@ def problem_chunk(
     if chunk_size is not None:
         return chunk_size
     available = available_bytes(problem.device) if memory_budget is None else memory_budget
-    return choose_chunk(directions, direction_bytes(problem), hessian_bytes, available)
+    return choose_chunk(directions, direction_bytes(problem), hessian_bytes, available, min_extra)
 
 
 def unit_chunks(

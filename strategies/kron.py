@@ -66,7 +66,7 @@ from ._blocks import flatten, unflatten
 from ._contract import prepare
 from ._kinds import uses_batch_statistics
 from ._kron_sites import Site, discover, has_linear, run
-from ._memory import check_positive, direction_bytes, problem_chunk, unit_chunks
+from ._memory import check_positive, problem_chunk, unit_chunks
 from ._problem import LossFn, Problem
 
 __all__ = ["NAME", "FAMILY", "DESCRIPTION", "supports", "compute", "has_linear", "workload"]
@@ -911,9 +911,7 @@ def _hvp_rows(
     sizes = dict(zip(problem.names, problem.sizes))
     rest = set(others)
     total = sum(sizes[n] for n in others)
-    step = problem_chunk(problem, total, chunk_size)
-    if chunk_size is None:
-        step = max(step, min(total, _SHARED_CHUNK_BYTES // direction_bytes(problem)))
+    step = problem_chunk(problem, total, chunk_size, min_extra=_SHARED_CHUNK_BYTES)
     groups: list[list[str]] = []
     for name in others:
         if groups and sum(sizes[n] for n in groups[-1]) + sizes[name] <= step:
