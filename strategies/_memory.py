@@ -8,10 +8,12 @@ import numbers
 import os
 import resource
 import sys
+import weakref
 from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
 
 from ._problem import Problem, autograd_enabled
 
@@ -207,7 +209,14 @@ def direction_bytes(problem: Problem) -> int:
     for the forward tangents and once for the backward's own intermediates, which have the
     same shapes. On top come three parameter-sized vectors: the basis row, the tangent of the
     gradient (the Hessian row) and the per-tensor pieces it is concatenated from.
+
+    Kept for the last few problems of the same shapes (``_DIRECTION_BYTES``): counting
+    them is one forward, 0.23 ms of a direct ``vmap_vjp`` call's 3.1 ms at P = 49.
     """
+    key = _direction_key(problem)
+    known = _DIRECTION_BYTES.get(key)
+    if known is not None and known[0]() is problem.module:
+        return known[1]
     leaves = [p.clone().requires_grad_(True) for p in problem.primals]
     saved = 0
 
@@ -219,7 +228,37 @@ def direction_bytes(problem: Problem) -> int:
     with autograd_enabled(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         problem.loss(dict(zip(problem.names, leaves)))
     itemsize = torch.empty((), dtype=problem.dtype).element_size()
-    return 2 * saved + 3 * problem.P * itemsize
+    value = 2 * saved + 3 * problem.P * itemsize
+    if len(_DIRECTION_BYTES) >= _DIRECTION_BYTES_KEPT:
+        _DIRECTION_BYTES.pop(next(iter(_DIRECTION_BYTES)))
+    _DIRECTION_BYTES[key] = (weakref.ref(problem.module), value)
+    return value
+
+
+#: ``direction_bytes`` by what the activations' sizes depend on (``_direction_key``), with
+#: a weak reference to the module (an id can be reused once the module is gone)
+_DIRECTION_BYTES: dict[tuple, tuple[weakref.ref, int]] = {}
+_DIRECTION_BYTES_KEPT = 16
+
+
+def _direction_key(problem: Problem) -> tuple:
+    """The module (by id), the chosen params' names and shapes, their dtype and device, the
+    shapes and dtypes of the inputs and targets, the loss, and the ops the forward called."""
+    inputs = tuple(
+        (tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t)
+        for t in tree_flatten(problem.inputs)[0]
+    )
+    return (
+        id(problem.module),
+        problem.names,
+        tuple(problem.shapes),
+        problem.dtype,
+        problem.device,
+        inputs,
+        tuple(problem.targets.shape) if isinstance(problem.targets, Tensor) else None,
+        id(problem.loss_fn),
+        problem.ops,
+    )
 
 
 #: allowance over ``directions x direction_bytes`` for the unchunked vmapped strategies: on
