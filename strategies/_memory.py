@@ -205,7 +205,8 @@ def direction_bytes(problem: Problem) -> int:
     Under ``vmap(jvp(grad(f)))`` only tangents carry the batch of directions; the primal
     forward and backward are computed once. Per direction the tangents are those of every
     tensor the backward pass keeps (counted here as the bytes autograd saves in one forward
-    of the loss: the activations of the whole batch, and weights used by matmuls), twice: once
+    of the loss that depend on the chosen params: the activations of the whole batch from
+    the first chosen layer on, and weights used by matmuls), twice: once
     for the forward tangents and once for the backward's own intermediates, which have the
     same shapes. On top come three parameter-sized vectors: the basis row, the tangent of the
     gradient (the Hessian row) and the per-tensor pieces it is concatenated from.
@@ -222,7 +223,8 @@ def direction_bytes(problem: Problem) -> int:
 
     def pack(t: Tensor) -> Tensor:
         nonlocal saved
-        saved += t.numel() * t.element_size()
+        if t.requires_grad:  # what no chosen param reaches carries no tangent
+            saved += t.numel() * t.element_size()
         return t
 
     with autograd_enabled(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -262,10 +264,10 @@ def _direction_key(problem: Problem) -> tuple:
 
 
 #: allowance over ``directions x direction_bytes`` for the unchunked vmapped strategies: on
-#: the default grid's nets (P = 49 to 13,633, the reference run of c8c36be) their measured
-#: peaks were at most 1.25 x the Hessian plus that product (``block_symmetric`` at P = 49;
-#: ``vmap_jvp`` and the ``jacrev`` path 1.2), and below 1.1 x from P = 841 on; but for
-#: ``autograd_functional``, 2.26 x (its legacy vectorized Jacobians), which passes its own (3)
+#: the default and structured grids' nets (P = 49 to 13,121 where they were measured, the
+#: reference runs of ac5e301) their peaks were at most 1.24 x the Hessian plus that product
+#: (``vmap_jvp`` at P = 49), below 1.1 x from P = 841 on; but for ``autograd_functional``,
+#: 2.38 x (its legacy vectorized Jacobians), which passes its own (3)
 DIRECTIONS_MARGIN = 1.5
 
 

@@ -16,7 +16,6 @@ from torch.func import grad, jvp, vmap
 
 from ._blocks import flatten, mirror_upper
 from ._contract import prepare
-from ._memory import check_directions
 from ._problem import LossFn, Problem
 
 __all__ = ["NAME", "FAMILY", "MULTI_INPUT", "DESCRIPTION", "compute", "upper_rows", "tail_hvp"]
@@ -35,8 +34,6 @@ def compute(
     chunk_size: int | None = None,
 ) -> Tensor:
     problem = prepare(net, params, batch, loss_fn)
-    if chunk_size is None:  # each tensor's rows at once
-        check_directions(problem, max(problem.sizes, default=1), NAME)
     H = torch.empty(problem.P, problem.P, dtype=problem.dtype, device=problem.device)
     for k in range(len(problem.names)):
         rows = slice(problem.offsets[k], problem.offsets[k] + problem.sizes[k])

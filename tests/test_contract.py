@@ -639,7 +639,7 @@ def test_memory_check_comes_before_the_strategy(monkeypatch) -> None:
         strategies.compute("full_autograd", net, _params(net), batch)
 
 
-#: the strategies that vmap over every row (``block_symmetric``: every row of a tensor) at once
+#: the strategies that vmap over every row at once
 _UNCHUNKED = (
     "vmap_vjp",
     "vmap_jvp",
@@ -647,7 +647,6 @@ _UNCHUNKED = (
     "jacfwd_jacrev",
     "functorch",
     "autograd_functional",
-    "block_symmetric",
 )
 
 
