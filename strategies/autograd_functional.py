@@ -40,8 +40,8 @@ def compute(
     problem = prepare(net, params, batch, loss_fn)
     # supports checked the modules; a functional F.group_norm only shows here
     refuse_hazard(problem, LEGACY_VMAP_FORWARD, NAME)
-    # its legacy vectorized Jacobians peaked at up to 2.38 x the Hessian plus P directions
-    check_directions(problem, problem.P, NAME, margin=3.0)
+    # its legacy vectorized Jacobians peaked at 1.84 x what the others' margin allows
+    check_directions(problem, problem.P, NAME, margin=2.5)
     return torch.autograd.functional.hessian(
         problem.flat_loss,
         problem.flat_primal(),
