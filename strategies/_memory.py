@@ -218,23 +218,35 @@ def direction_bytes(problem: Problem) -> int:
     known = _DIRECTION_BYTES.get(key)
     if known is not None and known[0]() is problem.module:
         return known[1]
-    leaves = [p.clone().requires_grad_(True) for p in problem.primals]
-    saved = 0
-
-    def pack(t: Tensor) -> Tensor:
-        nonlocal saved
-        if t.requires_grad:  # what no chosen param reaches carries no tangent
-            saved += t.numel() * t.element_size()
-        return t
-
-    with autograd_enabled(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        problem.loss(dict(zip(problem.names, leaves)))
+    try:
+        saved = _saved_bytes(problem, keep=False)
+    except (TypeError, RuntimeError):
+        # the forward differentiates itself (``autograd.grad`` in it) and needs what it saved
+        saved = _saved_bytes(problem, keep=True)
     itemsize = torch.empty((), dtype=problem.dtype).element_size()
     value = 2 * saved + 3 * problem.P * itemsize
     if len(_DIRECTION_BYTES) >= _DIRECTION_BYTES_KEPT:
         _DIRECTION_BYTES.pop(next(iter(_DIRECTION_BYTES)))
     _DIRECTION_BYTES[key] = (weakref.ref(problem.module), value)
     return value
+
+
+def _saved_bytes(problem: Problem, keep: bool) -> int:
+    """The bytes autograd saves in one forward of the loss that the chosen params reach.
+    Unless ``keep``, nothing saved is kept: the graph is never differentiated, and holding
+    the activations made a first call's peak exceed a warm call's (the count is cached)."""
+    leaves = [p.clone().requires_grad_(True) for p in problem.primals]
+    saved = 0
+
+    def pack(t: Tensor) -> Tensor | None:
+        nonlocal saved
+        if t.requires_grad:  # what no chosen param reaches carries no tangent
+            saved += t.numel() * t.element_size()
+        return t if keep else None
+
+    with autograd_enabled(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        problem.loss(dict(zip(problem.names, leaves)))
+    return saved
 
 
 #: ``direction_bytes`` by what the activations' sizes depend on (``_direction_key``), with
