@@ -36,7 +36,6 @@ from ._memory import (
     available_bytes,
     check_fits,
     check_positive,
-    checked_reading,
     reading_for_next_check,
 )
 from ._plan import peak_ratio
@@ -211,7 +210,8 @@ class Strategy:
                 check_fits(params, ratio, self.name, available=reading)
                 return self._run((net, params, batch, loss_fn), options)
         available = check_fits(params, ratio, self.name)
-        with checked_reading(first.device, available):
+        # the strategy's own check of its directions, if it makes one, compares against it
+        with reading_for_next_check(first.device, available):
             return self._run((net, params, batch, loss_fn), options)
 
     def _run(self, problem: tuple[Any, ...], options: dict[str, Any]) -> Tensor:

@@ -27,7 +27,6 @@ __all__ = [
     "reading_for_next_check",
     "direction_bytes",
     "check_directions",
-    "checked_reading",
     "DIRECTIONS_MARGIN",
     "choose_chunk",
     "problem_chunk",
@@ -121,17 +120,19 @@ def _address_space_available() -> int:
     return max(soft - size, 0)
 
 
-#: a dispatcher's reading of the free memory: [device, bytes], bytes None once used
+#: a reading of the free memory for the next check: [device, bytes], bytes None once used
 _READING: contextvars.ContextVar[list | None] = contextvars.ContextVar("_READING", default=None)
 
 
 @contextlib.contextmanager
-def reading_for_next_check(device: torch.device) -> Iterator[int]:
-    """Read the free memory of ``device`` once; within, the next ``check_fits`` on that device
-    uses this reading rather than its own (a dispatcher's check and that of the strategy it
-    runs first, with nothing allocated between them); every later check reads afresh."""
+def reading_for_next_check(device: torch.device, available: int | None = None) -> Iterator[int]:
+    """Read the free memory of ``device`` once (or take ``available``, a reading just taken);
+    within, the next check on that device (``check_fits``, ``check_directions``) uses this
+    reading rather than its own, with nothing allocated between them: a dispatcher's check
+    and that of the strategy it runs first; the registry's check of a strategy and the
+    strategy's own of its directions. Every later check reads afresh."""
     device = torch.device(device)
-    reading = [device, available_bytes(device)]
+    reading = [device, available_bytes(device) if available is None else available]
     token = _READING.set(reading)
     try:
         yield reading[1]
@@ -154,7 +155,7 @@ def check_fits(
     available: int | None = None,
 ) -> int:
     """Raise MemoryError where a strategy's predicted peak does not fit in the params' device;
-    else return the bytes it compared against (for ``checked_reading``).
+    else return the bytes it compared against (for ``reading_for_next_check``).
 
     The peak is predicted as ``peak_ratio`` times the dense Hessian's own size (at least the
     Hessian itself), against ``available`` bytes (default: read now, or the reading of
@@ -181,22 +182,6 @@ def check_fits(
             "(auto picks one that fits) or a device with more memory"
         )
     return available
-
-
-#: the reading of the free memory that the registry's check of the running strategy
-#: compared against, (device, bytes): its ``check_directions`` compares against the same
-#: (nothing is allocated between them), not a reading of its own
-_CHECKED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("_CHECKED", default=None)
-
-
-@contextlib.contextmanager
-def checked_reading(device: torch.device, available: int) -> Iterator[None]:
-    """Within, ``check_directions`` on ``device`` uses ``available`` (``check_fits``'s reading)."""
-    token = _CHECKED.set((torch.device(device), available))
-    try:
-        yield
-    finally:
-        _CHECKED.reset(token)
 
 
 def direction_bytes(problem: Problem) -> int:
@@ -306,11 +291,7 @@ def check_directions(
     except RuntimeError:  # torch.func in the forward refuses saved tensor hooks
         return
     needed = int(hessian + margin * directions * per_direction + _DIRECTIONS_SLACK)
-    checked = _CHECKED.get()
-    if checked is not None and checked[0] == problem.device:
-        available = checked[1]
-    else:
-        available = available_bytes(problem.device)
+    available = _available(problem.device)
     if needed > available:
         raise MemoryError(
             f"strategy {strategy!r} is predicted to peak at {needed / 2**30:,.1f} GiB (the "
