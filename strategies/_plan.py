@@ -107,28 +107,30 @@ def measured(
     return float(min(having, key=lambda r: _log_distance(r, P))[key][name])
 
 
-def _kinds_costs(
-    table: Mapping[str, Any], device: str, dtype: str, P: int, kinds: str
-) -> Mapping[str, float]:
-    """The ``cost_vs_grad`` of the nets of signature ``kinds`` in the size range of P nearest
-    to P (``bench.auto_table``'s ``kinds``), or nothing where that range measured none."""
-    here = regime(table, device, dtype, P)
+def _kinds_costs(here: Mapping[str, Any] | None, kinds: str) -> Mapping[str, float]:
+    """The ``cost_vs_grad`` of the nets of signature ``kinds`` in the size range ``here``
+    (``regime``; ``bench.auto_table``'s ``kinds``), or nothing where it measured none."""
     if not kinds or here is None:
         return {}
     return here.get("kinds", {}).get(kinds, {}).get("cost_vs_grad", {})
 
 
 def _cost_per_row(
-    table: Mapping[str, Any], name: str, device: str, dtype: str, P: int, kinds: str = ""
+    table: Mapping[str, Any],
+    name: str,
+    device: str,
+    dtype: str,
+    P: int,
+    here: Mapping[str, Any] | None,
+    own: Mapping[str, float],
 ) -> float | None:
-    """``name``'s ``cost_vs_grad`` on the nets of signature ``kinds`` in the size range of P
-    nearest to P where it was ranked there; else in that range; else interpolated on a
-    log-log scale between the ranges (by their geometric centres) that measured it, the
-    nearest end's value beyond them; None where none did."""
-    own = _kinds_costs(table, device, dtype, P, kinds)
+    """``name``'s ``cost_vs_grad`` in ``own`` (the nets of the problem's kinds signature in
+    the size range of P nearest to P, ``_kinds_costs``) where it was ranked there; else in
+    that range, ``here`` (``regime``); else interpolated on a log-log scale between the
+    ranges (by their geometric centres) that measured it, the nearest end's value beyond
+    them; None where none did."""
     if name in own:
         return float(own[name])
-    here = regime(table, device, dtype, P)
     if here is not None and name in here.get("cost_vs_grad", {}):
         return float(here["cost_vs_grad"][name])
     points = sorted(
@@ -254,14 +256,14 @@ def estimate(
     peak = int(max(peak_ratio(name, problem.device, problem.dtype, P), 1.0) * hessian_bytes)
 
     here = regime(table, device, dtype, P)
-    own = _kinds_costs(table, device, dtype, P, kinds)
+    own = _kinds_costs(here, kinds)
     if own:
         in_range = name in own
     else:
         in_range = here is not None and name in here.get("cost_vs_grad", {})
 
     def cost(strategy: str) -> float | None:
-        return _cost_per_row(table, strategy, device, dtype, P, kinds)
+        return _cost_per_row(table, strategy, device, dtype, P, here, own)
 
     needs_forward = family in _FORWARD_FAMILIES
     if needs_forward and not probes.forward_mode:

@@ -37,7 +37,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +256,20 @@ def _estimates(
     probes = _plan.probe(problem)
     table = _plan.load_table()
     kinds = kinds_of(net)
+    signature = kinds_signature(kinds)
     ranked, passed_over = [], []
+
+    def admit(c: Candidate | str) -> None:
+        if isinstance(c, str):  # why it is passed over
+            passed_over.append(c)
+        elif c.predicted_peak_bytes > budget:
+            passed_over.append(
+                f"{c.name}: predicted peak {c.predicted_peak_bytes:.3g} B over budget "
+                f"{budget:.3g} B"
+            )
+        else:
+            ranked.append(c)
+
     kron = None
     for name in strategies.names():
         strategy = strategies.get(name)
@@ -276,15 +289,7 @@ def _estimates(
         if name == KRON:
             kron = strategy  # estimated last: its workload only where it can come first
             continue
-        guess = _plan.estimate(problem, name, strategy.family, probes, None, kinds_signature(kinds))
-        if guess.peak_bytes > budget:
-            passed_over.append(
-                f"{name}: predicted peak {guess.peak_bytes:.3g} B over budget {budget:.3g} B"
-            )
-            continue
-        ranked.append(
-            Candidate(name, guess.time_s, guess.peak_bytes, guess.basis, in_range=guess.in_range)
-        )
+        admit(_candidate(_plan.estimate(problem, name, strategy.family, probes, None, signature)))
     last = {name: i for i, name in enumerate(LAST_RESORT)}
 
     def place(c: Candidate) -> tuple[int, float]:
@@ -299,16 +304,7 @@ def _estimates(
         return (0 if c.in_range else 1, c.predicted_s)
 
     if kron is not None:
-        candidate = _kron_candidate(problem, kron, probes, kinds_signature(kinds), ranked, place)
-        if isinstance(candidate, str):
-            passed_over.append(candidate)
-        elif candidate.predicted_peak_bytes > budget:
-            passed_over.append(
-                f"{KRON}: predicted peak {candidate.predicted_peak_bytes:.3g} B over budget "
-                f"{budget:.3g} B"
-            )
-        else:
-            ranked.append(candidate)
+        admit(_kron_candidate(problem, kron, probes, signature, ranked, place))
     ranked.sort(key=place)
     return ranked, passed_over
 
@@ -333,25 +329,25 @@ def _kron_candidate(
         _plan.estimate(problem, kron.name, kron.family, probes, rows, kinds)
         for rows in (([(P, 1)], 0), ([], P))
     ]
-    bound = min(bounds, key=lambda e: e.time_s)
+    lower = _candidate(min(bounds, key=lambda e: e.time_s))
     best = min(others, key=place, default=None)
-    lower = Candidate(kron.name, bound.time_s, bound.peak_bytes, "", in_range=bound.in_range)
     if best is not None and place(lower) > place(best):
-        return Candidate(
-            kron.name,
-            bound.time_s,
-            bound.peak_bytes,
-            f"at least {bound.time_s:.3g} s, every row at the cheaper of a Kronecker direction "
-            f"and a Hessian-vector row; its workload not examined, as {best.name} comes first",
-            in_range=bound.in_range,
+        return replace(
+            lower,
+            basis=f"at least {lower.predicted_s:.3g} s, every row at the cheaper of a Kronecker "
+            f"direction and a Hessian-vector row; its workload not examined, as {best.name} "
+            "comes first",
         )
     try:
         rows = workload(problem)
     except Exception as error:  # its own compute would fail the same way
         return f"{kron.name}: {type(error).__name__}: {error}"
-    guess = _plan.estimate(problem, kron.name, kron.family, probes, rows, kinds)
+    return _candidate(_plan.estimate(problem, kron.name, kron.family, probes, rows, kinds))
+
+
+def _candidate(guess: _plan.Estimate) -> Candidate:
     return Candidate(
-        kron.name, guess.time_s, guess.peak_bytes, guess.basis, in_range=guess.in_range
+        guess.name, guess.time_s, guess.peak_bytes, guess.basis, in_range=guess.in_range
     )
 
 
