@@ -909,23 +909,26 @@ def _hvp_rows(
     does."""
     point = problem.primal_dict()
     sizes = dict(zip(problem.names, problem.sizes))
+    order = {n: i for i, n in enumerate(problem.names)}
     rest = set(others)
     total = sum(sizes[n] for n in others)
     step = problem_chunk(problem, total, chunk_size, min_extra=_SHARED_CHUNK_BYTES)
     groups: list[list[str]] = []
+    rows = step  # of the last group
     for name in others:
-        if groups and sum(sizes[n] for n in groups[-1]) + sizes[name] <= step:
+        if rows + sizes[name] <= step:
             groups[-1].append(name)
+            rows += sizes[name]
         else:
             groups.append([name])
+            rows = sizes[name]
     for group in groups:
-        first = problem.names.index(group[0])
-        cols = [n for i, n in enumerate(problem.names) if i >= first or n not in rest]
+        cols = [n for n in problem.names if order[n] >= order[group[0]] or n not in rest]
         _group_rows(H, problem, point, group, cols, offsets, surrogate, step)
         for name in group:
             r0, m = offsets[name], sizes[name]
             for col in cols:
-                if col in rest and problem.names.index(col) <= problem.names.index(name):
+                if col in rest and order[col] <= order[name]:
                     continue
                 c0, w = offsets[col], sizes[col]
                 _transpose_into(H[c0 : c0 + w, r0 : r0 + m], H[r0 : r0 + m, c0 : c0 + w])
