@@ -30,7 +30,7 @@ from ._contract import (
     sharing_problems,
 )
 from ._errors import REVERSE_MODE, explain_autograd_error
-from ._kinds import kinds_of, kinds_signature, uses_batch_statistics
+from ._kinds import kinds_of, kinds_on_path, kinds_signature, uses_batch_statistics
 from ._memory import (
     POSITIVE_INTEGER_OPTIONS,
     available_bytes,
@@ -64,6 +64,7 @@ __all__ = [
     "from_blocks",
     "mse_loss",
     "kinds_of",
+    "kinds_on_path",
     "kinds_signature",
     "uses_batch_statistics",
     "available_bytes",

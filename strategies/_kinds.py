@@ -3,9 +3,16 @@ and what a module does with the batch (``uses_batch_statistics``)."""
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
-__all__ = ["kinds_of", "kinds_signature", "uses_batch_statistics"]
+from torch import Tensor, nn
+
+from ._problem import autograd_enabled
+
+if TYPE_CHECKING:
+    from ._problem import Problem
+
+__all__ = ["kinds_of", "kinds_on_path", "kinds_signature", "uses_batch_statistics"]
 
 _MLP_LAYERS = (nn.Linear, nn.Identity, nn.Tanh, nn.Sigmoid, nn.ReLU, nn.GELU, nn.SiLU, nn.Softplus)
 
@@ -22,6 +29,26 @@ def uses_batch_statistics(module: nn.Module) -> bool:
     )
 
 
+def _tag(m: nn.Module) -> str | None:
+    """The model_kind tag of one module, or None for a module that sets no net apart."""
+    if isinstance(m, nn.LayerNorm):
+        return "layernorm"
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+        return "instancenorm"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        # by the statistics it normalises with: eval mode without running ones is "train"
+        return "batchnorm-train" if uses_batch_statistics(m) else "batchnorm-eval"
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(m, nn.MultiheadAttention):
+        return "attention"
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding"
+    if isinstance(m, nn.GRU):
+        return "gru"
+    return None
+
+
 def kinds_of(net: nn.Module) -> set[str]:
     """The model_kind tags of an arbitrary net, found from its modules.
 
@@ -30,23 +57,7 @@ def kinds_of(net: nn.Module) -> set[str]:
     """
     if not isinstance(net, nn.Module):
         raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
-    tags = set()
-    for m in net.modules():
-        if isinstance(m, nn.LayerNorm):
-            tags.add("layernorm")
-        elif isinstance(m, nn.modules.instancenorm._InstanceNorm):
-            tags.add("instancenorm")
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            # by the statistics it normalises with: eval mode without running ones is "train"
-            tags.add("batchnorm-train" if uses_batch_statistics(m) else "batchnorm-eval")
-        elif isinstance(m, nn.modules.conv._ConvNd):
-            tags.add("conv")
-        elif isinstance(m, nn.MultiheadAttention):
-            tags.add("attention")
-        elif isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-            tags.add("embedding")
-        elif isinstance(m, nn.GRU):
-            tags.add("gru")
+    tags = {tag for m in net.modules() if (tag := _tag(m))}
     layers = list(net.children())
     if isinstance(net, nn.Sequential) and all(isinstance(m, _MLP_LAYERS) for m in layers):
         tags.add("mlp")
@@ -59,3 +70,48 @@ def kinds_signature(kinds: set[str] | frozenset[str]) -> str:
     ``auto``'s estimate takes a strategy's cost from the measured nets of the same signature
     where the committed runs have them (``bench.auto_table``)."""
     return "+".join(sorted(k for k in kinds if k != "mlp"))
+
+
+def _tensors(value: object) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def kinds_on_path(problem: Problem) -> set[str]:
+    """The tags of the modules the Hessian's derivatives pass through: those whose output
+    depends on the chosen params, found by one forward of the loss at them (the other params
+    and buffers are held fixed, detached). A CNN whose last Linear alone is chosen is a
+    plain net for the Hessian: its convolutions only compute that Linear's input.
+
+    Where the forward does not show it (it fails here, no module output is seen, or an
+    input of the batch already requires grad), every module's tag counts
+    (:func:`kinds_of`), as a net of more kinds only ranks the strategies more carefully.
+    """
+    everything = kinds_of(problem.module)
+    if any(t.requires_grad for t in _tensors(problem.inputs)):
+        return everything
+    tags: set[str] = set()
+    seen = []
+
+    def hook(module: nn.Module, args: object, output: object) -> None:
+        seen.append(module)
+        tag = _tag(module)
+        if tag and any(t.requires_grad for t in _tensors(output)):
+            tags.add(tag)
+
+    handles = [m.register_forward_hook(hook) for m in problem.module.modules()]
+    try:
+        leaves = {n: p.detach().requires_grad_(True) for n, p in problem.primal_dict().items()}
+        with autograd_enabled():
+            problem.loss(leaves)
+    except Exception:  # a forward that runs only under a strategy's own transforms
+        return everything
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tags if seen else everything

@@ -53,6 +53,7 @@ __all__ = [
     "peak_ratio",
     "probe",
     "estimate",
+    "kinds_measured",
     "structure_key",
 ]
 
@@ -113,6 +114,15 @@ def _kinds_costs(here: Mapping[str, Any] | None, kinds: str) -> Mapping[str, flo
     if not kinds or here is None:
         return {}
     return here.get("kinds", {}).get(kinds, {}).get("cost_vs_grad", {})
+
+
+def kinds_measured(problem: Problem, name: str, kinds: str) -> bool:
+    """Whether ``name`` was ranked on the nets of signature ``kinds`` in the size range of P
+    nearest to ``problem``'s: its cost there is measured on nets like this one, and
+    ``estimate`` takes it per row, as for every strategy (``kron``'s structural breakdown
+    is for a net unlike those it was measured on)."""
+    device, dtype = problem.device.type, str(problem.dtype).removeprefix("torch.")
+    return name in _kinds_costs(regime(load_table(), device, dtype, problem.P), kinds)
 
 
 def _cost_per_row(
@@ -244,7 +254,8 @@ def estimate(
     Args:
         family: the strategy's family (``strategies.FAMILIES``).
         kron_rows: for ``kron``, ``kron.workload``: (rows, positions) of each site with
-            Kronecker directions, and the number of Hessian-vector rows, on this net.
+            Kronecker directions, and the number of Hessian-vector rows, on this net; None
+            where its cost per row is taken as measured (``kinds_measured``).
         kinds: the net's ``strategies.kinds_signature``: where the size range measured nets
             of that signature, the costs measured on them (and a strategy ranked there is in
             range); the others' from the whole range, ranked after them.

@@ -52,7 +52,7 @@ from ._contract import (
     prepare,
     sharing_problems,
 )
-from ._kinds import kinds_of, kinds_signature
+from ._kinds import kinds_of, kinds_on_path, kinds_signature
 from ._memory import available_bytes, check_positive
 from ._problem import LossFn, Problem
 from ._verify import verify
@@ -255,8 +255,8 @@ def _estimates(
     problem = prepare(net, params, batch, loss_fn, nested_autograd=True)
     probes = _plan.probe(problem)
     table = _plan.load_table()
-    kinds = kinds_of(net)
-    signature = kinds_signature(kinds)
+    kinds = kinds_of(net)  # every module's, for the audit's findings
+    signature = kinds_signature(kinds_on_path(problem))  # the costs: the derivatives' path
     ranked, passed_over = [], []
 
     def admit(c: Candidate | str) -> None:
@@ -317,13 +317,21 @@ def _kron_candidate(
     others: list[Candidate],
     place: Callable[[Candidate], tuple[int, float]],
 ) -> Candidate | str:
-    """``kron``'s estimate, or why it is passed over. Its workload (which sites take
+    """``kron``'s estimate, or why it is passed over. Where it was ranked on the nets of this
+    signature, its measured cost per row (``_plan.kinds_measured``). Else its workload (which sites take
     Kronecker directions: a forward under the site mode and the layout probes, 4 ms of a
     first call's 16 ms at P = 49) is examined only where ``kron`` could come first: below
     it every row costs at least the cheaper of a Kronecker direction and a Hessian-vector
     row, and where that bound does not beat the best other candidate, the bound stands."""
     from .kron import workload
 
+    if (
+        probes.forward_mode
+        and probes.transforms
+        and _plan.kinds_measured(problem, kron.name, kinds)
+    ):
+        # ranked on nets of this signature: its measured cost per row, as the others'
+        return _candidate(_plan.estimate(problem, kron.name, kron.family, probes, None, kinds))
     P = problem.P
     bounds = [
         _plan.estimate(problem, kron.name, kron.family, probes, rows, kinds)

@@ -413,6 +413,53 @@ def test_a_net_with_layernorm_is_ranked_by_the_layernorm_nets_costs() -> None:
         assert ("as measured on layernorm nets" in plan.candidates[0].basis) == is_normed
 
 
+class _ConvHead(nn.Module):
+    """A small CNN with a LayerNorm before its head: conv, ReLU, flatten, LayerNorm, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.relu(self.conv(x)).flatten(1)))
+
+
+#: (net, chosen params' prefixes, the kinds its Hessian's derivatives pass through)
+_PATH_CASES = [
+    (_ConvHead, ("head.",), set()),
+    (_ConvHead, ("norm.", "head."), {"layernorm"}),
+    (_ConvHead, ("conv.", "head."), {"conv", "layernorm"}),
+    (
+        lambda: nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 1)),
+        ("0.",),
+        {"layernorm"},
+    ),
+    (
+        lambda: nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1)),
+        ("1.", "3."),
+        set(),
+    ),
+]
+
+
+@pytest.mark.parametrize("make, chosen, kinds", _PATH_CASES)
+def test_the_kinds_a_net_is_costed_by_are_those_its_derivatives_pass_through(make, chosen, kinds):
+    """``auto`` costs a net by the kinds of the modules whose outputs depend on the chosen
+    params (``kinds_on_path``), not of every module: a CNN's head alone is a plain net."""
+    torch.manual_seed(0)
+    net = make()
+    x = torch.randn(5, 1, 3, 6) if isinstance(net, _ConvHead) else torch.randn(5, 4)
+    y = torch.randn(5, net(x).shape[-1])
+    params = {n: p for n, p in net.named_parameters() if n.startswith(chosen)}
+    assert strategies.kinds_on_path(prepare(net, params, (x, y))) == kinds
+    # an input that already requires grad hides the path: every module's kinds count
+    x.requires_grad_(True)
+    everything = strategies.kinds_of(net) - {"mlp"}
+    assert strategies.kinds_on_path(prepare(net, params, (x, y))) - {"mlp"} == everything
+
+
 def test_auto_agrees_with_the_reports_recommendation_on_the_committed_runs() -> None:
     from bench.analysis import rule, tidy
     from bench.problems.grid import Case

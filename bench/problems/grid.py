@@ -66,12 +66,13 @@ ARCHS = (
 MLP_ARCHS = ARCHS[:3]
 USER_ARCHS = ARCHS[3:9]
 #: ``strategies.kinds_signature`` of each arch's nets where it is not "" (a plain net): the
-#: modules that set it apart. The planner's table ranks the strategies over the cases of each
+#: modules that set it apart among those the Hessian's derivatives pass through
+#: (``strategies.kinds_on_path``: the ``cnn``'s convolutions only compute the input of its
+#: chosen last Linear, so it is plain). The planner's table ranks the strategies over the cases of each
 #: signature too (``bench.analysis.rule.kinds_rankings``); tests/test_grid.py checks this
 #: against the nets ``bench.problems.models`` builds
 ARCH_KINDS = {
     "layernorm": "layernorm",
-    "cnn": "conv",
     "transformer": "attention+layernorm",
     "convnet": "conv",
 }
