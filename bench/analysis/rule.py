@@ -11,6 +11,8 @@ Recommendation rule, per machine, device, dtype and size range of P (docs/DESIGN
 
 - Size ranges have edges at 1 and 3 times powers of ten (..., 1,000, 3,000, 10,000, ...):
   a row covers ``P_min <= P < P_max``. Only ranges holding a case appear.
+- A range's own ranking rests on its plain nets (no kinds signature: MLPs, however
+  written, the users' plain nets), where it holds any (:func:`plain`).
 - A strategy is a candidate only if it ran accurately (status "ok") on every case of the
   range that it supports, is not a peer and is not a dispatcher: wrong, out-of-memory,
   skipped or failing cells rule it out; a refusal ("unsupported": the strategy says it
@@ -32,9 +34,10 @@ Recommendation rule, per machine, device, dtype and size range of P (docs/DESIGN
   rounds are too few for the test ever to reach that, only a ratio of at least
   ``HUGE_RATIO`` (2x) counts.
 - The planner ranks the same way over the cases of each kinds signature of the range
-  (:func:`kinds_rankings`: the LayerNorm nets, the transformer, the CNN), and a net of that
-  signature by that ranking first (:func:`planner_order`); the recommendation table names
-  the range's, and the decision box, per arch, what the planner runs.
+  (:func:`kinds_rankings`: the LayerNorm nets, the transformers, the convnets), and a net of
+  that signature by that ranking first (:func:`planner_order`); the recommendation table
+  names the range's (its plain nets'), and the decision box, per arch, what the planner
+  runs.
 - The fastest for a single Hessian of one structure ranks the same candidates by the time of
   their first call where it was recorded (compile included, for strategies that compile),
   else by their min time; the fastest above is the choice for many Hessians.
@@ -70,6 +73,8 @@ __all__ = [
     "recommend",
     "ranking",
     "kinds_rankings",
+    "signatures",
+    "plain",
     "planner_order",
     "recommendation_records",
     "PLANNER",
@@ -314,10 +319,28 @@ def summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
     return summary[_SUMMARY_COLUMNS]
 
 
+def signatures(rows: pd.DataFrame) -> pd.Series:
+    """Each row's kinds signature (``ARCH_KINDS`` of its arch; "" for a plain net, and for a
+    row without an arch: frames made by hand, rows of older runs)."""
+    if "arch" not in rows:
+        return pd.Series("", index=rows.index)
+    return rows["arch"].map(lambda arch: ARCH_KINDS.get(arch, ""))
+
+
+def plain(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows a size range's own ranking rests on: those of plain nets (no kinds signature),
+    where the range holds any; else all of them. The nets of a signature are ranked on their
+    own (:func:`kinds_rankings`): a strategy too slow or out of memory on a convnet is not
+    thereby ruled out for the MLPs of its range."""
+    mine = rows[signatures(rows) == ""]
+    return mine if not mine.empty else rows
+
+
 def ranking(rows: pd.DataFrame) -> pd.DataFrame:
-    """The candidates of a size range, fastest first: :func:`summaries` over all its cases,
-    peers left out, by ``vs_fastest`` (what the recommendation ranks and the planner's table
-    keeps)."""
+    """The candidates of a size range, fastest first: :func:`summaries` over the cases of its
+    plain nets (:func:`plain`), peers left out, by ``vs_fastest`` (what the recommendation
+    ranks and the planner's table keeps)."""
+    rows = plain(rows)
     summary = summaries(rows, set(rows["case"]))
     return summary[~summary["peer"].astype(bool)].sort_values(["vs_fastest", "time_s"])
 
@@ -328,9 +351,8 @@ def kinds_rankings(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
     ranks any: what the planner ranks a net of that signature by, where a normalisation layer,
     a convolution or attention changes the strategies' costs against a gradient (the
     LayerNorm MLP at P = 1,505: ``kron`` 0.75x ``block_symmetric``, the range's first)."""
-    kinds = rows["arch"].map(lambda arch: ARCH_KINDS.get(arch, ""))
     result = {}
-    for signature, mine in rows.groupby(kinds, sort=True):
+    for signature, mine in rows.groupby(signatures(rows), sort=True):
         if signature:
             order = ranking(mine)
             if not order.empty:
@@ -353,6 +375,7 @@ def peak_ratios(rows: pd.DataFrame) -> pd.Series:
 
 
 def _recommendation(regime: dict[str, Any], rows: pd.DataFrame) -> dict[str, Any]:
+    rows = plain(rows)
     cases = set(rows["case"])
     summary = summaries(rows, cases)
     peer = summary["peer"].astype(bool)
