@@ -104,24 +104,29 @@ def test_rounds_come_from_the_fastest_call_without_a_compile(first_call_s, warm_
 @pytest.mark.parametrize(
     "warm_s, first_call_s, here_s, calls, too_slow",
     [
-        (2.0, None, 0.01, 1, False),  # the worker's estimate over the limit, a call here under
-        (2.0, None, 2.0, 1, True),  # confirmed here: too slow
-        (4.0, None, 0.01, 0, True),  # beyond CONFIRM_TOO_SLOW x the limit: no call
-        (2.0, 1.8, 0.01, 0, True),  # a first call here already read it
-        (0.1, None, 0.01, 0, False),  # not too slow: no call
+        (2.0, None, [0.01], 1, False),  # the worker's estimate over the limit, a call here under
+        (2.0, None, [2.0, 2.0], 2, True),  # confirmed by both calls here: too slow
+        (2.0, None, [2.4, 0.9], 2, False),  # the first call here paid first-call costs
+        (4.0, None, [0.01], 0, True),  # beyond CONFIRM_TOO_SLOW x the limit: no call
+        (2.0, 1.8, [0.01], 0, True),  # a first call here already read it
+        (0.1, None, [0.01], 0, False),  # not too slow: no call
     ],
 )
-def test_too_slow_to_repeat_is_confirmed_by_a_call_here(
+def test_too_slow_to_repeat_is_confirmed_by_calls_here(
     monkeypatch, warm_s, first_call_s, here_s, calls, too_slow
 ):
-    """The worker's memory pass carries the profiler's overhead: a cell it puts just over the
-    limit makes one call here, and the smaller of the two readings decides."""
+    """The worker's memory pass carries the profiler's overhead, and a first call here its
+    first-call costs: a cell the worker puts just over the limit makes up to
+    ``CONFIRM_CALLS`` calls here, until one is under it, and the smallest reading decides."""
     made = []
-    monkeypatch.setattr(policy, "first_call", lambda call, strategy=None: made.append(1) or here_s)
+    readings = iter(here_s)
+    monkeypatch.setattr(
+        policy, "first_call", lambda call, strategy=None: made.append(1) or next(readings)
+    )
     isolated = policy.Isolated(None, "why", warm_s, first_call_here=first_call_s is not None)
     memory, rounds = policy.timing(isolated, first_call_s, lambda: None)
     assert len(made) == calls and rounds.too_slow is too_slow
-    assert memory.warm_s == min(x for x in (warm_s, first_call_s, here_s if calls else None) if x)
+    assert memory.warm_s == min(x for x in (warm_s, first_call_s, *here_s[:calls]) if x)
     if not too_slow:
         assert rounds.count >= MIN_ROUNDS
 
