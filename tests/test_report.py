@@ -248,6 +248,24 @@ def test_cells_too_slow_to_repeat_are_left_out_of_the_rankings():
     assert rule.regrets(frame)["fastest"].tolist() == ["repeated"]
 
 
+def test_a_case_on_which_nothing_was_repeated_ranks_nothing_but_its_failures_count():
+    """c2's cells are all too slow to repeat (or failed): it is left out of the ranking
+    rather than ruling out every strategy; "wrong" there still rules its strategy out."""
+    cells = _cells(
+        ("a", "c1", 1.0, 0.01, OK, 100, False),
+        ("b", "c1", 1.5, 0.01, OK, 100, False),
+        ("c", "c1", 0.5, 0.01, OK, 100, False),
+        ("a", "c2", 9.0, 0.0, OK, 100, False),
+        ("b", "c2", 8.0, 0.0, OK, 100, False),
+        ("c", "c2", 8.0, 0.0, WRONG, 100, False),
+    ).assign(too_slow=[False, False, False, True, True, False])
+    assert list(rule.ranking(cells).index) == ["a", "b"]
+    assert _only_row(cells)["fastest"] == "a"
+    # with c2 repeated by b alone, c2 ranks again and a, not complete there, is out
+    repeated = cells.assign(too_slow=[False, False, False, True, False, False])
+    assert list(rule.ranking(repeated).index) == ["b"]
+
+
 def _run_json(path: Path, minimum: float, rounds: int, when: str) -> Path:
     """A one-cell benchmark JSON of machine "m" whose rounds start at ``minimum``."""
     data = [minimum * (1 + 0.01 * k) for k in range(rounds)]
@@ -894,17 +912,20 @@ def test_the_decision_box_of_the_committed_runs_is_auto_table_and_the_planner(tm
         cells = df[(df["P"] >= P_min) & (df["P"] < P_max) & (df["arch"] == arch)]
         if P_min in rankings:
             ok = rule.ranked(cells)
+            ok = ok[~ok["strategy"].isin(rule.DISPATCHERS)]
             refused = cells[cells["status"] == UNSUPPORTED]
+            failed = set(cells.loc[cells["status"].isin(rule.FAILED), "strategy"])
             # the first of the planner's ranking for the arch (its kinds signature's, then the
-            # range's) that ran every case of the arch it supports
+            # range's) that ran every case of the arch it supports where any was repeated
             own = kinds[P_min].get(ARCH_KINDS.get(arch, ""), {}).get("ranking")
             everywhere = [
                 s
                 for s in rule.planner_order(rankings[P_min], own)
                 if set(ok[ok["strategy"] == s]["case"])
+                and s not in failed
                 and set(ok[ok["strategy"] == s]["case"])
                 | set(refused[refused["strategy"] == s]["case"])
-                >= set(cells["case"])
+                >= set(ok["case"])
             ]
             assert name == (everywhere[0] if everywhere else ""), (arch, P_min, name)
         if not name:

@@ -24,7 +24,9 @@ Recommendation rule, per machine, device, dtype and size range of P (docs/DESIGN
   mean over the cases it ran; its memory the largest ``peak_bytes`` over them.
 - Ranges where nothing at all was timed (e.g. CUDA cases on a machine without CUDA) are
   left out; their cells are listed by ``bench.analysis.numbers.not_timed``.
-- A cell too slow to repeat (``too_slow``: one round) is left out, as if it had not run.
+- A cell too slow to repeat (``too_slow``: one round) is left out, as if it had not run;
+  a case on which no strategy was repeated ranks nothing and is left out, but a wrong,
+  failing or out-of-memory cell on it still rules its strategy out (``FAILED``).
 - The fastest is called faster than the runner-up only where the runner-up's time over the
   fastest's, over the cases both ran, is at least ``FASTER_RATIO`` (1.1) and, case by case
   (:func:`versus`), it is faster on more than half of those cases and slower on none;
@@ -54,13 +56,14 @@ import pandas as pd
 
 from bench.analysis.tidy import CELL_COLUMNS, with_case_defaults
 from bench.problems.grid import ARCH_KINDS
-from bench.vocabulary import BASELINE, OK, TIMED, UNSUPPORTED
+from bench.vocabulary import BASELINE, CRASHED, ERROR, OK, OOM, TIMED, UNSUPPORTED, WRONG
 
 __all__ = [
     "FASTER_RATIO",
     "ALPHA",
     "HUGE_RATIO",
     "DISPATCHERS",
+    "FAILED",
     "RECOMMENDATION_FIELDS",
     "testable",
     "compared_rounds",
@@ -95,6 +98,10 @@ ALPHA = 0.05
 
 #: where the rounds are too few for the test to reach ``ALPHA``, only this ratio counts
 HUGE_RATIO = 2.0
+
+
+#: statuses that rule a strategy out of a ranking on any case of it
+FAILED = (WRONG, ERROR, OOM, CRASHED)
 
 
 #: strategies that only choose and run another one (``auto``): timed, never recommended
@@ -286,10 +293,15 @@ def summaries(rows: pd.DataFrame, cases: set[str]) -> pd.DataFrame:
     ok = ok[~ok["strategy"].isin(DISPATCHERS) & ok["case"].isin(cases)]
     if ok.empty:
         return pd.DataFrame(columns=_SUMMARY_COLUMNS)
+    # a failure rules its strategy out on any case; a case on which no strategy was
+    # repeated (every cell too slow, over budget or over memory) ranks nothing and is left
+    # out, rather than ruling out every strategy
+    failed = set(rows.loc[rows["status"].isin(FAILED) & rows["case"].isin(cases), "strategy"])
+    cases = cases & set(ok["case"])
     refused = rows[(rows["status"] == UNSUPPORTED) & rows["case"].isin(cases)]
     refused = refused.groupby("strategy")["case"].agg(set)
     ran = ok.groupby("strategy")["case"].agg(set)
-    complete = {s for s, c in ran.items() if c | refused.get(s, set()) >= cases}
+    complete = {s for s, c in ran.items() if c | refused.get(s, set()) >= cases and s not in failed}
     ok = ok[ok["strategy"].isin(complete)]
     ok = ok.assign(
         rel_spread=ok["stddev"] / ok["min"],
