@@ -572,9 +572,10 @@ def _decision_html(df: pd.DataFrame) -> str:
     return (
         f"<div id='decision'><h2>Decision: the default is {planner}</h2>"
         f"<p>{planner} plans per net: it takes the ranking of the net's device and size range "
-        "(the recommendation rule below, as its table keeps it; for a net with LayerNorm, "
-        "convolution or attention layers, first the ranking of the range's nets with the same "
-        "layers, where it has any), runs the first strategy there "
+        "(the recommendation rule below, as its table keeps it: the range's plain nets; for a "
+        "net whose derivatives pass through LayerNorm, convolution or attention layers, first "
+        "the ranking of the range's nets with the same layers, where it has any), runs the "
+        "first strategy there "
         "that runs the net, and verifies the result; per way of writing the net (arch), that "
         "is the first of the ranking that ran every case of the arch it supports. Evidence: the fastest "
         "other strategy on those cases (the runner-up), its min time over the choice's per "
@@ -735,8 +736,10 @@ def render_html(
         "<h2>Summary</h2>",
         _summary_html(df, audits, recommendations),
         "<h2>Recommendation</h2>",
-        "<p>Per machine, device, dtype and range of P: the fastest strategy among those "
-        "that ran accurately on every case of the range they support (peers and dispatchers "
+        "<p>Per machine, device, dtype and range of P, over the range's plain nets (no "
+        "LayerNorm, convolution or attention on the derivatives' path, where the range holds "
+        "any; the others are ranked on their own, in the decision box): the fastest strategy "
+        "among those that ran accurately on every case of the range they support (peers and dispatchers "
         "excluded; ranked by their time over each case's fastest, over the cases they ran), "
         "how many cases that rests on and how many the fastest refused, the fastest for one Hessian when the first call (compile "
         "included) counts, and the leanest in peak memory. A tie means the fastest is not "
