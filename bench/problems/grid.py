@@ -273,8 +273,8 @@ GRIDS: dict[str, list[dict]] = {
     # The structured nets of the transformer and CNN families, all their parameters chosen,
     # P from about 900 to about 21,000: where ``kron`` takes Kronecker directions per
     # position (attention's projections, convolutions on their unfolded patches) against
-    # the strategies that do not. Its own grid and run (10 min 41 s with --time-budget 20
-    # at fa08eb5): the default run takes 25 minutes without it.
+    # the strategies that do not. Its own grid and run (11 to 13 minutes with
+    # --time-budget 20): the default run takes 25 to 33 minutes without it.
     "structured": [
         dict(_USER, width=16, depth=[1, 2], output=4, loss="ce", batch=8, activation="gelu",
              arch="transformer"),  # P = 2,436 and 4,660
