@@ -14,7 +14,10 @@ scales to another net),
 ``kinds`` the same ranking and costs over the cases of each kinds signature of the range
 (``rule.kinds_rankings``: "layernorm", "conv", "attention+layernorm"), and
 ``peak_ratio`` the largest peak memory over the Hessian's own size of every strategy
-measured accurately in the range, ranked or not. ``wrong_on`` lists, per strategy, the
+measured accurately on the range's plain nets (``rule.plain``), ranked or not: a convnet's
+activations, which the unchunked vmaps hold per direction, are not the MLPs' (those
+strategies check their directions against the free memory themselves,
+``strategies._memory.check_directions``). ``wrong_on`` lists, per strategy, the
 model kinds on which the audit found it wrong or failing.
 """
 
@@ -44,7 +47,7 @@ def build(df: pd.DataFrame, audits: list[dict], sources: Sequence[str], command:
         summary = rule.ranking(rows)
         if summary.empty:
             continue
-        ratio = rule.peak_ratios(rows)
+        ratio = rule.peak_ratios(rule.plain(rows))
         table.append(
             {
                 **regime,
