@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from ._problem import autograd_enabled
 
@@ -73,13 +74,7 @@ def kinds_signature(kinds: set[str] | frozenset[str]) -> str:
 
 
 def _tensors(value: object) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
+    return [t for t in tree_leaves(value) if isinstance(t, Tensor)]
 
 
 def kinds_on_path(problem: Problem) -> set[str]:
