@@ -15,7 +15,10 @@ from bench.reference import fd_hessian, loop_hessian
 from bench.vocabulary import ERROR, OK, UNSUPPORTED, WRONG
 from strategies import Strategy
 
-# the audits below are module fixtures: under ``pytest -n`` one worker runs them all, once
+# the audits below are session fixtures: under ``pytest -n`` one worker runs them all, once
+# (a module fixture is torn down whenever the worker runs another module's tests between
+# two of these, and the audit of every registered strategy then ran twice: 2 x 60 s, 2 x
+# 257 s where the compiled strategies compile afresh, as on a new machine)
 pytestmark = pytest.mark.xdist_group("audit")
 
 
@@ -65,7 +68,7 @@ PLANTED = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def result():
     """One audit of the planted strategies over the whole zoo, shared by the tests below."""
     return audit.run_audit(strategy_objects=PLANTED, known_bugs=False)
@@ -281,7 +284,7 @@ def test_cli_exits_non_zero_when_the_references_disagree(tmp_path, monkeypatch):
     assert json.loads(path.read_text())["references"][0]["agree"] is False
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def registered_result():
     """One audit of every registered strategy over the whole zoo."""
     return audit.run_audit(known_bugs=False)

@@ -19,9 +19,13 @@ from bench import report
 DATA = Path(__file__).parent / "data"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="headless Chromium not found (Debian package 'chromium')"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="headless Chromium not found (Debian package 'chromium')"
+    ),
+    # one worker builds the report once for all of them (under ``pytest -n``)
+    pytest.mark.xdist_group("report_browser"),
+]
 
 
 class _Page(HTMLParser):
