@@ -8,7 +8,7 @@ import strategies
 from bench import measure
 from bench.problems.grid import Case
 from bench.run import policy
-from bench.run.session import History
+from bench.run.session import History, Run
 from bench.run.worker import Crashed, Reply, Request
 from bench.vocabulary import CRASHED, ERROR, MIN_ROUNDS, OOM, SKIPPED, UNSUPPORTED
 from strategies import Strategy
@@ -165,6 +165,41 @@ def test_a_planner_plans_on_its_first_call_here_with_its_wisdom_emptied():
     assert policy.first_call(lambda: events.append("call"), strategy) >= 0
     assert events == ["forget", "call"]
     assert policy.plans(strategies.get("auto"))
+
+
+def _planner(choice: str | Exception) -> Strategy:
+    """A planted planner whose ``choose`` answers ``choice`` (or raises it)."""
+    import types
+
+    def choose(net, params, batch, loss_fn=None):
+        if isinstance(choice, Exception):
+            raise choice
+        return choice
+
+    module = types.ModuleType("planner")
+    module.forget_wisdom, module.choose = (lambda: None), choose
+    return Strategy("planted", "test only", _compute, module=module, family="dispatcher")
+
+
+@pytest.mark.parametrize(
+    "choice, skipped",
+    [
+        ("kron", False),  # its choice fits: run, whatever the planner's own history says
+        ("vmap_vjp", True),  # its choice is predicted over memory
+        ("never_ran", True),  # nothing to go on for its choice: its own history
+        (ValueError("no strategy"), True),  # cannot say: its own history
+    ],
+)
+def test_a_planner_is_predicted_by_the_history_of_the_strategy_it_would_run(choice, skipped):
+    run = Run("smoke", [], ["cpu"], 60.0, 0.4, "", {}, worker=None)
+    available = measure.available_bytes("cpu")
+    big, small = (CASE.P // 2, int(0.3 * available)), (CASE.P // 2, 1000)
+    for name, peak in [("planted", big), ("vmap_vjp", big), ("kron", small)]:
+        run.history(name, CASE).seconds.append((CASE.P // 2, 0.01))
+        run.history(name, CASE).peak_bytes.append(peak)
+    outcome = policy.skip(run, CASE, _planner(choice))
+    assert (outcome is not None and "predicted peak" in outcome.reason) is skipped
+    assert policy.planned(strategies.get("kron"), run.case_data(CASE)) is None
 
 
 @pytest.mark.parametrize(
