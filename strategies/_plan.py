@@ -108,21 +108,37 @@ def measured(
     return float(min(having, key=lambda r: _log_distance(r, P))[key][name])
 
 
-def _kinds_costs(here: Mapping[str, Any] | None, kinds: str) -> Mapping[str, float]:
-    """The ``cost_vs_grad`` of the nets of signature ``kinds`` in the size range ``here``
-    (``regime``; ``bench.auto_table``'s ``kinds``), or nothing where it measured none."""
-    if not kinds or here is None:
+def _kinds_costs(
+    table: Mapping[str, Any], device: str, dtype: str, P: int, kinds: str
+) -> Mapping[str, float]:
+    """The ``cost_vs_grad`` of the nets of signature ``kinds`` (``bench.auto_table``'s
+    ``kinds``) in the nearest size range to P, not above it, that ranked such nets; nothing
+    where none did. A transformer larger than any the runs could repeat is costed as the
+    largest ones they did, not as the MLPs of its own range; a net smaller than any of its
+    signature is costed as the plain nets of its range, as a row's cost against a gradient
+    falls with P: borrowed from 1,000-3,000, the LayerNorm nets' costs put ``kron`` first
+    on LayerNorm MLPs at P = 301 and 661, 3.2x and 1.4x ``vmap_vjp``'s time there
+    (``bench.analysis.rule.decision`` is the report's side)."""
+    if not kinds:
         return {}
-    return here.get("kinds", {}).get(kinds, {}).get("cost_vs_grad", {})
+    having = [
+        r
+        for r in _regimes(table, device, dtype)
+        if r.get("kinds", {}).get(kinds) and r["P_min"] <= P
+    ]
+    if not having:
+        return {}
+    nearest = min(having, key=lambda r: _log_distance(r, P))
+    return nearest["kinds"][kinds].get("cost_vs_grad", {})
 
 
 def kinds_measured(problem: Problem, name: str, kinds: str) -> bool:
     """Whether ``name`` was ranked on the nets of signature ``kinds`` in the size range of P
-    nearest to ``problem``'s: its cost there is measured on nets like this one, and
-    ``estimate`` takes it per row, as for every strategy (``kron``'s structural breakdown
-    is for a net unlike those it was measured on)."""
+    nearest to ``problem``'s, not above it, that ranked such nets (``_kinds_costs``): its cost there is
+    measured on nets like this one, and ``estimate`` takes it per row, as for every strategy
+    (``kron``'s structural breakdown is for a net unlike those it was measured on)."""
     device, dtype = problem.device.type, str(problem.dtype).removeprefix("torch.")
-    return name in _kinds_costs(regime(load_table(), device, dtype, problem.P), kinds)
+    return name in _kinds_costs(load_table(), device, dtype, problem.P, kinds)
 
 
 def _cost_per_row(
@@ -135,7 +151,7 @@ def _cost_per_row(
     own: Mapping[str, float],
 ) -> float | None:
     """``name``'s ``cost_vs_grad`` in ``own`` (the nets of the problem's kinds signature in
-    the size range of P nearest to P, ``_kinds_costs``) where it was ranked there; else in
+    the size range nearest to P, not above it, that ranked them, ``_kinds_costs``) where it was ranked there; else in
     that range, ``here`` (``regime``); else interpolated on a log-log scale between the
     ranges (by their geometric centres) that measured it, the nearest end's value beyond
     them; None where none did."""
@@ -256,9 +272,10 @@ def estimate(
         kron_rows: for ``kron``, ``kron.workload``: (rows, positions) of each site with
             Kronecker directions, and the number of Hessian-vector rows, on this net; None
             where its cost per row is taken as measured (``kinds_measured``).
-        kinds: the net's ``strategies.kinds_signature``: where the size range measured nets
-            of that signature, the costs measured on them (and a strategy ranked there is in
-            range); the others' from the whole range, ranked after them.
+        kinds: the net's ``strategies.kinds_signature``: where a size range measured nets
+            of that signature, the costs measured on them in the range nearest to P, not
+            above it, that did (and a strategy ranked there is in range); the others' from
+            P's own range, ranked after them.
     """
     table = load_table()
     device, dtype = problem.device.type, str(problem.dtype).removeprefix("torch.")
@@ -267,7 +284,7 @@ def estimate(
     peak = int(max(peak_ratio(name, problem.device, problem.dtype, P), 1.0) * hessian_bytes)
 
     here = regime(table, device, dtype, P)
-    own = _kinds_costs(here, kinds)
+    own = _kinds_costs(table, device, dtype, P, kinds)
     if own:
         in_range = name in own
     else:

@@ -387,11 +387,12 @@ class _NormedNet(nn.Module):
     without an affine LayerNorm after each (not the grid's LayerNorm MLP: other widths, its
     own forward)."""
 
-    def __init__(self, normed: bool) -> None:
+    def __init__(self, normed: bool, width: int = 30) -> None:
         super().__init__()
-        self.a, self.b, self.head = nn.Linear(6, 30), nn.Linear(30, 30), nn.Linear(30, 1)
-        self.na = nn.LayerNorm(30) if normed else nn.Identity()
-        self.nb = nn.LayerNorm(30) if normed else nn.Identity()
+        self.a, self.b = nn.Linear(6, width), nn.Linear(width, width)
+        self.head = nn.Linear(width, 1)
+        self.na = nn.LayerNorm(width) if normed else nn.Identity()
+        self.nb = nn.LayerNorm(width) if normed else nn.Identity()
 
     def forward(self, x):
         return self.head(torch.tanh(self.nb(self.b(torch.tanh(self.na(self.a(x)))))))
@@ -411,6 +412,38 @@ def test_a_net_with_layernorm_is_ranked_by_the_layernorm_nets_costs() -> None:
         plan = auto.plan(net, params, batch)
         assert plan.choice == first, (is_normed, str(plan))
         assert ("as measured on layernorm nets" in plan.candidates[0].basis) == is_normed
+
+
+@pytest.mark.parametrize(
+    "width, P, borrowed",
+    [
+        (16, 465, False),  # smaller than any LayerNorm net ranked: its range's plain nets
+        (110, 13_531, True),  # larger than any: the LayerNorm nets of the nearest range below
+    ],
+)
+def test_a_signature_its_range_did_not_rank_is_costed_as_in_the_nearest_range_below(
+    width: int, P: int, borrowed: bool
+) -> None:
+    """Where P's own range ranked no net of the signature, its costs come from the nearest
+    range below that did, never from one above (a row's cost against a gradient falls
+    with P); the report's decision box takes the same ranking (``rule.decision``)."""
+    table = _plan.load_table()
+    cpu = [r for r in table["regimes"] if r["device"] == "cpu" and r["dtype"] == "float32"]
+    own = next(r for r in cpu if r["P_min"] <= P < r["P_max"])
+    assert "layernorm" not in own.get("kinds", {})  # else this case shows nothing
+    below = [r for r in cpu if r["P_max"] <= own["P_min"] and "layernorm" in r.get("kinds", {})]
+    above = [r for r in cpu if r["P_min"] >= own["P_max"] and "layernorm" in r.get("kinds", {})]
+    assert bool(below) == borrowed and (borrowed or above)
+    net, params, batch = _problem(_NormedNet(True, width), n_in=6, n=64)
+    assert sum(p.numel() for p in params.values()) == P
+    plan = auto.plan(net, params, batch)
+    measured_on = [c.name for c in plan.candidates if "as measured on layernorm nets" in c.basis]
+    if borrowed:
+        nearest = max(below, key=lambda r: r["P_min"])
+        assert plan.choice == nearest["kinds"]["layernorm"]["ranking"][0], str(plan)
+        assert set(measured_on) == set(nearest["kinds"]["layernorm"]["cost_vs_grad"])
+    else:
+        assert measured_on == [], str(plan)
 
 
 class _ConvHead(nn.Module):

@@ -37,7 +37,8 @@ Recommendation rule, per machine, device, dtype and size range of P (docs/DESIGN
   ``HUGE_RATIO`` (2x) counts.
 - The planner ranks the same way over the cases of each kinds signature of the range
   (:func:`kinds_rankings`: the LayerNorm nets, the transformers, the convnets), and a net of
-  that signature by that ranking first (:func:`planner_order`); the recommendation table
+  that signature by that ranking first (:func:`planner_order`), taken from the nearest range
+  below that ranks the signature where its own does not; the recommendation table
   names the range's (its plain nets'), and the decision box, per arch, what the planner
   runs.
 - The fastest for a single Hessian of one structure ranks the same candidates by the time of
@@ -564,7 +565,8 @@ def decision(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
 
     The planner ranks by its table (``bench.auto_table``: :func:`ranking` per size range, the
     nearest ranked range where its own has no ranking, ``ranked_in``; for an arch of a kinds
-    signature the range ranks on its own, that ranking first, :func:`planner_order`) and
+    signature, that signature's ranking in the nearest range, not above, that ranks it first,
+    :func:`planner_order`) and
     runs the first strategy that runs the net: per arch, ``runs`` is the first of that ranking that ran
     accurately and repeated (:func:`ranked`) on every case of the arch in the range that it
     supports (:func:`summaries`). ``runner_up`` is the fastest other strategy that did (by
@@ -601,9 +603,18 @@ def decision(df: pd.DataFrame, planner: str = PLANNER) -> pd.DataFrame:
         if near is None:
             continue
         for arch, mine in rows.groupby("arch", sort=True):
+            signature = ARCH_KINDS.get(arch, "")
+            # the signature's ranking in the nearest range, not above, that ranked it
+            # (strategies._plan._kinds_costs)
+            having = [
+                r
+                for r in ranked_ranges
+                if kinds_orders[tuple(r.values())].get(signature) and r["P_min"] <= regime["P_min"]
+            ]
+            kinds_near = _nearest(having, regime) if signature else None
             order = planner_order(
                 orders[tuple(near.values())],
-                kinds_orders[tuple(near.values())].get(ARCH_KINDS.get(arch, "")),
+                None if kinds_near is None else kinds_orders[tuple(kinds_near.values())][signature],
             )
             ran = mine.loc[mine["status"] == OK, "case"].unique()
             mine = mine[mine["case"].isin(ran)]
