@@ -60,6 +60,8 @@ def test_matches_float64_reference(name: str, case: str) -> None:
 @pytest.mark.parametrize("name", strategies.names())
 @pytest.mark.parametrize("case", ["tanh_mse", "ce_several_outputs", "batchnorm_train"])
 def test_float32(name: str, case: str) -> None:
+    if strategies.get(name).compiles and case != "tanh_mse":
+        pytest.skip("compiled on tanh_mse only (COMPILED_ON); its eager form on all")
     net, params, batch, loss_fn = build(case, torch.float32)
     strategy = strategies.get(name)
     if not strategy.supports(net, loss_fn)[0]:
