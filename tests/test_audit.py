@@ -15,10 +15,10 @@ from bench.reference import fd_hessian, loop_hessian
 from bench.vocabulary import ERROR, OK, UNSUPPORTED, WRONG
 from strategies import Strategy
 
-# the audits below are session fixtures: under ``pytest -n`` one worker runs them all, once
-# (a module fixture is torn down whenever the worker runs another module's tests between
-# two of these, and the audit of every registered strategy then ran twice: 2 x 60 s, 2 x
-# 257 s where the compiled strategies compile afresh, as on a new machine)
+# the audits below are session fixtures, and the module's tests one xdist group: under the
+# README's ``pytest -n logical --dist loadgroup`` one worker runs them all, and each audit
+# once (tests/test_suite.py checks that a group holds; under pytest 9.2 it did not, and
+# the audit of every registered strategy ran on both workers, 234 s each on a new machine)
 pytestmark = pytest.mark.xdist_group("audit")
 
 
